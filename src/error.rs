@@ -1,0 +1,271 @@
+//! The library's one error type, its retryability and its exit codes.
+//! Mapping from PostgreSQL errors (the gate's SQLSTATEs) happens here and
+//! nowhere else.
+
+use std::fmt;
+
+/// Everything that can go wrong in coord.
+///
+/// Each variant documents whether it is retryable and the exit code the
+/// `coord` binary maps it to (see [`Error::exit_code`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration is invalid. Not retryable; exit code 2.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+
+    /// An argument, name or value given to coord is invalid. Not retryable;
+    /// exit code 2.
+    #[error("{0}")]
+    InvalidInput(String),
+
+    /// `NewerProjectorIsActive` (SQLSTATE `CO001`): this code runs an older
+    /// version of a projector than the active one. Not retryable; exit code 3.
+    #[error("projector {projector} {running} is stale: {active} is active; route traffic to the new deployment")]
+    NewerProjectorIsActive {
+        /// The projector.
+        projector: String,
+        /// The version this publisher runs.
+        running: String,
+        /// The version active in the database.
+        active: String,
+    },
+
+    /// `ProjectorNotYetActive` (SQLSTATE `CO002`): this code runs a newer
+    /// version than the active one; it must not publish before activation.
+    /// Not retryable (wait for the activation instead); exit code 4.
+    #[error("projector {projector} {running} is not yet active: {active} is active; activate the new version before this code publishes")]
+    ProjectorNotYetActive {
+        /// The projector.
+        projector: String,
+        /// The version this publisher runs.
+        running: String,
+        /// The version active in the database.
+        active: String,
+    },
+
+    /// `ProjectorIsActivating` (SQLSTATE `CO003`): an activation holds back
+    /// the events of this projector for a moment. Retryable; exit code 5.
+    #[error("projector {projector} is activating {activating}: publishing its events is held back for a moment; retry")]
+    ProjectorIsActivating {
+        /// The projector.
+        projector: String,
+        /// The version this publisher runs.
+        running: String,
+        /// The version being activated.
+        activating: String,
+    },
+
+    /// `UnknownProjectorActive` (SQLSTATE `CO004`): a projector this code
+    /// does not know is active, so this code is older than the database.
+    /// Not retryable; exit code 6.
+    #[error("projector {projector} is active at {active} but this publisher's configuration does not have it: this code is older than the database; route traffic to the new deployment")]
+    UnknownProjectorActive {
+        /// The projector.
+        projector: String,
+        /// Its active (or activating) version.
+        active: String,
+    },
+
+    /// Another activation holds the lock, or a lock wait ran out. Retryable
+    /// (later); exit code 7.
+    #[error("{0}")]
+    Busy(String),
+
+    /// A wait reached its deadline. Retryable; exit code 8.
+    #[error("{0}")]
+    Timeout(String),
+
+    /// The stream's version is not the one the publisher expected.
+    /// Retryable after reloading the stream; exit code 1.
+    #[error("stream {stream} is at version {actual}, not {expected}: reload it and retry")]
+    StreamVersionConflict {
+        /// The stream.
+        stream: String,
+        /// The version the publisher expected the stream to be at.
+        expected: i64,
+        /// The version it is at.
+        actual: i64,
+    },
+
+    /// A projector's handler failed. Not retryable; exit code 1.
+    #[error(
+        "projector {projector}@{version} failed at position {position} ({event_type}): {message}"
+    )]
+    Handler {
+        /// The projector.
+        projector: String,
+        /// Its version.
+        version: String,
+        /// The event's position.
+        position: i64,
+        /// The event's type.
+        event_type: String,
+        /// What the handler reported.
+        message: String,
+    },
+
+    /// A state does not allow the operation (a downgrade, a changed
+    /// definition under the same version, nothing to roll back to...).
+    /// Not retryable; exit code 2.
+    #[error("{0}")]
+    Refused(String),
+
+    /// Anything else the operation could not do. Not retryable; exit code 1.
+    #[error("{0}")]
+    Failed(String),
+
+    /// A PostgreSQL error. Retryable when the connection was lost or the
+    /// transaction hit a serialization failure or deadlock; exit code 1.
+    #[error(transparent)]
+    Db(tokio_postgres::Error),
+
+    /// The connection pool could not hand out a connection. Retryable;
+    /// exit code 1.
+    #[error(transparent)]
+    Pool(#[from] deadpool_postgres::PoolError),
+
+    /// A migration failed. Not retryable; exit code 1.
+    #[error(transparent)]
+    Migration(#[from] refinery::Error),
+}
+
+/// A convenient alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether trying the same thing again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::ProjectorIsActivating { .. }
+            | Error::Busy(_)
+            | Error::Timeout(_)
+            | Error::StreamVersionConflict { .. }
+            | Error::Pool(_) => true,
+            Error::Db(e) => {
+                e.is_closed()
+                    || matches!(
+                        e.code().map(|c| c.code()),
+                        Some("40001" | "40P01" | "55P03" | "57014")
+                    )
+            }
+            _ => false,
+        }
+    }
+
+    /// The `coord` binary's exit code for this error (DESIGN.md).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config(_) | Error::InvalidInput(_) | Error::Refused(_) => 2,
+            Error::NewerProjectorIsActive { .. } => 3,
+            Error::ProjectorNotYetActive { .. } => 4,
+            Error::ProjectorIsActivating { .. } => 5,
+            Error::UnknownProjectorActive { .. } => 6,
+            Error::Busy(_) => 7,
+            Error::Timeout(_) => 8,
+            _ => 1,
+        }
+    }
+
+    /// Whether this is one of the four gate refusals.
+    pub fn is_gate_refusal(&self) -> bool {
+        matches!(
+            self,
+            Error::NewerProjectorIsActive { .. }
+                | Error::ProjectorNotYetActive { .. }
+                | Error::ProjectorIsActivating { .. }
+                | Error::UnknownProjectorActive { .. }
+        )
+    }
+
+    /// The SQLSTATE of a gate refusal (`CO001`..`CO004`).
+    pub fn sqlstate(&self) -> Option<&'static str> {
+        match self {
+            Error::NewerProjectorIsActive { .. } => Some("CO001"),
+            Error::ProjectorNotYetActive { .. } => Some("CO002"),
+            Error::ProjectorIsActivating { .. } => Some("CO003"),
+            Error::UnknownProjectorActive { .. } => Some("CO004"),
+            _ => None,
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    /// Turns the gate's SQLSTATEs `CO001`..`CO004` into typed errors; every
+    /// other database error stays [`Error::Db`].
+    fn from(e: tokio_postgres::Error) -> Self {
+        let Some(db) = e.as_db_error() else {
+            return Error::Db(e);
+        };
+        let code = db.code().code();
+        if !code.starts_with("CO") {
+            return Error::Db(e);
+        }
+        let detail: serde_json::Value = db
+            .detail()
+            .and_then(|d| serde_json::from_str(d).ok())
+            .unwrap_or_default();
+        let field = |key: &str| {
+            detail
+                .get(key)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_owned()
+        };
+        match code {
+            "CO001" => Error::NewerProjectorIsActive {
+                projector: field("projector"),
+                running: field("running"),
+                active: field("active"),
+            },
+            "CO002" => Error::ProjectorNotYetActive {
+                projector: field("projector"),
+                running: field("running"),
+                active: field("active"),
+            },
+            "CO003" => Error::ProjectorIsActivating {
+                projector: field("projector"),
+                running: field("running"),
+                activating: field("activating"),
+            },
+            "CO004" => Error::UnknownProjectorActive {
+                projector: field("projector"),
+                active: field("active"),
+            },
+            _ => Error::Db(e),
+        }
+    }
+}
+
+/// An invalid configuration: the file and every problem found, each naming
+/// the projector and the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file (or source) the configuration came from.
+    pub source_name: String,
+    /// One line per problem.
+    pub problems: Vec<String>,
+}
+
+impl std::error::Error for ConfigError {}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.problems.as_slice() {
+            [one] => write!(f, "invalid configuration {}: {one}", self.source_name),
+            many => {
+                write!(
+                    f,
+                    "invalid configuration {} ({} problems):",
+                    self.source_name,
+                    many.len()
+                )?;
+                for problem in many {
+                    write!(f, "\n  - {problem}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}

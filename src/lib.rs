@@ -1,0 +1,43 @@
+//! # coord
+//!
+//! Run version N and N+1 of an event-sourced application side by side on one
+//! PostgreSQL database during a rolling or blue-green upgrade.
+//!
+//! * [`migrate()`] creates the `coord` schema: `coord.projector_states` (which
+//!   version of each projector is replaying, activating, active), the
+//!   per-version table, the transition history, the bundled event store
+//!   `coord.events` and the gate function `coord.check_publish`.
+//! * A [`Projector`] (written in Rust, or a [`SqlProjector`] defined in
+//!   `coord.toml`) builds read-model tables in its version's own schema
+//!   ([`schema_name`]), so N and N+1 live side by side.
+//! * [`status()`] reports what every projector is doing.
+//!
+//! ```no_run
+//! # async fn demo() -> coord::Result<()> {
+//! let config = coord::Config::load("coord.toml".as_ref())?;
+//! let url = coord::resolve_database_url(None, Some(&config))?;
+//! let mut client = coord::connect(&url, std::time::Duration::from_secs(10)).await?;
+//! coord::migrate(&mut client).await?;
+//! let report = coord::status(&client, &config.event_store).await?;
+//! println!("{} projectors", report.projectors.len());
+//! # Ok(()) }
+//! ```
+
+pub mod config;
+mod db;
+mod error;
+mod migrate;
+pub mod names;
+pub mod projector;
+mod status;
+pub mod store;
+
+pub use config::{resolve_database_url, Config, DatabaseUrl, Mode, OnError, ProjectorConfig};
+pub use db::{connect, pool};
+pub use error::{ConfigError, Error, Result};
+pub use migrate::{migrate, MigrationReport};
+pub use names::{quote_ident, schema_name, ProjectorName, RelationName};
+pub use projector::{
+    ApplyContext, Event, HandlerError, Phase, Projector, ProjectorExt, ProjectorSet, SqlProjector,
+};
+pub use status::{status, ProjectorStatus, StatusReport, VersionStatusReport};

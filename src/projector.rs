@@ -1,0 +1,370 @@
+//! The projector abstraction: the [`Projector`] trait that Rust projectors
+//! implement, the config-defined [`SqlProjector`] that implements it too, the
+//! [`Event`] handlers receive, and the [`ProjectorSet`] a deployment runs.
+//! Handlers run in a transaction the caller owns; this module never commits.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use futures_util::future::try_join_all;
+use semver::Version;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Row, Statement, Transaction};
+
+use crate::config::{Config, Mode, OnError, ProjectorConfig};
+use crate::names::{schema_name, sha256_hex, ProjectorName};
+use crate::{Error, Result};
+
+/// What a handler may fail with.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One event of the event store, as handlers see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    /// Global position (`$3` of config handlers).
+    pub position: i64,
+    /// Stream id (`$1`).
+    pub stream_id: String,
+    /// Version within the stream (`$2`).
+    pub stream_version: i64,
+    /// Event type (`$4`).
+    pub event_type: String,
+    /// Payload (`$5`).
+    pub data: serde_json::Value,
+    /// Metadata (`$6`).
+    pub metadata: serde_json::Value,
+    /// When it was recorded (`$7`).
+    pub recorded_at: SystemTime,
+}
+
+impl Event {
+    /// The columns, in this order, that [`Event::try_from`] decodes.
+    pub const COLUMNS: &'static str =
+        "position, stream_id, stream_version, event_type, data, metadata, recorded_at";
+}
+
+impl TryFrom<&Row> for Event {
+    type Error = tokio_postgres::Error;
+
+    fn try_from(row: &Row) -> Result<Self, Self::Error> {
+        Ok(Event {
+            position: row.try_get(0)?,
+            stream_id: row.try_get(1)?,
+            stream_version: row.try_get(2)?,
+            event_type: row.try_get(3)?,
+            data: row.try_get(4)?,
+            metadata: row.try_get(5)?,
+            recorded_at: row.try_get(6)?,
+        })
+    }
+}
+
+/// Why a handler is being called.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Replaying or catching up from the event store, in batches.
+    Replay,
+    /// Inside a publishing transaction, on the events it appends.
+    Inline,
+}
+
+/// What a handler knows about the call.
+#[derive(Clone, Debug)]
+pub struct ApplyContext {
+    /// The version's schema; `search_path` is already set to it.
+    pub schema: String,
+    /// Replay or inline.
+    pub phase: Phase,
+}
+
+/// A read-model builder. Implement it for projectors written in Rust;
+/// [`SqlProjector`] implements it for projectors defined in `coord.toml`.
+///
+/// `apply` receives events in position order (and so in stream-version order
+/// within each stream), only of the types [`Projector::event_types`] names,
+/// inside a transaction whose `search_path` is the version's schema. During a
+/// replay a batch holds many events: fold them before writing to get near the
+/// store's read speed.
+#[async_trait]
+pub trait Projector: Send + Sync {
+    /// The projector's name.
+    fn name(&self) -> &ProjectorName;
+    /// The projector's version.
+    fn version(&self) -> &Version;
+    /// The event types it handles.
+    fn event_types(&self) -> Vec<String>;
+    /// DDL of its tables, run in the version's fresh schema.
+    fn tables(&self) -> &str;
+    /// Inline or async (default inline).
+    fn mode(&self) -> Mode {
+        Mode::Inline
+    }
+    /// What a replay does with a failing event (default fail).
+    fn on_error(&self) -> OnError {
+        OnError::Fail
+    }
+    /// SQL assertions, each returning one boolean, that must hold before activation.
+    fn verify(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// A hash of the definition: the same version with another fingerprint is
+    /// refused. The default covers the tables and event types; Rust projectors
+    /// should override it to include a revision of their handler code.
+    fn fingerprint(&self) -> String {
+        let mut types = self.event_types();
+        types.sort();
+        sha256_hex(&format!(
+            "tables\0{}\0types\0{}",
+            self.tables(),
+            types.join("\0")
+        ))
+    }
+    /// Applies `events` in the caller's transaction.
+    ///
+    /// # Errors
+    /// Whatever the handler fails with; the caller rolls back or parks.
+    async fn apply(
+        &self,
+        tx: &Transaction<'_>,
+        events: &[Event],
+        ctx: &ApplyContext,
+    ) -> Result<(), HandlerError>;
+}
+
+/// Helpers every projector gets.
+pub trait ProjectorExt: Projector {
+    /// `name@version`.
+    fn label(&self) -> String {
+        format!("{}@{}", self.name(), self.version())
+    }
+    /// The version's schema (see [`schema_name`]).
+    fn schema(&self) -> String {
+        schema_name(self.name(), self.version())
+    }
+    /// Whether it handles `event_type`.
+    fn handles(&self, event_type: &str) -> bool {
+        self.event_types().iter().any(|t| t == event_type)
+    }
+}
+
+impl<P: Projector + ?Sized> ProjectorExt for P {}
+
+/// The parameter types of config handlers, `$1`..`$7`.
+const HANDLER_PARAM_TYPES: [Type; 7] = [
+    Type::TEXT,
+    Type::INT8,
+    Type::INT8,
+    Type::TEXT,
+    Type::JSONB,
+    Type::JSONB,
+    Type::TIMESTAMPTZ,
+];
+
+/// Batches at most this large run each statement unprepared (one round trip
+/// less); larger ones prepare each handler once.
+const UNPREPARED_MAX_EVENTS: usize = 4;
+
+/// A projector defined in `coord.toml`: one SQL statement per event type.
+#[derive(Clone, Debug)]
+pub struct SqlProjector {
+    config: ProjectorConfig,
+}
+
+impl SqlProjector {
+    /// Wraps a validated configuration entry.
+    pub fn new(config: ProjectorConfig) -> Self {
+        Self { config }
+    }
+
+    /// The configuration entry.
+    pub fn config(&self) -> &ProjectorConfig {
+        &self.config
+    }
+
+    fn params(event: &Event) -> [&(dyn ToSql + Sync); 7] {
+        [
+            &event.stream_id,
+            &event.stream_version,
+            &event.position,
+            &event.event_type,
+            &event.data,
+            &event.metadata,
+            &event.recorded_at,
+        ]
+    }
+}
+
+#[async_trait]
+impl Projector for SqlProjector {
+    fn name(&self) -> &ProjectorName {
+        &self.config.name
+    }
+    fn version(&self) -> &Version {
+        &self.config.version
+    }
+    fn event_types(&self) -> Vec<String> {
+        self.config.handlers.keys().cloned().collect()
+    }
+    fn tables(&self) -> &str {
+        &self.config.tables
+    }
+    fn mode(&self) -> Mode {
+        self.config.mode
+    }
+    fn on_error(&self) -> OnError {
+        self.config.on_error
+    }
+    fn verify(&self) -> Vec<String> {
+        self.config.verify.clone()
+    }
+    fn fingerprint(&self) -> String {
+        let handlers: Vec<String> = self
+            .config
+            .handlers
+            .iter()
+            .map(|(t, sql)| format!("{t}\0{sql}"))
+            .collect();
+        sha256_hex(&format!(
+            "tables\0{}\0handlers\0{}",
+            self.config.tables,
+            handlers.join("\0")
+        ))
+    }
+
+    async fn apply(
+        &self,
+        tx: &Transaction<'_>,
+        events: &[Event],
+        _ctx: &ApplyContext,
+    ) -> Result<(), HandlerError> {
+        let handled = events
+            .iter()
+            .filter_map(|e| self.config.handlers.get(&e.event_type).map(|sql| (e, sql)));
+        if events.len() <= UNPREPARED_MAX_EVENTS {
+            let calls = handled.map(|(event, sql)| {
+                let values = Self::params(event);
+                async move {
+                    let typed: Vec<(&(dyn ToSql + Sync), Type)> =
+                        values.iter().copied().zip(HANDLER_PARAM_TYPES).collect();
+                    tx.execute_typed(sql, &typed).await
+                }
+            });
+            try_join_all(calls).await?;
+            return Ok(());
+        }
+        let mut statements: HashMap<&str, Statement> = HashMap::new();
+        let wanted: BTreeSet<&str> = events
+            .iter()
+            .filter(|e| self.config.handlers.contains_key(&e.event_type))
+            .map(|e| e.event_type.as_str())
+            .collect();
+        let prepared = try_join_all(
+            wanted
+                .iter()
+                .map(|t| tx.prepare_typed(&self.config.handlers[*t], &HANDLER_PARAM_TYPES)),
+        )
+        .await?;
+        statements.extend(wanted.into_iter().zip(prepared));
+        // Pipelined: every statement is sent before the first answer arrives;
+        // the server runs them in order.
+        try_join_all(handled.map(|(event, _)| {
+            let statement = &statements[event.event_type.as_str()];
+            let values = Self::params(event);
+            async move { tx.execute(statement, &values).await }
+        }))
+        .await?;
+        Ok(())
+    }
+}
+
+/// The projectors one deployment runs: its configuration `C` of
+/// `name@version`s.
+#[derive(Clone, Default)]
+pub struct ProjectorSet {
+    projectors: Vec<Arc<dyn Projector>>,
+}
+
+impl std::fmt::Debug for ProjectorSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.projectors.iter().map(|p| p.label()))
+            .finish()
+    }
+}
+
+impl ProjectorSet {
+    /// A set of projectors; names must be unique.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] when two projectors share a name.
+    pub fn new(projectors: Vec<Arc<dyn Projector>>) -> Result<Self> {
+        let mut seen = BTreeSet::new();
+        for p in &projectors {
+            if !seen.insert(p.name().clone()) {
+                return Err(Error::InvalidInput(format!(
+                    "projector {} is registered twice",
+                    p.name()
+                )));
+            }
+            if p.event_types().is_empty() {
+                return Err(Error::InvalidInput(format!(
+                    "projector {} handles no event types",
+                    p.label()
+                )));
+            }
+        }
+        Ok(Self { projectors })
+    }
+
+    /// The config-defined projectors of `config`.
+    pub fn from_config(config: &Config) -> Self {
+        let projectors = config
+            .projectors
+            .iter()
+            .map(|p| Arc::new(SqlProjector::new(p.clone())) as Arc<dyn Projector>)
+            .collect();
+        Self { projectors }
+    }
+
+    /// Adds the projectors of `other`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] when a name is in both.
+    pub fn merge(self, other: ProjectorSet) -> Result<Self> {
+        let mut all = self.projectors;
+        all.extend(other.projectors);
+        Self::new(all)
+    }
+
+    /// The projectors, in registration order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Projector>> {
+        self.projectors.iter()
+    }
+
+    /// The projector called `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Projector>> {
+        self.projectors.iter().find(|p| p.name().as_str() == name)
+    }
+
+    /// Number of projectors.
+    pub fn len(&self) -> usize {
+        self.projectors.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.projectors.is_empty()
+    }
+
+    /// `{"name": "version", ...}`: the `projectors` argument of `coord.check_publish`.
+    pub fn versions_json(&self) -> serde_json::Value {
+        let map: BTreeMap<String, String> = self
+            .projectors
+            .iter()
+            .map(|p| (p.name().to_string(), p.version().to_string()))
+            .collect();
+        serde_json::to_value(map).expect("a map of strings serialises")
+    }
+}

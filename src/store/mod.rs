@@ -1,0 +1,50 @@
+//! The only code that reads and writes coord's own tables
+//! (`coord.projector_states`, `coord.projector_versions`, `coord.transitions`,
+//! `coord.applied_ahead`, `coord.parked_events`). Functions take a
+//! [`GenericClient`] so callers compose them in one transaction. Nothing here
+//! decides policy: callers (replay, activation) do.
+
+pub mod history;
+pub mod states;
+pub mod versions;
+
+pub use tokio_postgres::GenericClient;
+
+use crate::{Error, Result};
+
+/// Who made a change, recorded in the transition history.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Actor {
+    /// Host name of the machine.
+    pub host: String,
+    /// The command (or application operation) that made the change.
+    pub command: String,
+}
+
+impl Actor {
+    /// An actor.
+    pub fn new(host: impl Into<String>, command: impl Into<String>) -> Self {
+        Self {
+            host: host.into(),
+            command: command.into(),
+        }
+    }
+}
+
+const IS_MIGRATED: &str = "SELECT to_regclass('coord.projector_versions') IS NOT NULL \
+    AND to_regprocedure('coord.gate(jsonb,text[])') IS NOT NULL";
+
+/// Fails with a clear message when `coord migrate` has not been run.
+///
+/// # Errors
+/// [`Error::Failed`] naming the fix.
+pub async fn ensure_migrated(client: &impl GenericClient) -> Result<()> {
+    let row = client.query_one(IS_MIGRATED, &[]).await?;
+    if row.try_get::<_, bool>(0)? {
+        Ok(())
+    } else {
+        Err(Error::Failed(
+            "the coord schema is missing or out of date in this database: run `coord migrate` first".into(),
+        ))
+    }
+}

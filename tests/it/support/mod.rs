@@ -1,0 +1,236 @@
+//! Test support: a fresh database per test (dropped afterwards), the built
+//! `coord` binary, and config builders.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls};
+
+/// The server tests run against: `DATABASE_URL`, default the local one.
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// `url` with its database name replaced by `db`.
+fn with_database(url: &str, db: &str) -> String {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let (head, query) = match url.find('?') {
+        Some(q) => (&url[..q], &url[q..]),
+        None => (url, ""),
+    };
+    let base = match head[scheme_end..].find('/') {
+        Some(slash) => &head[..scheme_end + slash],
+        None => head,
+    };
+    format!("{base}/{db}{query}")
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh, empty database, dropped when this value is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot connect to {url}: {e}; is PostgreSQL running? (scripts/test.sh starts it)"
+            )
+        });
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+impl TestDb {
+    /// A new empty database.
+    pub async fn new() -> Self {
+        let name = format!(
+            "coord_it_{}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst),
+            rand::random::<u32>()
+        );
+        let admin = connect(&admin_url()).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        let url = with_database(&admin_url(), &name);
+        Self {
+            name,
+            url,
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    /// A new database with the coord schema migrated.
+    pub async fn migrated() -> Self {
+        let db = Self::new().await;
+        let mut client = db.client().await;
+        coord::migrate(&mut client).await.expect("migrate");
+        db
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.url).await
+    }
+
+    pub fn database_url(&self) -> coord::DatabaseUrl {
+        coord::DatabaseUrl::parse(&self.url).unwrap()
+    }
+
+    /// Writes `coord.toml` (or another file) in this test's directory.
+    pub fn write_config(&self, file: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(file);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Runs the built `coord` binary in this test's directory with
+    /// `DATABASE_URL` set to this database.
+    pub fn coord(&self, args: &[&str]) -> Output {
+        run_coord(self.dir.path(), &[("DATABASE_URL", &self.url)], args)
+    }
+
+    /// Everything coord could have written: schemas, and the row counts of
+    /// every table outside the system schemas. Equal before and after a
+    /// refused command means the command changed nothing.
+    pub async fn snapshot(&self) -> String {
+        let client = self.client().await;
+        let rows = client
+            .query(
+                "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                 AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1, 2",
+                &[],
+            )
+            .await
+            .unwrap();
+        let mut out = String::new();
+        for row in rows {
+            let (schema, table): (String, String) = (row.get(0), row.get(1));
+            let count: i64 = client
+                .query_one(
+                    &format!("SELECT count(*) FROM \"{schema}\".\"{table}\""),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            out.push_str(&format!("{schema}.{table}={count}\n"));
+        }
+        let schemas = client
+            .query(
+                "SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg_%' ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        for row in schemas {
+            out.push_str(&format!("schema {}\n", row.get::<_, String>(0)));
+        }
+        out
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside a test's runtime, which cannot block on itself: use
+        // a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                if let Ok((client, connection)) = tokio_postgres::connect(&admin_url(), NoTls).await
+                {
+                    tokio::spawn(connection);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Runs the built `coord` binary.
+pub fn run_coord(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_coord"));
+    command
+        .current_dir(dir)
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("run coord")
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Asserts the exit code, printing both streams when it differs.
+#[track_caller]
+pub fn assert_exit(output: &Output, code: i32) {
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "expected exit {code}\n--- stdout\n{}\n--- stderr\n{}",
+        stdout(output),
+        stderr(output)
+    );
+}
+
+/// Polls `check` until it returns true or `deadline` passes.
+pub async fn eventually<F, Fut>(deadline: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A config-defined balance projector, as in DESIGN.md.
+pub fn balances_toml(version: &str) -> String {
+    format!(
+        r#"
+[[projector]]
+name = "balances"
+version = "{version}"
+tables = """
+CREATE TABLE balances (account text PRIMARY KEY, amount bigint NOT NULL DEFAULT 0);
+"""
+
+[projector.handlers]
+AccountOpened  = "INSERT INTO balances (account) VALUES ($1)"
+MoneyDeposited = "UPDATE balances SET amount = amount + ($5->>'amount')::bigint WHERE account = $1"
+MoneyWithdrawn = "UPDATE balances SET amount = amount - ($5->>'amount')::bigint WHERE account = $1"
+"#
+    )
+}
