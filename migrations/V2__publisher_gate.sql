@@ -60,6 +60,7 @@ $$;
 CREATE FUNCTION coord.gate(projectors jsonb, event_types text[] DEFAULT NULL)
 RETURNS text[]
 LANGUAGE plpgsql VOLATILE AS $$
+#variable_conflict use_variable
 DECLARE
     r record;
     running text;

@@ -26,9 +26,11 @@
 pub mod config;
 mod db;
 mod error;
+pub mod gate;
 mod migrate;
 pub mod names;
 pub mod projector;
+mod publisher;
 mod status;
 pub mod store;
 
@@ -40,4 +42,5 @@ pub use names::{quote_ident, schema_name, ProjectorName, RelationName};
 pub use projector::{
     ApplyContext, Event, HandlerError, Phase, Projector, ProjectorExt, ProjectorSet, SqlProjector,
 };
+pub use publisher::{ExpectedVersion, NewEvent, Publisher, RetryPolicy};
 pub use status::{status, ProjectorStatus, StatusReport, VersionStatusReport};

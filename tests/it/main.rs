@@ -3,5 +3,6 @@
 
 mod cli;
 mod config;
+mod gate;
 mod migrate;
 mod support;

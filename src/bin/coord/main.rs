@@ -27,6 +27,10 @@ enum Command {
     Migrate,
     /// Every projector: active, activating and replaying versions, progress, last transition.
     Status,
+    /// Exit 0 when this configuration may publish now, otherwise the gate error's exit code.
+    Check(commands::check::CheckArgs),
+    /// Append one event through the gate, run the active inline projectors, print its position.
+    Publish(commands::publish::PublishArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +68,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate => commands::migrate::run(&ctx).await,
         Command::Status => commands::status::run(&ctx).await,
+        Command::Check(args) => commands::check::run(&ctx, args).await,
+        Command::Publish(args) => commands::publish::run(&ctx, args).await,
     }
 }
 
@@ -71,6 +77,8 @@ fn command_name(command: &Command) -> &'static str {
     match command {
         Command::Migrate => "migrate",
         Command::Status => "status",
+        Command::Check(_) => "check",
+        Command::Publish(_) => "publish",
     }
 }
 

@@ -1,4 +1,6 @@
 //! One module per subcommand: each turns its arguments into library calls.
 
+pub mod check;
 pub mod migrate;
+pub mod publish;
 pub mod status;

@@ -1,0 +1,166 @@
+//! The publisher gate and its lock protocol (docs/decisions/0003-gate-locks.md).
+//! Publishers check it through `coord.gate` (SQL, shipped by migration V2);
+//! activation holds publishers back with the exclusive side of the same locks.
+//! This module never writes a coord table.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::types::Type;
+use tokio_postgres::{GenericClient, Transaction};
+
+use crate::{Error, Result};
+
+/// Runs the gate for configuration `projectors` (`{"name": "version"}`)
+/// publishing `event_types` (`None`: any type). Returns the names of the
+/// configuration's projectors active at its versions, which the publisher
+/// must run inline.
+///
+/// Call it inside the publishing transaction, before appending; the shared
+/// locks it takes last until that transaction ends.
+///
+/// # Errors
+/// The four gate refusals ([`Error::NewerProjectorIsActive`] and its
+/// siblings); database errors.
+pub async fn check(
+    client: &impl GenericClient,
+    projectors: &serde_json::Value,
+    event_types: Option<&[String]>,
+) -> Result<Vec<String>> {
+    // Typed and unprepared: sent in one flight, so it stays ahead of
+    // statements the caller pipelines after it.
+    let rows = client
+        .query_typed(
+            GATE,
+            &[(projectors, Type::JSONB), (&event_types, Type::TEXT_ARRAY)],
+        )
+        .await?;
+    let row = rows
+        .first()
+        .ok_or_else(|| Error::Failed("coord.gate returned no row".into()))?;
+    Ok(row.try_get(0)?)
+}
+
+/// The gate statement the publisher pipelines with its append.
+const GATE: &str = "SELECT coord.gate($1::jsonb, $2::text[])";
+
+const LOCK_TYPES_EXCLUSIVE: &str = "SELECT count(pg_advisory_xact_lock(1668247410, h)) \
+    FROM (SELECT DISTINCT hashtext(t) AS h FROM unnest($1::text[]) AS t ORDER BY 1) AS keys";
+const LOCK_WILDCARD_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock(1668247411, 1)";
+const LOCK_GLOBAL_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock(1668247411, 0)";
+
+/// How long each lock wait may last before it is abandoned and retried, and
+/// how long to keep retrying.
+#[derive(Clone, Copy, Debug)]
+pub struct LockPolicy {
+    /// `lock_timeout` of one attempt. Publishers arriving while an exclusive
+    /// request waits queue behind it for at most this long.
+    pub attempt_timeout: Duration,
+    /// Pause between attempts, letting queued publishers through.
+    pub pause: Duration,
+    /// Give up with [`Error::Busy`] after this long.
+    pub deadline: Duration,
+}
+
+impl Default for LockPolicy {
+    fn default() -> Self {
+        Self {
+            attempt_timeout: Duration::from_millis(20),
+            pause: Duration::from_millis(5),
+            deadline: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Holds back every publisher of `event_types` (and those that publish
+/// without naming types) until `tx` ends: waits, in bounded retried attempts,
+/// for the ones in flight to finish.
+///
+/// # Errors
+/// [`Error::Busy`] when the deadline passes; database errors.
+pub async fn hold_back_publishers(
+    tx: &mut Transaction<'_>,
+    event_types: &[String],
+    policy: LockPolicy,
+) -> Result<()> {
+    let types = event_types.to_vec();
+    with_bounded_waits(tx, policy, "publishers of these event types", move |t| {
+        let types = types.clone();
+        Box::pin(async move {
+            t.query_one(LOCK_TYPES_EXCLUSIVE, &[&types]).await?;
+            t.query_one(LOCK_WILDCARD_EXCLUSIVE, &[]).await?;
+            Ok(())
+        })
+    })
+    .await
+}
+
+/// Waits (bounded, retried) until no publisher of any type is between its
+/// gate check and its commit, and keeps new ones out until `tx` ends. Hold it
+/// only for the flip of `active_version`.
+///
+/// # Errors
+/// [`Error::Busy`] when the deadline passes; database errors.
+pub async fn drain_all_publishers(tx: &mut Transaction<'_>, policy: LockPolicy) -> Result<()> {
+    with_bounded_waits(tx, policy, "all publishers", |t| {
+        Box::pin(async move {
+            t.query_one(LOCK_GLOBAL_EXCLUSIVE, &[]).await?;
+            Ok(())
+        })
+    })
+    .await
+}
+
+type LockFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
+
+/// Runs `acquire` inside a savepoint with a short `lock_timeout`, retrying
+/// until the deadline. Locks taken before stay held across retries.
+async fn with_bounded_waits<F>(
+    tx: &mut Transaction<'_>,
+    policy: LockPolicy,
+    what: &str,
+    acquire: F,
+) -> Result<()>
+where
+    F: for<'a> Fn(&'a Transaction<'a>) -> LockFuture<'a>,
+{
+    let started = Instant::now();
+    let timeout_ms = policy.attempt_timeout.as_millis().max(1) as i64;
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let sp = tx.savepoint("coord_lock").await?;
+        sp.query_one(
+            "SELECT set_config('lock_timeout', $1, true)",
+            &[&format!("{timeout_ms}ms")],
+        )
+        .await?;
+        match acquire(&sp).await {
+            Ok(()) => {
+                sp.query_one("SELECT set_config('lock_timeout', '0', true)", &[])
+                    .await?;
+                sp.commit().await?;
+                if attempts > 1 {
+                    tracing::debug!(
+                        attempts,
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        what,
+                        "lock acquired"
+                    );
+                }
+                return Ok(());
+            }
+            Err(Error::Db(e)) if e.code().map(|c| c.code()) == Some("55P03") => {
+                sp.rollback().await?;
+                if started.elapsed() >= policy.deadline {
+                    return Err(Error::Busy(format!(
+                        "could not hold back {what} within {:?} ({attempts} attempts): a long-running \
+                         transaction holds them; retry later",
+                        policy.deadline
+                    )));
+                }
+                tokio::time::sleep(policy.pause).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! Publishing through the gate: check, append with optimistic concurrency,
+//! and run the configuration's active inline projectors, all in the caller's
+//! transaction. Appends go to the bundled store `coord.events`.
+
+use std::time::{Duration, Instant};
+
+use futures_util::future::{join, join3};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Transaction};
+
+use crate::names::quote_ident;
+use crate::projector::{ApplyContext, Event, Phase, ProjectorExt, ProjectorSet};
+use crate::{Error, Result};
+
+/// An event to append.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewEvent {
+    /// Its type.
+    pub event_type: String,
+    /// Its payload.
+    pub data: serde_json::Value,
+    /// Its metadata (`{}` when `None`).
+    pub metadata: Option<serde_json::Value>,
+}
+
+impl NewEvent {
+    /// An event without metadata.
+    pub fn new(event_type: impl Into<String>, data: serde_json::Value) -> Self {
+        Self {
+            event_type: event_type.into(),
+            data,
+            metadata: None,
+        }
+    }
+}
+
+/// What the stream's version must be before the append.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    /// Whatever it is.
+    Any,
+    /// The stream must not exist yet.
+    NoStream,
+    /// The stream must be at exactly this version.
+    Exact(i64),
+}
+
+impl ExpectedVersion {
+    fn as_param(self) -> Option<i64> {
+        match self {
+            ExpectedVersion::Any => None,
+            ExpectedVersion::NoStream => Some(0),
+            ExpectedVersion::Exact(v) => Some(v),
+        }
+    }
+}
+
+/// Backoff for [`Publisher::publish_with_retry`].
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// Stop retrying after this long.
+    pub deadline: Duration,
+    /// First pause; doubles up to `max_pause`.
+    pub first_pause: Duration,
+    /// Longest pause.
+    pub max_pause: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_secs(5),
+            first_pause: Duration::from_millis(2),
+            max_pause: Duration::from_millis(100),
+        }
+    }
+}
+
+const APPEND: &str = "WITH cur AS ( \
+        SELECT coalesce(max(stream_version), 0) AS v FROM coord.events WHERE stream_id = $1) \
+    INSERT INTO coord.events (stream_id, stream_version, event_type, data, metadata) \
+    SELECT $1, cur.v + e.ord, e.t, e.d, e.m \
+    FROM cur, unnest($2::text[], $3::jsonb[], $4::jsonb[]) WITH ORDINALITY AS e(t, d, m, ord) \
+    WHERE $5::bigint IS NULL OR cur.v = $5 \
+    ORDER BY e.ord \
+    RETURNING position, stream_version, recorded_at";
+
+const STREAM_VERSION: &str =
+    "SELECT coalesce(max(stream_version), 0) FROM coord.events WHERE stream_id = $1";
+
+const SEARCH_PATH: &str = "SELECT set_config('search_path', $1, true)";
+
+/// Publishes events through the gate for one configuration of projectors.
+#[derive(Clone, Debug)]
+pub struct Publisher {
+    projectors: ProjectorSet,
+    versions: serde_json::Value,
+    gate: bool,
+}
+
+impl Publisher {
+    /// A publisher running `projectors` (its configuration `C`).
+    pub fn new(projectors: ProjectorSet) -> Self {
+        let versions = projectors.versions_json();
+        Self {
+            projectors,
+            versions,
+            gate: true,
+        }
+    }
+
+    /// Turns the gate off (`false`) or on. Without the gate, every projector
+    /// of the set runs inline and nothing protects against stale code: this
+    /// exists to measure what the gate costs, never for production.
+    pub fn with_gate(mut self, enabled: bool) -> Self {
+        self.gate = enabled;
+        self
+    }
+
+    /// The configuration.
+    pub fn projectors(&self) -> &ProjectorSet {
+        &self.projectors
+    }
+
+    /// Checks the gate without publishing (in `tx`, which should then end).
+    /// `event_types` `None` means "any type".
+    ///
+    /// # Errors
+    /// The gate refusals; database errors.
+    pub async fn check(
+        &self,
+        tx: &Transaction<'_>,
+        event_types: Option<&[String]>,
+    ) -> Result<Vec<String>> {
+        crate::gate::check(tx, &self.versions, event_types).await
+    }
+
+    /// Appends `events` to `stream_id` in `tx`: checks the gate, appends
+    /// (refusing if the stream is not at `expected`), then runs this
+    /// configuration's active inline projectors on them. Returns the events
+    /// as stored. On error the caller must roll `tx` back.
+    ///
+    /// # Errors
+    /// The gate refusals, [`Error::StreamVersionConflict`], a handler's
+    /// failure as [`Error::Handler`], database errors.
+    pub async fn publish(
+        &self,
+        tx: &Transaction<'_>,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<Vec<Event>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut types: Vec<String> = events.iter().map(|e| e.event_type.clone()).collect();
+        types.sort();
+        types.dedup();
+        let event_types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        let data: Vec<&serde_json::Value> = events.iter().map(|e| &e.data).collect();
+        let empty = serde_json::json!({});
+        let metadata: Vec<&serde_json::Value> = events
+            .iter()
+            .map(|e| e.metadata.as_ref().unwrap_or(&empty))
+            .collect();
+        let expected_param = expected.as_param();
+
+        // One round trip: the gate and the append are pipelined; if the gate
+        // refuses, the append fails with the aborted transaction and the
+        // gate's error is reported.
+        // Typed statements go out in one flight each, so the server runs
+        // them in the order they are sent: gate, append, search_path.
+        let params: [(&(dyn ToSql + Sync), Type); 5] = [
+            (&stream_id, Type::TEXT),
+            (&event_types, Type::TEXT_ARRAY),
+            (&data, Type::JSONB_ARRAY),
+            (&metadata, Type::JSONB_ARRAY),
+            (&expected_param, Type::INT8),
+        ];
+        let append = tx.query_typed(APPEND, &params);
+        let search_path = tx.query_typed("SELECT current_setting('search_path')", &[]);
+        let (inline, rows, search_path) = if self.gate {
+            let gate = crate::gate::check(tx, &self.versions, Some(&types));
+            let (gate, appended, search_path) = join3(gate, append, search_path).await;
+            let inline = gate?;
+            (
+                inline,
+                appended.map_err(|e| append_error(e, stream_id, expected))?,
+                search_path?,
+            )
+        } else {
+            let all = self
+                .projectors
+                .iter()
+                .map(|p| p.name().to_string())
+                .collect();
+            let (appended, search_path) = join(append, search_path).await;
+            (
+                all,
+                appended.map_err(|e| append_error(e, stream_id, expected))?,
+                search_path?,
+            )
+        };
+        let search_path: String = search_path
+            .first()
+            .ok_or_else(|| Error::Failed("current_setting returned no row".into()))?
+            .try_get(0)?;
+        if rows.len() != events.len() {
+            let actual: i64 = tx
+                .query_one(STREAM_VERSION, &[&stream_id])
+                .await?
+                .try_get(0)?;
+            return Err(Error::StreamVersionConflict {
+                stream: stream_id.to_owned(),
+                expected: expected_param.unwrap_or_default(),
+                actual,
+            });
+        }
+        let mut stored = Vec::with_capacity(events.len());
+        for (event, row) in events.iter().zip(&rows) {
+            stored.push(Event {
+                position: row.try_get(0)?,
+                stream_id: stream_id.to_owned(),
+                stream_version: row.try_get(1)?,
+                event_type: event.event_type.clone(),
+                data: event.data.clone(),
+                metadata: event.metadata.clone().unwrap_or_else(|| empty.clone()),
+                recorded_at: row.try_get(2)?,
+            });
+        }
+        self.run_inline(tx, &inline, &stored, &search_path).await?;
+        Ok(stored)
+    }
+
+    async fn run_inline(
+        &self,
+        tx: &Transaction<'_>,
+        inline: &[String],
+        events: &[Event],
+        search_path: &str,
+    ) -> Result<()> {
+        let mut changed = false;
+        for name in inline {
+            let Some(projector) = self.projectors.get(name) else {
+                continue;
+            };
+            let handled: Vec<Event> = events
+                .iter()
+                .filter(|e| projector.handles(&e.event_type))
+                .cloned()
+                .collect();
+            if handled.is_empty() {
+                continue;
+            }
+            changed = true;
+            let schema = projector.schema();
+            let quoted = quote_ident(&schema);
+            let ctx = ApplyContext {
+                schema,
+                phase: Phase::Inline,
+            };
+            let set_params: [(&(dyn ToSql + Sync), Type); 1] = [(&quoted, Type::TEXT)];
+            let set = tx.query_typed(SEARCH_PATH, &set_params);
+            let (set, applied) = join(set, projector.apply(tx, &handled, &ctx)).await;
+            set?;
+            applied.map_err(|e| Error::Handler {
+                projector: projector.name().to_string(),
+                version: projector.version().to_string(),
+                position: handled[0].position,
+                event_type: handled[0].event_type.clone(),
+                message: handler_message(&*e),
+            })?;
+        }
+        if changed {
+            tx.query_typed(SEARCH_PATH, &[(&search_path, Type::TEXT)])
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes in a transaction of its own on `client`, retrying
+    /// [`Error::ProjectorIsActivating`] (an activation in progress) with
+    /// backoff until `policy.deadline`; commits on success.
+    ///
+    /// # Errors
+    /// As [`Publisher::publish`]; [`Error::ProjectorIsActivating`] when the
+    /// deadline passes.
+    pub async fn publish_with_retry(
+        &self,
+        client: &mut Client,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+        policy: RetryPolicy,
+    ) -> Result<Vec<Event>> {
+        let started = Instant::now();
+        let mut pause = policy.first_pause;
+        loop {
+            let tx = client.transaction().await?;
+            match self.publish(&tx, stream_id, expected, events).await {
+                Ok(stored) => {
+                    tx.commit().await?;
+                    return Ok(stored);
+                }
+                Err(e @ Error::ProjectorIsActivating { .. }) => {
+                    tx.rollback().await?;
+                    if started.elapsed() + pause > policy.deadline {
+                        return Err(e);
+                    }
+                    tracing::debug!(error = %e, pause_ms = pause.as_millis() as u64, "retrying publish");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(policy.max_pause);
+                }
+                Err(e) => {
+                    tx.rollback().await?;
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+fn append_error(e: tokio_postgres::Error, stream_id: &str, expected: ExpectedVersion) -> Error {
+    let unique = e.as_db_error().is_some_and(|d| {
+        d.code().code() == "23505" && d.constraint() == Some("events_stream_version")
+    });
+    if unique {
+        // A concurrent publisher appended to the same stream first.
+        return Error::StreamVersionConflict {
+            stream: stream_id.to_owned(),
+            expected: expected.as_param().unwrap_or_default(),
+            actual: -1,
+        };
+    }
+    Error::from(e)
+}
+
+/// A handler error's message, with PostgreSQL's own message when there is one.
+pub(crate) fn handler_message(e: &(dyn std::error::Error + 'static)) -> String {
+    match e
+        .downcast_ref::<tokio_postgres::Error>()
+        .and_then(|pg| pg.as_db_error())
+    {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}

@@ -1,0 +1,899 @@
+//! The publisher gate: every row of DESIGN.md's gate table through the
+//! library, the SQL function and the CLI, and its concurrency properties.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use coord::gate::{self, LockPolicy};
+use coord::{Config, Error, ExpectedVersion, NewEvent, ProjectorSet, Publisher};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use tokio_postgres::Client;
+
+use crate::support::{assert_exit, balances_toml, eventually, stderr, stdout, TestDb};
+
+const TYPES: &str = "{AccountOpened,MoneyDeposited,MoneyWithdrawn}";
+
+fn publisher(version: &str) -> Publisher {
+    let config = Config::parse(&balances_toml(version), "coord.toml").unwrap();
+    Publisher::new(ProjectorSet::from_config(&config))
+}
+
+/// Builds `balances@version`'s schema and table and registers the version,
+/// as activation would, without touching projector_states.
+async fn build_version(client: &Client, version: &str) {
+    let config = Config::parse(&balances_toml(version), "coord.toml").unwrap();
+    let schema = coord::schema_name(&config.projectors[0].name, &config.projectors[0].version);
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema}; SET search_path = {schema}; {} RESET search_path;
+             INSERT INTO coord.projector_versions (name, version, status, schema_name, fingerprint, event_types, mode)
+             VALUES ('balances', '{version}', 'active', '{schema}', 'f', '{TYPES}', 'inline');",
+            config.projectors[0].tables
+        ))
+        .await
+        .unwrap();
+}
+
+async fn set_state(
+    client: &Client,
+    name: &str,
+    active: Option<&str>,
+    activating: Option<&str>,
+    replaying: Option<&str>,
+) {
+    coord::store::states::put(client, name, active, activating, replaying)
+        .await
+        .unwrap();
+}
+
+async fn event_count(client: &Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM coord.events", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn publish(
+    client: &mut Client,
+    p: &Publisher,
+    stream: &str,
+    event_type: &str,
+) -> coord::Result<i64> {
+    let tx = client.transaction().await.unwrap();
+    let result = p
+        .publish(
+            &tx,
+            stream,
+            ExpectedVersion::Any,
+            &[NewEvent::new(event_type, json!({"amount": 5}))],
+        )
+        .await;
+    match result {
+        Ok(stored) => {
+            tx.commit().await.unwrap();
+            Ok(stored[0].position)
+        }
+        Err(e) => {
+            tx.rollback().await.unwrap();
+            Err(e)
+        }
+    }
+}
+
+/// What one gate-table row must produce.
+#[derive(Debug)]
+enum Expect {
+    Allowed { inline: bool },
+    Refused { sqlstate: &'static str, exit: i32 },
+}
+
+/// Checks one situation through the library, `coord.check_publish` and the CLI.
+async fn assert_gate(db: &TestDb, running: &str, event_type: &str, expect: Expect) {
+    let mut client = db.client().await;
+    let p = publisher(running);
+    db.write_config("coord.toml", &balances_toml(running));
+
+    // Library.
+    let before = event_count(&client).await;
+    let result = publish(&mut client, &p, "account-lib", event_type).await;
+    match &expect {
+        Expect::Allowed { .. } => {
+            result.unwrap_or_else(|e| panic!("{expect:?}: {e:?}"));
+            assert_eq!(event_count(&client).await, before + 1);
+        }
+        Expect::Refused { sqlstate, exit } => {
+            let err = result.unwrap_err();
+            assert_eq!(err.sqlstate(), Some(*sqlstate), "{err}");
+            assert_eq!(i32::from(err.exit_code()), *exit);
+            assert!(err.is_gate_refusal());
+            assert_eq!(
+                event_count(&client).await,
+                before,
+                "a refused publish committed"
+            );
+        }
+    }
+    if let Expect::Allowed { inline } = expect {
+        let rows = client
+            .query(
+                "SELECT 1 FROM balances_v1_0_0.balances WHERE account = 'account-lib'",
+                &[],
+            )
+            .await;
+        let ran_inline = matches!(rows, Ok(rows) if !rows.is_empty());
+        assert_eq!(
+            ran_inline,
+            inline && event_type == "AccountOpened",
+            "inline projector ran?"
+        );
+    }
+
+    // SQL, as a publisher in another language would call it.
+    let sql = format!(
+        "BEGIN; SELECT coord.check_publish('{{\"balances\": \"{running}\"}}', ARRAY['{event_type}']); \
+         INSERT INTO coord.events (stream_id, stream_version, event_type, data) VALUES ('account-sql', 1, '{event_type}', '{{}}'); COMMIT;"
+    );
+    let before = event_count(&client).await;
+    let result = client.batch_execute(&sql).await;
+    match &expect {
+        Expect::Allowed { .. } => {
+            result.unwrap();
+            assert_eq!(event_count(&client).await, before + 1);
+            client
+                .batch_execute("DELETE FROM coord.events WHERE stream_id = 'account-sql'")
+                .await
+                .unwrap();
+        }
+        Expect::Refused { sqlstate, .. } => {
+            let err = result.unwrap_err();
+            assert_eq!(err.code().unwrap().code(), *sqlstate, "{err}");
+            client.batch_execute("ROLLBACK").await.unwrap();
+            assert_eq!(event_count(&client).await, before);
+        }
+    }
+
+    // CLI.
+    let before = event_count(&client).await;
+    let out = db.coord(&[
+        "publish",
+        "--stream",
+        "account-cli",
+        "--type",
+        event_type,
+        "--data",
+        "{\"amount\": 1}",
+    ]);
+    match &expect {
+        Expect::Allowed { .. } => {
+            assert_exit(&out, 0);
+            let position: i64 = stdout(&out).trim().parse().unwrap();
+            assert!(position > 0);
+            assert_eq!(event_count(&client).await, before + 1);
+            assert_exit(&db.coord(&["check", "--event-type", event_type]), 0);
+        }
+        Expect::Refused { exit, .. } => {
+            assert_exit(&out, *exit);
+            assert!(
+                stderr(&out).starts_with("coord: projector "),
+                "{}",
+                stderr(&out)
+            );
+            assert_eq!(event_count(&client).await, before);
+            assert_exit(&db.coord(&["check", "--event-type", event_type]), *exit);
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_empty_state_table_allows_publishing_without_inline_projectors() {
+    let db = TestDb::migrated().await;
+    assert_gate(
+        &db,
+        "1.0.0",
+        "AccountOpened",
+        Expect::Allowed { inline: false },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_active_projector_missing_from_the_configuration_is_unknown() {
+    let db = TestDb::migrated().await;
+    set_state(&db.client().await, "loyalty", Some("1.0.0"), None, None).await;
+    assert_gate(
+        &db,
+        "1.0.0",
+        "AccountOpened",
+        Expect::Refused {
+            sqlstate: "CO004",
+            exit: 6,
+        },
+    )
+    .await;
+    let p = publisher("1.0.0");
+    let err = publish(&mut db.client().await, &p, "x", "AccountOpened")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::UnknownProjectorActive { projector, active } if projector == "loyalty" && active == "1.0.0"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_projector_only_replaying_is_not_run_inline() {
+    let db = TestDb::migrated().await;
+    set_state(&db.client().await, "balances", None, None, Some("1.0.0")).await;
+    assert_gate(
+        &db,
+        "1.0.0",
+        "AccountOpened",
+        Expect::Allowed { inline: false },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_activating_projector_refuses_its_event_types_as_retryable() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    build_version(&client, "1.0.0").await;
+    set_state(&client, "balances", Some("1.0.0"), Some("2.0.0"), None).await;
+    assert_gate(
+        &db,
+        "1.0.0",
+        "MoneyDeposited",
+        Expect::Refused {
+            sqlstate: "CO003",
+            exit: 5,
+        },
+    )
+    .await;
+    let err = publish(
+        &mut db.client().await,
+        &publisher("1.0.0"),
+        "x",
+        "MoneyDeposited",
+    )
+    .await
+    .unwrap_err();
+    assert!(err.is_retryable());
+    assert!(
+        matches!(&err, Error::ProjectorIsActivating { projector, running, activating }
+        if projector == "balances" && running == "1.0.0" && activating == "2.0.0"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_activating_projector_lets_other_event_types_through() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    build_version(&client, "1.0.0").await;
+    set_state(&client, "balances", Some("1.0.0"), Some("2.0.0"), None).await;
+    assert_gate(
+        &db,
+        "1.0.0",
+        "UserRegistered",
+        Expect::Allowed { inline: true },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_same_active_version_publishes_and_runs_inline_in_the_same_transaction() {
+    let db = TestDb::migrated().await;
+    let mut client = db.client().await;
+    build_version(&client, "1.0.0").await;
+    set_state(&client, "balances", Some("1.0.0"), None, None).await;
+    assert_gate(
+        &db,
+        "1.0.0",
+        "AccountOpened",
+        Expect::Allowed { inline: true },
+    )
+    .await;
+
+    // The inline write and the event commit or roll back together.
+    let p = publisher("1.0.0");
+    let tx = client.transaction().await.unwrap();
+    p.publish(
+        &tx,
+        "acc-rb",
+        ExpectedVersion::NoStream,
+        &[NewEvent::new("AccountOpened", json!({}))],
+    )
+    .await
+    .unwrap();
+    p.publish(
+        &tx,
+        "acc-rb",
+        ExpectedVersion::Exact(1),
+        &[NewEvent::new("MoneyDeposited", json!({"amount": 7}))],
+    )
+    .await
+    .unwrap();
+    let amount: i64 = tx
+        .query_one(
+            "SELECT amount FROM balances_v1_0_0.balances WHERE account = 'acc-rb'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(amount, 7);
+    let path: String = tx.query_one("SHOW search_path", &[]).await.unwrap().get(0);
+    assert_eq!(
+        path, "\"$user\", public",
+        "the publisher restores search_path"
+    );
+    tx.rollback().await.unwrap();
+    let left: i64 = client
+        .query_one(
+            "SELECT count(*) FROM balances_v1_0_0.balances WHERE account = 'acc-rb'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
+
+#[tokio::test]
+async fn an_older_publisher_is_refused_as_stale_when_a_newer_version_is_active() {
+    let db = TestDb::migrated().await;
+    set_state(&db.client().await, "balances", Some("2.0.0"), None, None).await;
+    assert_gate(
+        &db,
+        "1.0.0",
+        "AccountOpened",
+        Expect::Refused {
+            sqlstate: "CO001",
+            exit: 3,
+        },
+    )
+    .await;
+    // Stale code is refused whatever it publishes.
+    assert_gate(
+        &db,
+        "1.0.0",
+        "UserRegistered",
+        Expect::Refused {
+            sqlstate: "CO001",
+            exit: 3,
+        },
+    )
+    .await;
+    let err = publish(
+        &mut db.client().await,
+        &publisher("1.0.0"),
+        "x",
+        "AccountOpened",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, Error::NewerProjectorIsActive { projector, running, active }
+        if projector == "balances" && running == "1.0.0" && active == "2.0.0"),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable());
+    assert_eq!(
+        err.to_string(),
+        "projector balances 1.0.0 is stale: 2.0.0 is active; route traffic to the new deployment"
+    );
+}
+
+#[tokio::test]
+async fn a_newer_publisher_is_refused_before_its_version_is_active() {
+    let db = TestDb::migrated().await;
+    set_state(&db.client().await, "balances", Some("1.0.0"), None, None).await;
+    assert_gate(
+        &db,
+        "2.0.0",
+        "AccountOpened",
+        Expect::Refused {
+            sqlstate: "CO002",
+            exit: 4,
+        },
+    )
+    .await;
+    // Semver precedence, not text order: 1.10.0 is newer than 1.9.0.
+    set_state(&db.client().await, "balances", Some("1.9.0"), None, None).await;
+    let err = publish(
+        &mut db.client().await,
+        &publisher("1.10.0"),
+        "x",
+        "AccountOpened",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.sqlstate(), Some("CO002"), "{err}");
+    // A pre-release is older than its release.
+    set_state(&db.client().await, "balances", Some("2.0.0"), None, None).await;
+    let err = publish(
+        &mut db.client().await,
+        &publisher("2.0.0-rc.1"),
+        "x",
+        "AccountOpened",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.sqlstate(), Some("CO001"), "{err}");
+}
+
+#[tokio::test]
+async fn check_publish_rejects_malformed_arguments_and_repeatable_read() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    let err = client
+        .batch_execute("SELECT coord.check_publish('[1]')")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "22023");
+    assert!(err
+        .as_db_error()
+        .unwrap()
+        .message()
+        .contains("must be a JSON object"));
+    let err = client
+        .batch_execute(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT coord.check_publish('{}'); COMMIT",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "0A000", "{err}");
+    client.batch_execute("ROLLBACK").await.unwrap();
+    set_state(&client, "balances", Some("1.0.0"), None, None).await;
+    let err = client
+        .batch_execute("SELECT coord.check_publish('{\"balances\": \"one\"}')")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "22023", "{err}");
+}
+
+#[tokio::test]
+async fn the_cli_refuses_bad_publish_arguments_without_writing() {
+    let db = TestDb::migrated().await;
+    db.write_config("coord.toml", &balances_toml("1.0.0"));
+    let before = db.snapshot().await;
+    for args in [
+        vec![
+            "publish",
+            "--stream",
+            "s",
+            "--type",
+            "T",
+            "--data",
+            "{not json",
+        ],
+        vec![
+            "publish",
+            "--stream",
+            "s",
+            "--type",
+            "T",
+            "--data",
+            "{}",
+            "--metadata",
+            "[1]",
+        ],
+        vec!["publish", "--stream", "", "--type", "T", "--data", "{}"],
+        vec![
+            "publish",
+            "--stream",
+            "s",
+            "--type",
+            "T",
+            "--data",
+            "{}",
+            "--expected-version",
+            "-1",
+        ],
+        vec!["publish", "--stream", "s", "--type", "T"],
+    ] {
+        assert_exit(&db.coord(&args), 2);
+    }
+    assert_eq!(before, db.snapshot().await);
+}
+
+#[tokio::test]
+async fn optimistic_concurrency_refuses_a_wrong_expected_version() {
+    let db = TestDb::migrated().await;
+    let mut client = db.client().await;
+    let p = publisher("1.0.0");
+    let tx = client.transaction().await.unwrap();
+    p.publish(
+        &tx,
+        "s",
+        ExpectedVersion::NoStream,
+        &[NewEvent::new("A", json!({})), NewEvent::new("B", json!({}))],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    let err = p
+        .publish(
+            &tx,
+            "s",
+            ExpectedVersion::Exact(1),
+            &[NewEvent::new("C", json!({}))],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::StreamVersionConflict {
+                expected: 1,
+                actual: 2,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    tx.rollback().await.unwrap();
+    db.write_config("coord.toml", &balances_toml("1.0.0"));
+    let out = db.coord(&[
+        "publish",
+        "--stream",
+        "s",
+        "--type",
+        "C",
+        "--data",
+        "{}",
+        "--expected-version",
+        "5",
+    ]);
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains("stream s is at version 2, not 5"),
+        "{}",
+        stderr(&out)
+    );
+    let out = db.coord(&[
+        "publish",
+        "--stream",
+        "s",
+        "--type",
+        "C",
+        "--data",
+        "{}",
+        "--expected-version",
+        "2",
+        "--output",
+        "json",
+    ]);
+    assert_exit(&out, 0);
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(value["stream_version"], 3);
+}
+
+/// Sixteen publishers are all between their gate check and their commit at
+/// the same moment: the gate does not serialise them.
+#[tokio::test]
+async fn publishers_do_not_serialise_against_each_other() {
+    let db = TestDb::migrated().await;
+    set_state(&db.client().await, "balances", None, None, None).await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(16));
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (url, barrier) = (db.url.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = crate::support::connect(&url).await;
+            let tx = client.transaction().await.unwrap();
+            publisher("1.0.0")
+                .publish(
+                    &tx,
+                    &format!("s{i}"),
+                    ExpectedVersion::Any,
+                    &[NewEvent::new("AccountOpened", json!({}))],
+                )
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(30), barrier.wait())
+                .await
+                .expect("publishers were serialised: not all reached the barrier");
+            tx.commit().await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(event_count(&db.client().await).await, 16);
+}
+
+async fn waiting_on_lock(client: &Client, pid: i32) -> bool {
+    client
+        .query_one(
+            "SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = $1",
+            &[&pid],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn backend_pid(client: &Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A flip of `active_version` waits for a publisher that passed the gate,
+/// and that publisher's event commits before the flip; after it, the old
+/// version is refused.
+#[tokio::test]
+async fn a_state_change_waits_for_a_publisher_between_check_and_commit() {
+    let db = TestDb::migrated().await;
+    let observer = db.client().await;
+    build_version(&observer, "1.0.0").await;
+    set_state(&observer, "balances", Some("1.0.0"), None, None).await;
+
+    let mut publisher_client = db.client().await;
+    let tx = publisher_client.transaction().await.unwrap();
+    publisher("1.0.0")
+        .publish(
+            &tx,
+            "acc",
+            ExpectedVersion::Any,
+            &[NewEvent::new("AccountOpened", json!({}))],
+        )
+        .await
+        .unwrap();
+
+    let mut activation_client = db.client().await;
+    let activation_pid = backend_pid(&activation_client).await;
+    let activation = tokio::spawn(async move {
+        let mut tx = activation_client.transaction().await.unwrap();
+        let policy = LockPolicy {
+            deadline: Duration::from_secs(60),
+            ..LockPolicy::default()
+        };
+        gate::drain_all_publishers(&mut tx, policy).await.unwrap();
+        coord::store::states::put(&tx, "balances", Some("2.0.0"), None, None)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    });
+    eventually(
+        Duration::from_secs(30),
+        "the flip to wait for the publisher's lock",
+        || waiting_on_lock(&observer, activation_pid),
+    )
+    .await;
+    assert!(!activation.is_finished());
+    let active: Option<String> = observer
+        .query_one(
+            "SELECT active_version FROM coord.projector_states WHERE name = 'balances'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(active.as_deref(), Some("1.0.0"));
+    tx.commit().await.unwrap();
+    activation.await.unwrap();
+
+    assert_eq!(
+        event_count(&observer).await,
+        1,
+        "the publisher's event committed before the flip"
+    );
+    let err = publish(
+        &mut publisher_client,
+        &publisher("1.0.0"),
+        "acc2",
+        "AccountOpened",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.sqlstate(), Some("CO001"));
+}
+
+/// While an activation holds back a projector's event types, other event
+/// types publish freely and its own types wait until it ends.
+#[tokio::test]
+async fn holding_back_a_projector_blocks_only_its_event_types() {
+    let db = TestDb::migrated().await;
+    let observer = db.client().await;
+    set_state(&observer, "balances", None, None, None).await;
+
+    let mut activation_client = db.client().await;
+    let mut activation = activation_client.transaction().await.unwrap();
+    let types: Vec<String> = ["AccountOpened", "MoneyDeposited"]
+        .map(String::from)
+        .to_vec();
+    gate::hold_back_publishers(&mut activation, &types, LockPolicy::default())
+        .await
+        .unwrap();
+
+    // Unrelated event types go through while the hold lasts.
+    let mut other = db.client().await;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        publish(&mut other, &publisher("1.0.0"), "u", "UserRegistered"),
+    )
+    .await
+    .expect("an unrelated publisher was blocked")
+    .unwrap();
+
+    // A publisher of a held type waits.
+    let mut held_client = db.client().await;
+    let held_pid = backend_pid(&held_client).await;
+    let held = tokio::spawn(async move {
+        publish(&mut held_client, &publisher("1.0.0"), "a", "MoneyDeposited").await
+    });
+    eventually(
+        Duration::from_secs(30),
+        "the held publisher to wait",
+        || waiting_on_lock(&observer, held_pid),
+    )
+    .await;
+    assert!(!held.is_finished());
+    activation.commit().await.unwrap();
+    held.await.unwrap().unwrap();
+    assert_eq!(event_count(&observer).await, 2);
+}
+
+/// A long-running publisher transaction makes activation give up with
+/// `Busy` (exit code 7) instead of queueing everyone behind it.
+#[tokio::test]
+async fn lock_waits_are_bounded() {
+    let db = TestDb::migrated().await;
+    let mut long_client = db.client().await;
+    let long = long_client.transaction().await.unwrap();
+    publisher("1.0.0")
+        .publish(
+            &long,
+            "slow",
+            ExpectedVersion::Any,
+            &[NewEvent::new("AccountOpened", json!({}))],
+        )
+        .await
+        .unwrap();
+
+    let mut activation_client = db.client().await;
+    let mut tx = activation_client.transaction().await.unwrap();
+    let policy = LockPolicy {
+        attempt_timeout: Duration::from_millis(10),
+        pause: Duration::from_millis(1),
+        deadline: Duration::from_millis(100),
+    };
+    let err = gate::drain_all_publishers(&mut tx, policy)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Busy(_)), "{err:?}");
+    assert_eq!(err.exit_code(), 7);
+    assert!(
+        err.to_string().contains("long-running transaction"),
+        "{err}"
+    );
+    tx.rollback().await.unwrap();
+
+    // Between attempts publishers got through: one publishes fine now.
+    let mut other = db.client().await;
+    publish(&mut other, &publisher("1.0.0"), "fast", "MoneyDeposited")
+        .await
+        .unwrap();
+    long.commit().await.unwrap();
+}
+
+/// Invariant 3 under load: publishers of N publish continuously, with random
+/// pauses between their gate check and their commit, while the state flips
+/// to N+1. No N event may commit after the flip.
+#[tokio::test]
+async fn no_stale_event_commits_after_the_flip() {
+    let seed: u64 = std::env::var("COORD_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("seed {seed} (set COORD_TEST_SEED to repeat)");
+    let db = TestDb::migrated().await;
+    let observer = db.client().await;
+    build_version(&observer, "1.0.0").await;
+    set_state(&observer, "balances", Some("1.0.0"), None, None).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let committed = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..8u64 {
+        let (url, stop, committed, refused) = (
+            db.url.clone(),
+            stop.clone(),
+            committed.clone(),
+            refused.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ i);
+            let mut client = crate::support::connect(&url).await;
+            let p = publisher("1.0.0");
+            let mut n = 0;
+            while !stop.load(Ordering::SeqCst) {
+                n += 1;
+                let tx = client.transaction().await.unwrap();
+                let event_type = if rng.gen_bool(0.5) {
+                    "MoneyDeposited"
+                } else {
+                    "UserRegistered"
+                };
+                let result = p
+                    .publish(
+                        &tx,
+                        &format!("p{i}-{n}"),
+                        ExpectedVersion::Any,
+                        &[NewEvent::new(event_type, json!({"amount": 1}))],
+                    )
+                    .await;
+                if let Err(e) = result {
+                    assert_eq!(e.sqlstate(), Some("CO001"), "{e}");
+                    refused.fetch_add(1, Ordering::SeqCst);
+                    tx.rollback().await.unwrap();
+                    continue;
+                }
+                // Random work between the gate check and the commit: the
+                // window in which a flip must not slip through.
+                if rng.gen_bool(0.5) {
+                    let ms = rng.gen_range(0..3);
+                    tx.execute("SELECT pg_sleep($1::float8 / 1000)", &[&f64::from(ms)])
+                        .await
+                        .unwrap();
+                }
+                tx.commit().await.unwrap();
+                committed.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    let started = committed.load(Ordering::SeqCst);
+    eventually(Duration::from_secs(30), "publishers to commit", || {
+        let c = committed.clone();
+        async move { c.load(Ordering::SeqCst) > started + 50 }
+    })
+    .await;
+
+    let mut activation_client = db.client().await;
+    let mut tx = activation_client.transaction().await.unwrap();
+    let types: Vec<String> = ["AccountOpened", "MoneyDeposited", "MoneyWithdrawn"]
+        .map(String::from)
+        .to_vec();
+    gate::hold_back_publishers(&mut tx, &types, LockPolicy::default())
+        .await
+        .unwrap();
+    gate::drain_all_publishers(&mut tx, LockPolicy::default())
+        .await
+        .unwrap();
+    coord::store::states::put(&tx, "balances", Some("2.0.0"), None, None)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let at_flip = event_count(&activation_client).await;
+
+    let after = committed.load(Ordering::SeqCst);
+    // Every publisher keeps trying, and is refused, after the flip.
+    eventually(
+        Duration::from_secs(30),
+        "publishers to be refused after the flip",
+        || {
+            let r = refused.clone();
+            async move { r.load(Ordering::SeqCst) >= 40 }
+        },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        event_count(&observer).await,
+        at_flip,
+        "seed {seed}: an N event committed after the flip"
+    );
+    assert!(after > started, "publishers ran");
+}
