@@ -77,13 +77,17 @@ BEGIN
             MESSAGE = format('coord.check_publish needs a READ COMMITTED transaction, not %s', current_setting('transaction_isolation'));
     END IF;
 
+    -- Select-list items are evaluated left to right: type keys, then global.
     IF event_types IS NULL THEN
-        PERFORM pg_advisory_xact_lock_shared(1668247411, 1);
+        PERFORM pg_advisory_xact_lock_shared(1668247411, 1), pg_advisory_xact_lock_shared(1668247411, 0);
+    ELSIF cardinality(event_types) = 1 THEN
+        PERFORM pg_advisory_xact_lock_shared(1668247410, hashtext(event_types[1])),
+                pg_advisory_xact_lock_shared(1668247411, 0);
     ELSE
         PERFORM pg_advisory_xact_lock_shared(1668247410, h)
         FROM (SELECT DISTINCT hashtext(t) AS h FROM unnest(event_types) AS t ORDER BY 1) AS keys;
+        PERFORM pg_advisory_xact_lock_shared(1668247411, 0);
     END IF;
-    PERFORM pg_advisory_xact_lock_shared(1668247411, 0);
 
     -- A new statement, so a new snapshot: it sees every state change that
     -- committed before the locks above were granted.

@@ -1,0 +1,87 @@
+//! A throwaway database per benchmark run, dropped at the end.
+
+use anyhow::Context as _;
+use coord::DatabaseUrl;
+use tokio_postgres::Client;
+
+/// A database created for one run.
+pub struct BenchDb {
+    admin: Client,
+    pub name: String,
+    pub url: DatabaseUrl,
+}
+
+impl BenchDb {
+    /// Creates `coord_bench_{label}_{pid}` on the server of `server_url` and
+    /// migrates it.
+    pub async fn create(server_url: &str, label: &str) -> anyhow::Result<Self> {
+        let server = DatabaseUrl::parse(server_url).map_err(anyhow::Error::msg)?;
+        let admin = coord::connect(&server, std::time::Duration::from_secs(10)).await?;
+        let name = format!("coord_bench_{label}_{}", std::process::id());
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await?;
+        let url =
+            DatabaseUrl::parse(&with_database(server_url, &name)).map_err(anyhow::Error::msg)?;
+        let db = Self { admin, name, url };
+        let mut client = db.client().await?;
+        coord::migrate(&mut client).await.context("migrate")?;
+        Ok(db)
+    }
+
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        Ok(coord::connect(&self.url, std::time::Duration::from_secs(10)).await?)
+    }
+
+    /// Drops the database.
+    pub async fn drop_database(self) -> anyhow::Result<()> {
+        self.admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await?;
+        Ok(())
+    }
+}
+
+/// `url` with its database name replaced by `db`.
+fn with_database(url: &str, db: &str) -> String {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let (head, query) = match url.find('?') {
+        Some(q) => (&url[..q], &url[q..]),
+        None => (url, ""),
+    };
+    let base = match head[scheme_end..].find('/') {
+        Some(slash) => &head[..scheme_end + slash],
+        None => head,
+    };
+    format!("{base}/{db}{query}")
+}
+
+/// Makes `projectors` active (building their schemas) in the bench database.
+pub async fn activate(db: &BenchDb, projectors: &coord::ProjectorSet) -> anyhow::Result<()> {
+    use coord::ProjectorExt as _;
+    let client = db.client().await?;
+    for p in projectors.iter() {
+        let schema = coord::quote_ident(&p.schema());
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA {schema}; SET search_path = {schema}; {} RESET search_path;",
+                p.tables()
+            ))
+            .await?;
+        coord::store::states::put(
+            &client,
+            p.name().as_str(),
+            Some(&p.version().to_string()),
+            None,
+            None,
+        )
+        .await?;
+    }
+    Ok(())
+}
