@@ -108,7 +108,7 @@ pub async fn status(
 
 fn lag(v: &VersionRecord, head: i64) -> Option<i64> {
     match v.status {
-        VersionStatus::Retired | VersionStatus::Aborted => None,
+        VersionStatus::Retired | VersionStatus::Aborted | VersionStatus::Pruned => None,
         VersionStatus::Active if v.mode == "inline" => None,
         _ => Some((head - v.last_position).max(0)),
     }

@@ -21,6 +21,8 @@ pub enum VersionStatus {
     Retired,
     /// Its replay was dropped.
     Aborted,
+    /// Its schema was dropped by `coord prune`.
+    Pruned,
 }
 
 impl VersionStatus {
@@ -32,6 +34,7 @@ impl VersionStatus {
             Self::Active => "active",
             Self::Retired => "retired",
             Self::Aborted => "aborted",
+            Self::Pruned => "pruned",
         }
     }
 
@@ -42,6 +45,7 @@ impl VersionStatus {
             "active" => Self::Active,
             "retired" => Self::Retired,
             "aborted" => Self::Aborted,
+            "pruned" => Self::Pruned,
             other => {
                 return Err(Error::Failed(format!(
                     "unknown version status {other:?} in coord.projector_versions"

@@ -1,0 +1,82 @@
+//! `coord prune` (drop the schemas of retired and aborted versions) and
+//! `coord wait` (block until this configuration's versions are active).
+
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use tokio_postgres::GenericClient;
+
+use crate::names::quote_ident;
+use crate::projector::ProjectorSet;
+use crate::store::versions::{self, VersionRecord, VersionStatus};
+use crate::store::{history, states, Actor};
+use crate::{Error, Result};
+
+/// The versions whose schemas [`prune`] would drop: retired and aborted ones.
+///
+/// # Errors
+/// Database errors.
+pub async fn prunable(client: &impl GenericClient) -> Result<Vec<VersionRecord>> {
+    crate::store::ensure_migrated(client).await?;
+    Ok(versions::list(client)
+        .await?
+        .into_iter()
+        .filter(|v| matches!(v.status, VersionStatus::Retired | VersionStatus::Aborted))
+        .collect())
+}
+
+/// Drops the schemas of retired and aborted versions (after which they can
+/// no longer be rolled back to) and marks them pruned. Returns what it dropped.
+///
+/// # Errors
+/// Database errors.
+pub async fn prune(pool: &Pool, actor: &Actor) -> Result<Vec<VersionRecord>> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let victims = prunable(&tx).await?;
+    for v in &victims {
+        tx.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote_ident(&v.schema_name))).await?;
+        versions::set_status(&tx, &v.name, &v.version, VersionStatus::Pruned).await?;
+        history::record(&tx, actor, &v.name, Some(&v.version), Some(v.status.as_str()), "pruned", None).await?;
+    }
+    tx.commit().await?;
+    Ok(victims)
+}
+
+/// Waits until every projector of `projectors` is active at its configured
+/// version, polling every `poll`.
+///
+/// # Errors
+/// [`Error::Timeout`] (exit code 8) naming what is not active yet; database errors.
+pub async fn wait_until_active(
+    client: &impl GenericClient,
+    projectors: &ProjectorSet,
+    timeout: Duration,
+    poll: Duration,
+) -> Result<()> {
+    crate::store::ensure_migrated(client).await?;
+    let started = Instant::now();
+    loop {
+        let all = states::list(client).await?;
+        let pending: Vec<String> = projectors
+            .iter()
+            .filter_map(|p| {
+                let want = p.version().to_string();
+                let active = all.iter().find(|s| s.name == p.name().as_str()).and_then(|s| s.active_version.clone());
+                (active.as_deref() != Some(want.as_str())).then(|| {
+                    format!("{}@{want} (active: {})", p.name(), active.as_deref().unwrap_or("none"))
+                })
+            })
+            .collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if started.elapsed() >= timeout {
+            return Err(Error::Timeout(format!(
+                "timed out after {timeout:?} waiting for {} to be active",
+                pending.join(", ")
+            )));
+        }
+        tokio::time::sleep(poll).await;
+    }
+}

@@ -1,0 +1,15 @@
+//! Activation and the deploy-pipeline operations: `plan`,
+//! `activate-current-config`, `rollback`, `prune`, `wait`. The only code that
+//! changes which version of a projector is active.
+
+mod lock;
+mod maintenance;
+mod plan;
+mod run;
+mod switch;
+
+pub use lock::ActivationLock;
+pub use maintenance::{prunable, prune, wait_until_active};
+pub use plan::{plan, Action, Plan, Step};
+pub use run::{activate_current_config, rollback, verify, ActivateOptions, ActivationReport, StepReport};
+pub use switch::{activate_version, retire, SwitchReport};

@@ -1,0 +1,234 @@
+//! `coord plan`: what `activate-current-config` would do for each projector,
+//! read from the database without writing anything.
+
+use std::collections::BTreeSet;
+
+use semver::Version;
+use tokio_postgres::GenericClient;
+
+use crate::names::RelationName;
+use crate::projector::{ProjectorExt, ProjectorSet};
+use crate::store::versions::{self, VersionRecord, VersionStatus};
+use crate::store::{self, checkpoint, states};
+use crate::Result;
+
+/// What will happen to one projector.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    /// The configured version is active: nothing to do.
+    NoChange,
+    /// No version is active yet: replay from the start and activate.
+    Bootstrap,
+    /// Replay the configured version beside the active one, then activate it.
+    Replay {
+        /// The active version.
+        from: String,
+    },
+    /// A replay of the configured version is in progress: resume it, then activate.
+    ResumeReplay,
+    /// An activation of the configured version was interrupted: finish it.
+    ResumeActivation,
+    /// The configured version was active before and its schema is kept:
+    /// catch it up and re-activate it, without a replay from the start
+    /// (a rollback, or a roll-forward after one).
+    Reactivate {
+        /// The active version.
+        from: Option<String>,
+    },
+    /// The projector is active but no longer configured: retire it.
+    Retire {
+        /// Its active version.
+        version: String,
+    },
+    /// Cannot proceed; the reason says why and what to do.
+    Refuse {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Action {
+    /// Whether this step builds a version from the start of the event store.
+    pub fn needs_replay(&self) -> bool {
+        matches!(self, Action::Bootstrap | Action::Replay { .. } | Action::ResumeReplay)
+    }
+}
+
+/// One projector's step.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Step {
+    /// Projector name.
+    pub projector: String,
+    /// The configured version (`None` for a projector being retired).
+    pub version: Option<String>,
+    /// What will happen.
+    #[serde(flatten)]
+    pub action: Action,
+    /// A replay of another version that will be abandoned first.
+    pub abandons_replay_of: Option<String>,
+    /// Handled events the step must still apply.
+    pub events_to_process: i64,
+}
+
+/// The whole plan.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Plan {
+    /// One step per configured projector, then one per projector to retire.
+    pub steps: Vec<Step>,
+}
+
+impl Plan {
+    /// The refusals, one line each.
+    pub fn refusals(&self) -> Vec<String> {
+        self.steps
+            .iter()
+            .filter_map(|s| match &s.action {
+                Action::Refuse { reason } => Some(reason.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether running it would change nothing.
+    pub fn is_no_op(&self) -> bool {
+        self.steps.iter().all(|s| s.action == Action::NoChange)
+    }
+}
+
+const COUNT_HANDLED: &str = "SELECT count(*) FROM {events} WHERE event_type = ANY($1)";
+
+/// Computes the plan. Reads only.
+///
+/// # Errors
+/// [`crate::Error::Failed`] when the schema is not migrated; database errors.
+pub async fn plan(
+    client: &impl GenericClient,
+    projectors: &ProjectorSet,
+    event_store: &RelationName,
+) -> Result<Plan> {
+    store::ensure_migrated(client).await?;
+    let all_states = states::list(client).await?;
+    let all_versions = versions::list(client).await?;
+    let mut steps = Vec::new();
+    for p in projectors.iter() {
+        let name = p.name().as_str();
+        let version = p.version().to_string();
+        let state = all_states.iter().find(|s| s.name == name);
+        let active = state.and_then(|s| s.active_version.clone());
+        let activating = state.and_then(|s| s.activating_version.clone());
+        let replaying = state.and_then(|s| s.replaying_version.clone());
+        let record = all_versions.iter().find(|v| v.name == name && v.version == version);
+        let mut step = Step {
+            projector: name.to_owned(),
+            version: Some(version.clone()),
+            action: Action::NoChange,
+            abandons_replay_of: None,
+            events_to_process: 0,
+        };
+        step.action = decide(p.fingerprint(), p.version(), record, active.as_deref(), activating.as_deref(), replaying.as_deref(), &p.label());
+        if let Some(other) = replaying.as_deref().filter(|r| *r != version) {
+            if !matches!(step.action, Action::NoChange | Action::Refuse { .. }) {
+                step.abandons_replay_of = Some(other.to_owned());
+            }
+        }
+        step.events_to_process = match &step.action {
+            Action::Bootstrap | Action::Replay { .. } => {
+                count_handled(client, event_store, &p.event_types()).await?
+            }
+            Action::ResumeReplay | Action::ResumeActivation | Action::Reactivate { .. } => {
+                checkpoint::pending(client, name, &version, &p.event_types(), event_store).await?
+            }
+            _ => 0,
+        };
+        steps.push(step);
+    }
+    let configured: BTreeSet<&str> = projectors.iter().map(|p| p.name().as_str()).collect();
+    for state in &all_states {
+        if configured.contains(state.name.as_str()) {
+            continue;
+        }
+        if let Some(version) = state.active_version.clone().or_else(|| state.activating_version.clone()) {
+            steps.push(Step {
+                projector: state.name.clone(),
+                version: None,
+                action: Action::Retire { version },
+                abandons_replay_of: state.replaying_version.clone(),
+                events_to_process: 0,
+            });
+        }
+    }
+    Ok(Plan { steps })
+}
+
+async fn count_handled(client: &impl GenericClient, event_store: &RelationName, types: &[String]) -> Result<i64> {
+    let sql = COUNT_HANDLED.replace("{events}", &event_store.quoted());
+    Ok(client.query_one(&sql, &[&types]).await?.try_get(0)?)
+}
+
+fn decide(
+    fingerprint: String,
+    version: &Version,
+    record: Option<&VersionRecord>,
+    active: Option<&str>,
+    activating: Option<&str>,
+    replaying: Option<&str>,
+    label: &str,
+) -> Action {
+    let v = version.to_string();
+    if let Some(record) = record {
+        if record.fingerprint != fingerprint {
+            return Action::Refuse {
+                reason: format!(
+                    "{label} was built from a different definition (fingerprint {} in the database, {} in this configuration): \
+                     a changed projector needs a new version",
+                    short(&record.fingerprint),
+                    short(&fingerprint)
+                ),
+            };
+        }
+    }
+    if activating == Some(v.as_str()) {
+        return Action::ResumeActivation;
+    }
+    if let Some(other) = activating {
+        return Action::Refuse {
+            reason: format!(
+                "{} is activating {other}, not {v}: run `coord activate-current-config` with the configuration of {other} to finish it, or `coord abort --projector {}`",
+                label.split('@').next().unwrap_or(label),
+                label.split('@').next().unwrap_or(label)
+            ),
+        };
+    }
+    if active == Some(v.as_str()) {
+        return Action::NoChange;
+    }
+    if record.is_some_and(|r| r.status == VersionStatus::Retired) {
+        return Action::Reactivate { from: active.map(str::to_owned) };
+    }
+    if let Some(active) = active {
+        match Version::parse(active) {
+            Ok(current) if version < &current => {
+                return Action::Refuse {
+                    reason: format!(
+                        "{label} is older than the active {active}: a downgrade needs the schema of a retired version \
+                         (`coord rollback` re-activates the previous one); deploy a newer version instead"
+                    ),
+                }
+            }
+            _ => {}
+        }
+        if replaying == Some(v.as_str()) {
+            return Action::ResumeReplay;
+        }
+        return Action::Replay { from: active.to_owned() };
+    }
+    if replaying == Some(v.as_str()) {
+        return Action::ResumeReplay;
+    }
+    Action::Bootstrap
+}
+
+fn short(fingerprint: &str) -> &str {
+    &fingerprint[..fingerprint.len().min(12)]
+}

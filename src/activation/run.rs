@@ -1,0 +1,327 @@
+//! `activate-current-config` and `rollback`: plan, replay or catch up,
+//! verify, flip, retire, under the activation lock.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use tokio_util::sync::CancellationToken;
+
+use super::lock::ActivationLock;
+use super::plan::{plan, Action, Plan};
+use super::switch::{activate_version, retire, SwitchReport};
+use crate::config::DatabaseUrl;
+use crate::gate::LockPolicy;
+use crate::names::{quote_ident, RelationName};
+use crate::projector::{Projector, ProjectorExt, ProjectorSet};
+use crate::replay::{self, ReplayOptions};
+use crate::store::versions::{self, VersionStatus};
+use crate::store::{history, states, Actor};
+use crate::{Error, Result};
+
+/// How `activate-current-config` and `rollback` run.
+#[derive(Clone, Debug)]
+pub struct ActivateOptions {
+    /// Replay and catch-up settings.
+    pub replay: ReplayOptions,
+    /// Refuse instead of replaying a version from the start.
+    pub no_replay: bool,
+    /// Bounded lock waits of the critical section.
+    pub locks: LockPolicy,
+    /// How long to wait for another activation to finish (0: fail at once with exit code 7).
+    pub lock_wait: Duration,
+}
+
+impl Default for ActivateOptions {
+    fn default() -> Self {
+        Self {
+            replay: ReplayOptions::default(),
+            no_replay: false,
+            locks: LockPolicy::default(),
+            lock_wait: Duration::ZERO,
+        }
+    }
+}
+
+/// What happened to one projector.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct StepReport {
+    /// Projector name.
+    pub projector: String,
+    /// Version now configured (`None` when retired).
+    pub version: Option<String>,
+    /// The planned action.
+    pub action: String,
+    /// Events applied by replay and catch-up before the critical section.
+    pub replayed_events: u64,
+    /// Seconds of replay and catch-up.
+    pub replay_seconds: f64,
+    /// The flip, when there was one.
+    pub switch: Option<SwitchReport>,
+}
+
+/// What `activate-current-config` did.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ActivationReport {
+    /// The plan it carried out.
+    pub plan: Plan,
+    /// One entry per step that changed something.
+    pub steps: Vec<StepReport>,
+}
+
+/// Carries out the plan for `projectors`: replays (resuming any replay in
+/// progress) or catches up what must be, runs each version's `verify`
+/// assertions, activates, and retires active projectors the configuration no
+/// longer has. Idempotent: a second run does nothing. Holds the activation
+/// lock throughout, so a concurrent run fails with [`Error::Busy`] (or waits
+/// `options.lock_wait`).
+///
+/// # Errors
+/// [`Error::Refused`] (nothing changed) when the plan refuses a projector
+/// (changed definition, downgrade) or `no_replay` forbids a replay;
+/// [`Error::Busy`] for the lock; [`Error::Failed`] when a `verify` assertion
+/// fails (the active version is untouched); handler and database errors.
+#[tracing::instrument(skip_all, err)]
+pub async fn activate_current_config(
+    pool: &Pool,
+    url: &DatabaseUrl,
+    projectors: &ProjectorSet,
+    event_store: &RelationName,
+    options: &ActivateOptions,
+    actor: &Actor,
+    cancel: &CancellationToken,
+) -> Result<ActivationReport> {
+    let lock = ActivationLock::acquire(url, actor, options.lock_wait).await?;
+    let plan = {
+        let client = pool.get().await?;
+        plan(&**client, projectors, event_store).await?
+    };
+    let refusals = plan.refusals();
+    if !refusals.is_empty() {
+        return Err(Error::Refused(refusals.join("; ")));
+    }
+    if options.no_replay {
+        let needing: Vec<String> = plan
+            .steps
+            .iter()
+            .filter(|s| s.action.needs_replay())
+            .map(|s| format!("{}@{}", s.projector, s.version.as_deref().unwrap_or("-")))
+            .collect();
+        if !needing.is_empty() {
+            return Err(Error::Refused(format!(
+                "--no-replay: {} need a replay; run without --no-replay (or `coord replay` first)",
+                needing.join(", ")
+            )));
+        }
+    }
+
+    let mut steps = Vec::new();
+    for step in plan.steps.iter().filter(|s| s.abandons_replay_of.is_some()) {
+        let mut client = pool.get().await?;
+        let report = replay::abort(&mut client, &step.projector, actor).await?;
+        tracing::info!(projector = %step.projector, version = %report.version, "abandoned replay");
+    }
+
+    for step in &plan.steps {
+        let report = match &step.action {
+            Action::NoChange | Action::Refuse { .. } => continue,
+            Action::Retire { .. } => StepReport {
+                projector: step.projector.clone(),
+                version: None,
+                action: "retire".into(),
+                replayed_events: 0,
+                replay_seconds: 0.0,
+                switch: Some(retire(pool, &step.projector, event_store, options.locks, actor).await?),
+            },
+            action => {
+                let projector = projectors
+                    .get(&step.projector)
+                    .ok_or_else(|| Error::Failed(format!("projector {} vanished from the set", step.projector)))?;
+                let started = Instant::now();
+                match action {
+                    Action::Reactivate { .. } => mark_replaying(pool, projector.as_ref(), actor, "catching up to re-activate").await?,
+                    Action::ResumeActivation => mark_replaying(pool, projector.as_ref(), actor, "resuming an interrupted activation").await?,
+                    _ => {}
+                }
+                let replayed = build(pool, projector, event_store, &options.replay, actor, cancel).await?;
+                if cancel.is_cancelled() {
+                    return Err(Error::Failed(format!(
+                        "cancelled during the replay of {}; its checkpoint is saved: run the command again to resume",
+                        projector.label()
+                    )));
+                }
+                verify(pool, projector.as_ref()).await?;
+                // A last catch-up outside the critical section keeps what it
+                // must apply, with publishers held back, small.
+                let last = ReplayOptions { lag_threshold: 1, max_passes: 3, count_total: false, progress: None, ..options.replay.clone() };
+                let extra = replay::catch_up(pool, projector.as_ref(), event_store, &last, cancel).await?;
+                let replay_seconds = started.elapsed().as_secs_f64();
+                let switch = activate_version(pool, projector.as_ref(), event_store, options.locks, actor).await?;
+                StepReport {
+                    projector: step.projector.clone(),
+                    version: step.version.clone(),
+                    action: action_name(action).into(),
+                    replayed_events: replayed + extra.applied,
+                    replay_seconds,
+                    switch: Some(switch),
+                }
+            }
+        };
+        steps.push(report);
+    }
+    lock.release().await?;
+    Ok(ActivationReport { plan, steps })
+}
+
+fn action_name(action: &Action) -> &'static str {
+    match action {
+        Action::NoChange => "no_change",
+        Action::Bootstrap => "bootstrap",
+        Action::Replay { .. } => "replay",
+        Action::ResumeReplay => "resume_replay",
+        Action::ResumeActivation => "resume_activation",
+        Action::Reactivate { .. } => "reactivate",
+        Action::Retire { .. } => "retire",
+        Action::Refuse { .. } => "refuse",
+    }
+}
+
+/// Registers (or resumes) the replay and catches it up; returns events applied.
+async fn build(
+    pool: &Pool,
+    projector: &Arc<dyn Projector>,
+    event_store: &RelationName,
+    options: &ReplayOptions,
+    actor: &Actor,
+    cancel: &CancellationToken,
+) -> Result<u64> {
+    let outcomes = replay::replay_many(pool, std::slice::from_ref(projector), event_store, options, actor, cancel).await;
+    let mut applied = 0;
+    for outcome in outcomes {
+        let done = outcome.result?;
+        applied += done.catch_up.map_or(0, |c| c.applied);
+    }
+    Ok(applied)
+}
+
+/// Puts a retired (or interrupted activating) version back to replaying so
+/// it can be caught up and activated.
+async fn mark_replaying(pool: &Pool, projector: &dyn Projector, actor: &Actor, why: &str) -> Result<()> {
+    let name = projector.name().as_str();
+    let version = projector.version().to_string();
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let state = states::get(&tx, name, true).await?;
+    let active = state.as_ref().and_then(|s| s.active_version.clone());
+    let record = versions::get(&tx, name, &version)
+        .await?
+        .ok_or_else(|| Error::Refused(format!("{} was never built", projector.label())))?;
+    states::put(&tx, name, active.as_deref(), None, Some(&version)).await?;
+    versions::set_status(&tx, name, &version, VersionStatus::Replaying).await?;
+    history::record(&tx, actor, name, Some(&version), Some(record.status.as_str()), "replaying", Some(why)).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Runs `projector`'s `verify` assertions against its version's tables; each
+/// must return true.
+///
+/// # Errors
+/// [`Error::Failed`] naming the assertion and what it returned.
+pub async fn verify(pool: &Pool, projector: &dyn Projector) -> Result<()> {
+    let assertions = projector.verify();
+    if assertions.is_empty() {
+        return Ok(());
+    }
+    let mut client = pool.get().await?;
+    let tx = client.build_transaction().read_only(true).start().await?;
+    tx.query_one("SELECT set_config('search_path', $1, true)", &[&quote_ident(&projector.schema())]).await?;
+    for (i, sql) in assertions.iter().enumerate() {
+        let outcome = match tx.query_opt(sql.as_str(), &[]).await {
+            Ok(Some(row)) => match row.try_get::<_, Option<bool>>(0) {
+                Ok(Some(true)) => continue,
+                Ok(Some(false)) => "false".to_owned(),
+                Ok(None) => "NULL".to_owned(),
+                Err(e) => format!("no boolean ({e})"),
+            },
+            Ok(None) => "no row".to_owned(),
+            Err(e) => match e.as_db_error() {
+                Some(db) => format!("an error: {}", db.message()),
+                None => format!("an error: {e}"),
+            },
+        };
+        return Err(Error::Failed(format!(
+            "verify of {} failed: assertion {} `{sql}` returned {outcome}; the active version is untouched",
+            projector.label(),
+            i + 1
+        )));
+    }
+    tx.rollback().await?;
+    Ok(())
+}
+
+/// Re-activates the most recently retired version of `projector`'s name,
+/// which must be `projector`'s version (its definition is needed to catch it
+/// up): catches it up from where it stopped, verifies, and flips, without a
+/// replay from the start.
+///
+/// # Errors
+/// [`Error::Refused`] when there is nothing to roll back to or the
+/// configuration holds another version; as [`activate_current_config`].
+#[tracing::instrument(skip_all, fields(projector.name = %projector.name()), err)]
+pub async fn rollback(
+    pool: &Pool,
+    url: &DatabaseUrl,
+    projector: &Arc<dyn Projector>,
+    event_store: &RelationName,
+    options: &ActivateOptions,
+    actor: &Actor,
+    cancel: &CancellationToken,
+) -> Result<StepReport> {
+    let name = projector.name().as_str();
+    let lock = ActivationLock::acquire(url, actor, options.lock_wait).await?;
+    let (active, target) = {
+        let client = pool.get().await?;
+        crate::store::ensure_migrated(&**client).await?;
+        let state = states::get(&**client, name, false).await?;
+        let active = state.and_then(|s| s.active_version);
+        let target = versions::list_of(&**client, name)
+            .await?
+            .into_iter()
+            .filter(|v| v.status == VersionStatus::Retired)
+            .max_by(|a, b| a.retired_at.cmp(&b.retired_at));
+        (active, target)
+    };
+    let Some(target) = target else {
+        return Err(Error::Refused(format!("projector {name} has no retired version to roll back to")));
+    };
+    let wanted = projector.version().to_string();
+    if target.version != wanted {
+        return Err(Error::Refused(format!(
+            "the previous version of {name} is {}, but this configuration defines {wanted}: run `coord rollback {name}` \
+             with the configuration of {name} {} (--config)",
+            target.version, target.version
+        )));
+    }
+    if target.fingerprint != projector.fingerprint() {
+        return Err(Error::Refused(format!(
+            "{} was built from a different definition than this configuration's; cannot roll back with it",
+            projector.label()
+        )));
+    }
+    let started = Instant::now();
+    mark_replaying(pool, projector.as_ref(), actor, &format!("rollback from {}", active.as_deref().unwrap_or("-"))).await?;
+    let caught = replay::catch_up(pool, projector.as_ref(), event_store, &options.replay, cancel).await?;
+    verify(pool, projector.as_ref()).await?;
+    let replay_seconds = started.elapsed().as_secs_f64();
+    let switch = activate_version(pool, projector.as_ref(), event_store, options.locks, actor).await?;
+    lock.release().await?;
+    Ok(StepReport {
+        projector: name.to_owned(),
+        version: Some(wanted),
+        action: "rollback".into(),
+        replayed_events: caught.applied,
+        replay_seconds,
+        switch: Some(switch),
+    })
+}
