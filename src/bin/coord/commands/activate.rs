@@ -1,0 +1,234 @@
+//! `coord activate-current-config`, `coord rollback`, `coord prune`, `coord wait`.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use coord::activation::{self, ActivateOptions};
+use coord::ProjectorExt;
+
+use crate::context::Context;
+use crate::output::{self, Table};
+
+/// Lock and replay tuning shared by activation commands.
+#[derive(Debug, Args)]
+pub struct ActivationArgs {
+    /// Seconds to wait for another activation to finish before exiting with code 7.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
+    pub lock_wait: f64,
+    /// Seconds the critical section may keep retrying its short lock waits before exiting with code 7.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub lock_deadline: f64,
+    /// Events per replay batch.
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    pub batch_size: usize,
+    /// Projector versions replayed at once.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub jobs: usize,
+}
+
+impl ActivationArgs {
+    pub fn options(&self, ctx: &Context) -> anyhow::Result<ActivateOptions> {
+        for (flag, v) in [("--lock-wait", self.lock_wait), ("--lock-deadline", self.lock_deadline)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(coord::Error::InvalidInput(format!("{flag} must be a number of seconds >= 0")).into());
+            }
+        }
+        if self.batch_size == 0 || self.jobs == 0 {
+            return Err(coord::Error::InvalidInput("--batch-size and --jobs must be at least 1".into()).into());
+        }
+        let mut options = ActivateOptions {
+            lock_wait: Duration::from_secs_f64(self.lock_wait),
+            ..ActivateOptions::default()
+        };
+        options.locks.deadline = Duration::from_secs_f64(self.lock_deadline);
+        options.replay.batch_size = self.batch_size;
+        options.replay.jobs = self.jobs;
+        options.replay.progress = crate::progress::callback(ctx);
+        Ok(options)
+    }
+}
+
+/// Arguments of `coord activate-current-config`.
+#[derive(Debug, Args)]
+pub struct ActivateArgs {
+    /// Refuse versions that need a replay instead of replaying them.
+    #[arg(long)]
+    pub no_replay: bool,
+    #[command(flatten)]
+    pub tuning: ActivationArgs,
+}
+
+pub async fn activate(ctx: &Context, args: ActivateArgs) -> anyhow::Result<()> {
+    let config = ctx.config()?;
+    let mut options = args.tuning.options(ctx)?;
+    options.no_replay = args.no_replay;
+    let url = ctx.database_url(Some(&config))?;
+    let pool = coord::pool(&url, options.replay.jobs * 2 + 2)?;
+    let cancel = crate::progress::cancel_on_ctrl_c();
+    let report = coord::activation::activate_current_config(
+        &pool,
+        &url,
+        &ctx.projectors(&config),
+        &config.event_store,
+        &options,
+        &ctx.actor,
+        &cancel,
+    )
+    .await?;
+    if ctx.json() {
+        return output::json(&report);
+    }
+    if report.steps.is_empty() {
+        println!("nothing to do: every configured version is active");
+        return Ok(());
+    }
+    print!("{}", render_steps(&report.steps));
+    Ok(())
+}
+
+pub fn render_steps(steps: &[activation::StepReport]) -> String {
+    let mut table = Table::new(&["PROJECTOR", "ACTION", "FROM", "TO", "REPLAYED", "REPLAY S", "FINAL", "HELD BACK MS"]);
+    for s in steps {
+        let sw = s.switch.as_ref();
+        table.row(vec![
+            s.projector.clone(),
+            s.action.clone(),
+            output::opt(sw.and_then(|w| w.from.clone())),
+            output::opt(sw.and_then(|w| w.to.clone())),
+            s.replayed_events.to_string(),
+            format!("{:.1}", s.replay_seconds),
+            output::opt(sw.map(|w| w.final_events)),
+            output::opt(sw.map(|w| format!("{:.1}", w.held_back_ms))),
+        ]);
+    }
+    table.render()
+}
+
+/// Arguments of `coord rollback`.
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The projector to roll back (the configuration must define its previous version).
+    pub projector: String,
+    #[command(flatten)]
+    pub tuning: ActivationArgs,
+}
+
+pub async fn rollback(ctx: &Context, args: RollbackArgs) -> anyhow::Result<()> {
+    coord::ProjectorName::new(&args.projector).map_err(coord::Error::InvalidInput)?;
+    let config = ctx.config()?;
+    let options = args.tuning.options(ctx)?;
+    let projectors = ctx.projectors(&config);
+    let projector = projectors.get(&args.projector).cloned().ok_or_else(|| {
+        coord::Error::InvalidInput(format!(
+            "projector {} is not in {}: run with the configuration of the version to roll back to",
+            args.projector, config.source_name
+        ))
+    })?;
+    let url = ctx.database_url(Some(&config))?;
+    let pool = coord::pool(&url, 4)?;
+    let cancel = crate::progress::cancel_on_ctrl_c();
+    let report =
+        coord::activation::rollback(&pool, &url, &projector, &config.event_store, &options, &ctx.actor, &cancel)
+            .await?;
+    if ctx.json() {
+        return output::json(&report);
+    }
+    println!("rolled back {} to {}", args.projector, projector.version());
+    print!("{}", render_steps(std::slice::from_ref(&report)));
+    let _ = projector.label();
+    Ok(())
+}
+
+/// Arguments of `coord prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    pub yes: bool,
+}
+
+pub async fn prune(ctx: &Context, args: PruneArgs) -> anyhow::Result<()> {
+    let config = ctx.optional_config()?;
+    let url = ctx.database_url(config.as_ref())?;
+    let pool = coord::pool(&url, 2)?;
+    let candidates = {
+        let client = pool.get().await?;
+        coord::activation::prunable(&**client).await?
+    };
+    if candidates.is_empty() {
+        if ctx.json() {
+            return output::json(&serde_json::json!({ "pruned": [] }));
+        }
+        println!("nothing to prune");
+        return Ok(());
+    }
+    if !args.yes {
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return Err(coord::Error::InvalidInput(
+                "coord prune drops schemas: confirm with --yes when not running at a terminal".into(),
+            )
+            .into());
+        }
+        eprintln!("coord prune will drop these schemas (their versions can no longer be rolled back to):");
+        for v in &candidates {
+            eprintln!("  {} ({}@{}, {})", v.schema_name, v.name, v.version, v.status);
+        }
+        eprint!("drop them? [y/N] ");
+        std::io::stderr().flush()?;
+        let mut answer = String::new();
+        stdin.lock().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("nothing pruned");
+            return Ok(());
+        }
+    }
+    let pruned = coord::activation::prune(&pool, &ctx.actor).await?;
+    if ctx.json() {
+        return output::json(&serde_json::json!({ "pruned": pruned }));
+    }
+    for v in &pruned {
+        println!("dropped {} ({}@{})", v.schema_name, v.name, v.version);
+    }
+    Ok(())
+}
+
+/// What `coord wait` waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Until {
+    /// Every configured version is active.
+    Active,
+}
+
+/// Arguments of `coord wait`.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// The condition.
+    #[arg(long, value_enum, default_value_t = Until::Active)]
+    pub until: Until,
+    /// Give up after this many seconds (exit code 8).
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+    pub timeout: f64,
+}
+
+pub async fn wait(ctx: &Context, args: WaitArgs) -> anyhow::Result<()> {
+    if !(args.timeout.is_finite() && args.timeout >= 0.0) {
+        return Err(coord::Error::InvalidInput("--timeout must be a number of seconds >= 0".into()).into());
+    }
+    let config = ctx.config()?;
+    let client = ctx.connect(Some(&config)).await?;
+    let Until::Active = args.until;
+    coord::activation::wait_until_active(
+        &client,
+        &ctx.projectors(&config),
+        Duration::from_secs_f64(args.timeout),
+        Duration::from_millis(200),
+    )
+    .await?;
+    if ctx.json() {
+        return output::json(&serde_json::json!({ "active": true }));
+    }
+    println!("every configured version is active");
+    Ok(())
+}
