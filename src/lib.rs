@@ -10,6 +10,8 @@
 //! * A [`Projector`] (written in Rust, or a [`SqlProjector`] defined in
 //!   `coord.toml`) builds read-model tables in its version's own schema
 //!   ([`schema_name`]), so N and N+1 live side by side.
+//! * [`replay`] builds a projector version's tables from the event store in
+//!   batches with a durable checkpoint, and drops a replay ([`abort()`]).
 //! * [`status()`] reports what every projector is doing.
 //!
 //! ```no_run
@@ -29,6 +31,7 @@ mod error;
 mod migrate;
 pub mod names;
 pub mod projector;
+pub mod replay;
 mod status;
 pub mod store;
 
@@ -39,5 +42,9 @@ pub use migrate::{migrate, MigrationReport};
 pub use names::{quote_ident, schema_name, ProjectorName, RelationName};
 pub use projector::{
     ApplyContext, Event, HandlerError, Phase, Projector, ProjectorExt, ProjectorSet, SqlProjector,
+};
+pub use replay::{
+    abort, catch_up, checkpoint_through_current_snapshot, pass_in_transaction, replay_many,
+    run_pass, start_replay, ReplayOptions,
 };
 pub use status::{status, ProjectorStatus, StatusReport, VersionStatusReport};
