@@ -114,11 +114,11 @@ pub struct BatchProgress<'a> {
     pub ahead_xacts: &'a [String],
 }
 
-const RECORD_BATCH: &str = "UPDATE coord.projector_versions SET pass_cursor = $3, \
-    last_position = greatest(last_position, coalesce($4, 0)), \
-    events_processed = events_processed + $5, events_parked = events_parked + $6, \
-    events_total = coalesce($7, events_total), rate_per_s = coalesce($8, rate_per_s), \
-    eta_s = coalesce($9, eta_s), last_error = coalesce($10, last_error), updated_at = now() \
+const RECORD_BATCH: &str = "UPDATE coord.projector_versions SET pass_cursor = $3::bigint, \
+    last_position = greatest(last_position, coalesce($4::bigint, 0)), \
+    events_processed = events_processed + $5::bigint, events_parked = events_parked + $6::bigint, \
+    events_total = coalesce($7::bigint, events_total), rate_per_s = coalesce($8::float8, rate_per_s), \
+    eta_s = coalesce($9::float8, eta_s), last_error = coalesce($10::text, last_error), updated_at = now() \
     WHERE name = $1 AND version = $2";
 
 const INSERT_AHEAD: &str = "INSERT INTO coord.applied_ahead (name, version, position, xact_id) \
