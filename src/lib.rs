@@ -10,6 +10,8 @@
 //! * A [`Projector`] (written in Rust, or a [`SqlProjector`] defined in
 //!   `coord.toml`) builds read-model tables in its version's own schema
 //!   ([`schema_name`]), so N and N+1 live side by side.
+//! * [`replay`] builds a projector version's tables from the event store in
+//!   batches with a durable checkpoint, and drops a replay ([`abort()`]).
 //! * [`status()`] reports what every projector is doing.
 //!
 //! ```no_run
@@ -23,6 +25,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod activation;
 pub mod config;
 mod db;
 mod error;
@@ -31,6 +34,7 @@ mod migrate;
 pub mod names;
 pub mod projector;
 mod publisher;
+pub mod replay;
 mod status;
 pub mod store;
 
@@ -43,4 +47,8 @@ pub use projector::{
     ApplyContext, Event, HandlerError, Phase, Projector, ProjectorExt, ProjectorSet, SqlProjector,
 };
 pub use publisher::{ExpectedVersion, NewEvent, Publisher, RetryPolicy};
+pub use replay::{
+    abort, catch_up, checkpoint_through_current_snapshot, pass_in_transaction, replay_many,
+    run_pass, start_replay, ReplayOptions,
+};
 pub use status::{status, ProjectorStatus, StatusReport, VersionStatusReport};

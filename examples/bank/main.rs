@@ -19,8 +19,11 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use coord::activation::{self, ActivateOptions};
 use coord::store::Actor;
-use coord::{DatabaseUrl, Error, ExpectedVersion, NewEvent, Projector, ProjectorSet, Publisher, RelationName, RetryPolicy};
-use rand::Rng;
+use coord::{
+    DatabaseUrl, Error, ExpectedVersion, NewEvent, Projector, ProjectorSet, Publisher,
+    RelationName, RetryPolicy,
+};
+use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
 /// The bank application.
@@ -78,14 +81,30 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Load { events, accounts } => load(&url, events, accounts).await,
         Command::ActivateCurrentConfig => activate(&url, cli.app_version).await,
-        Command::Publish { publishers, seconds, accounts, out } => {
-            publish(&url, cli.app_version, publishers, Duration::from_secs_f64(seconds), accounts, out).await
+        Command::Publish {
+            publishers,
+            seconds,
+            accounts,
+            out,
+        } => {
+            publish(
+                &url,
+                cli.app_version,
+                publishers,
+                Duration::from_secs_f64(seconds),
+                accounts,
+                out,
+            )
+            .await
         }
     }
 }
 
 async fn load(url: &DatabaseUrl, events: i64, accounts: i64) -> anyhow::Result<()> {
-    anyhow::ensure!(accounts > 0 && events >= accounts, "--events must be at least --accounts");
+    anyhow::ensure!(
+        accounts > 0 && events >= accounts,
+        "--events must be at least --accounts"
+    );
     let mut client = coord::connect(url, Duration::from_secs(10)).await?;
     coord::migrate(&mut client).await?;
     let started = Instant::now();
@@ -108,13 +127,19 @@ async fn load(url: &DatabaseUrl, events: i64, accounts: i64) -> anyhow::Result<(
         )
         .await?;
     client.batch_execute("ANALYZE coord.events").await?;
-    println!("loaded {events} events over {accounts} accounts in {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "loaded {events} events over {accounts} accounts in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
 async fn activate(url: &DatabaseUrl, app_version: u8) -> anyhow::Result<()> {
     let pool = coord::pool(url, 6)?;
-    let actor = Actor::new(gethostname::gethostname().to_string_lossy(), format!("bank v{app_version} activate-current-config"));
+    let actor = Actor::new(
+        gethostname::gethostname().to_string_lossy(),
+        format!("bank v{app_version} activate-current-config"),
+    );
     let mut options = ActivateOptions::default();
     let last_print = Arc::new(std::sync::Mutex::new(Instant::now()));
     options.replay.progress = Some(Arc::new(move |p: &coord::replay::Progress| {
@@ -122,7 +147,10 @@ async fn activate(url: &DatabaseUrl, app_version: u8) -> anyhow::Result<()> {
         if last.elapsed() >= Duration::from_secs(1) {
             *last = Instant::now();
             let total = p.total.map_or_else(|| "?".to_owned(), |t| t.to_string());
-            eprintln!("  replaying {}: {}/{} events, {:.0} events/s", p.projector, p.done, total, p.rate_per_s);
+            eprintln!(
+                "  replaying {}: {}/{} events, {:.0} events/s",
+                p.projector, p.done, total, p.rate_per_s
+            );
         }
     }));
     let report = activation::activate_current_config(
@@ -182,16 +210,32 @@ async fn publish(
         let mut client = coord::connect(url, Duration::from_secs(10)).await?;
         let publisher = publisher.clone();
         tasks.push(tokio::spawn(async move {
-            let mut summary = Summary { app_version, ..Summary::default() };
+            let mut summary = Summary {
+                app_version,
+                ..Summary::default()
+            };
             let mut rng = rand::rngs::StdRng::from_entropy();
             while Instant::now() < deadline {
                 let account = format!("account-{}", rng.gen_range(1..=accounts));
                 let amount: i64 = rng.gen_range(1..500);
-                let event_type = if rng.gen_bool(0.7) { "MoneyDeposited" } else { "MoneyWithdrawn" };
-                let event = NewEvent::new(event_type, serde_json::json!({"amount": amount, "channel": "app"}));
+                let event_type = if rng.gen_bool(0.7) {
+                    "MoneyDeposited"
+                } else {
+                    "MoneyWithdrawn"
+                };
+                let event = NewEvent::new(
+                    event_type,
+                    serde_json::json!({"amount": amount, "channel": "app"}),
+                );
                 let started = Instant::now();
                 let result = publisher
-                    .publish_with_retry(&mut client, &account, ExpectedVersion::Any, &[event], RetryPolicy::default())
+                    .publish_with_retry(
+                        &mut client,
+                        &account,
+                        ExpectedVersion::Any,
+                        &[event],
+                        RetryPolicy::default(),
+                    )
                     .await;
                 let ms = started.elapsed().as_secs_f64() * 1e3;
                 match result {
@@ -218,7 +262,10 @@ async fn publish(
             anyhow::Ok(summary)
         }));
     }
-    let mut total = Summary { app_version, ..Summary::default() };
+    let mut total = Summary {
+        app_version,
+        ..Summary::default()
+    };
     for task in tasks {
         let s = task.await??;
         total.published += s.published;

@@ -57,7 +57,9 @@ impl Projector for Balances {
     }
 
     fn event_types(&self) -> Vec<String> {
-        ["AccountOpened", "MoneyDeposited", "MoneyWithdrawn"].map(String::from).to_vec()
+        ["AccountOpened", "MoneyDeposited", "MoneyWithdrawn"]
+            .map(String::from)
+            .to_vec()
     }
 
     fn tables(&self) -> &str {
@@ -82,10 +84,19 @@ impl Projector for Balances {
         format!("bank-balances-rev1-v{}", self.version.major)
     }
 
-    async fn apply(&self, tx: &Transaction<'_>, events: &[Event], _ctx: &ApplyContext) -> Result<(), HandlerError> {
+    async fn apply(
+        &self,
+        tx: &Transaction<'_>,
+        events: &[Event],
+        _ctx: &ApplyContext,
+    ) -> Result<(), HandlerError> {
         let mut folded: HashMap<&str, Delta> = HashMap::new();
         for event in events {
-            let amount = event.data.get("amount").and_then(|a| a.as_i64()).unwrap_or(0);
+            let amount = event
+                .data
+                .get("amount")
+                .and_then(|a| a.as_i64())
+                .unwrap_or(0);
             let delta = folded.entry(event.stream_id.as_str()).or_default();
             match event.event_type.as_str() {
                 "MoneyDeposited" => {
@@ -104,7 +115,8 @@ impl Projector for Balances {
         if self.v2() {
             let deposits: Vec<i64> = accounts.iter().map(|a| folded[a].deposits).collect();
             let withdrawals: Vec<i64> = accounts.iter().map(|a| folded[a].withdrawals).collect();
-            tx.execute(UPSERT_V2, &[&accounts, &amounts, &deposits, &withdrawals]).await?;
+            tx.execute(UPSERT_V2, &[&accounts, &amounts, &deposits, &withdrawals])
+                .await?;
         } else {
             tx.execute(UPSERT_V1, &[&accounts, &amounts]).await?;
         }

@@ -36,7 +36,10 @@ impl ActivationLock {
     pub async fn acquire(url: &DatabaseUrl, actor: &Actor, wait: Duration) -> Result<Self> {
         let mut config = url.pg_config();
         config.application_name(&format!("{} on {}", actor.command, actor.host));
-        let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(Error::Db)?;
+        let (client, connection) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(Error::Db)?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "activation lock connection closed");
@@ -72,7 +75,9 @@ impl ActivationLock {
     /// # Errors
     /// Database errors (the lock is released anyway when the connection closes).
     pub async fn release(self) -> Result<()> {
-        self.client.batch_execute("SELECT pg_advisory_unlock(1668247413, 0)").await?;
+        self.client
+            .batch_execute("SELECT pg_advisory_unlock(1668247413, 0)")
+            .await?;
         Ok(())
     }
 }

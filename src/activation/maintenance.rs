@@ -31,13 +31,27 @@ pub async fn prunable(client: &impl GenericClient) -> Result<Vec<VersionRecord>>
 /// # Errors
 /// Database errors.
 pub async fn prune(pool: &Pool, actor: &Actor) -> Result<Vec<VersionRecord>> {
-    let mut client = pool.get().await?;
+    let mut pooled = pool.get().await?;
+    let client: &mut tokio_postgres::Client = &mut pooled;
     let tx = client.transaction().await?;
     let victims = prunable(&tx).await?;
     for v in &victims {
-        tx.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote_ident(&v.schema_name))).await?;
+        tx.batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            quote_ident(&v.schema_name)
+        ))
+        .await?;
         versions::set_status(&tx, &v.name, &v.version, VersionStatus::Pruned).await?;
-        history::record(&tx, actor, &v.name, Some(&v.version), Some(v.status.as_str()), "pruned", None).await?;
+        history::record(
+            &tx,
+            actor,
+            &v.name,
+            Some(&v.version),
+            Some(v.status.as_str()),
+            "pruned",
+            None,
+        )
+        .await?;
     }
     tx.commit().await?;
     Ok(victims)
@@ -62,9 +76,16 @@ pub async fn wait_until_active(
             .iter()
             .filter_map(|p| {
                 let want = p.version().to_string();
-                let active = all.iter().find(|s| s.name == p.name().as_str()).and_then(|s| s.active_version.clone());
+                let active = all
+                    .iter()
+                    .find(|s| s.name == p.name().as_str())
+                    .and_then(|s| s.active_version.clone());
                 (active.as_deref() != Some(want.as_str())).then(|| {
-                    format!("{}@{want} (active: {})", p.name(), active.as_deref().unwrap_or("none"))
+                    format!(
+                        "{}@{want} (active: {})",
+                        p.name(),
+                        active.as_deref().unwrap_or("none")
+                    )
                 })
             })
             .collect();

@@ -11,5 +11,7 @@ mod switch;
 pub use lock::ActivationLock;
 pub use maintenance::{prunable, prune, wait_until_active};
 pub use plan::{plan, Action, Plan, Step};
-pub use run::{activate_current_config, rollback, verify, ActivateOptions, ActivationReport, StepReport};
+pub use run::{
+    activate_current_config, rollback, verify, ActivateOptions, ActivationReport, StepReport,
+};
 pub use switch::{activate_version, retire, SwitchReport};

@@ -51,7 +51,10 @@ pub enum Action {
 impl Action {
     /// Whether this step builds a version from the start of the event store.
     pub fn needs_replay(&self) -> bool {
-        matches!(self, Action::Bootstrap | Action::Replay { .. } | Action::ResumeReplay)
+        matches!(
+            self,
+            Action::Bootstrap | Action::Replay { .. } | Action::ResumeReplay
+        )
     }
 }
 
@@ -118,7 +121,9 @@ pub async fn plan(
         let active = state.and_then(|s| s.active_version.clone());
         let activating = state.and_then(|s| s.activating_version.clone());
         let replaying = state.and_then(|s| s.replaying_version.clone());
-        let record = all_versions.iter().find(|v| v.name == name && v.version == version);
+        let record = all_versions
+            .iter()
+            .find(|v| v.name == name && v.version == version);
         let mut step = Step {
             projector: name.to_owned(),
             version: Some(version.clone()),
@@ -126,7 +131,15 @@ pub async fn plan(
             abandons_replay_of: None,
             events_to_process: 0,
         };
-        step.action = decide(p.fingerprint(), p.version(), record, active.as_deref(), activating.as_deref(), replaying.as_deref(), &p.label());
+        step.action = decide(
+            p.fingerprint(),
+            p.version(),
+            record,
+            active.as_deref(),
+            activating.as_deref(),
+            replaying.as_deref(),
+            &p.label(),
+        );
         if let Some(other) = replaying.as_deref().filter(|r| *r != version) {
             if !matches!(step.action, Action::NoChange | Action::Refuse { .. }) {
                 step.abandons_replay_of = Some(other.to_owned());
@@ -148,7 +161,11 @@ pub async fn plan(
         if configured.contains(state.name.as_str()) {
             continue;
         }
-        if let Some(version) = state.active_version.clone().or_else(|| state.activating_version.clone()) {
+        if let Some(version) = state
+            .active_version
+            .clone()
+            .or_else(|| state.activating_version.clone())
+        {
             steps.push(Step {
                 projector: state.name.clone(),
                 version: None,
@@ -161,7 +178,11 @@ pub async fn plan(
     Ok(Plan { steps })
 }
 
-async fn count_handled(client: &impl GenericClient, event_store: &RelationName, types: &[String]) -> Result<i64> {
+async fn count_handled(
+    client: &impl GenericClient,
+    event_store: &RelationName,
+    types: &[String],
+) -> Result<i64> {
     let sql = COUNT_HANDLED.replace("{events}", &event_store.quoted());
     Ok(client.query_one(&sql, &[&types]).await?.try_get(0)?)
 }
@@ -204,7 +225,9 @@ fn decide(
         return Action::NoChange;
     }
     if record.is_some_and(|r| r.status == VersionStatus::Retired) {
-        return Action::Reactivate { from: active.map(str::to_owned) };
+        return Action::Reactivate {
+            from: active.map(str::to_owned),
+        };
     }
     if let Some(active) = active {
         match Version::parse(active) {
@@ -221,7 +244,9 @@ fn decide(
         if replaying == Some(v.as_str()) {
             return Action::ResumeReplay;
         }
-        return Action::Replay { from: active.to_owned() };
+        return Action::Replay {
+            from: active.to_owned(),
+        };
     }
     if replaying == Some(v.as_str()) {
         return Action::ResumeReplay;

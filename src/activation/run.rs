@@ -117,8 +117,9 @@ pub async fn activate_current_config(
 
     let mut steps = Vec::new();
     for step in plan.steps.iter().filter(|s| s.abandons_replay_of.is_some()) {
-        let mut client = pool.get().await?;
-        let report = replay::abort(&mut client, &step.projector, actor).await?;
+        let mut pooled = pool.get().await?;
+        let client: &mut tokio_postgres::Client = &mut pooled;
+        let report = replay::abort(client, &step.projector, actor).await?;
         tracing::info!(projector = %step.projector, version = %report.version, "abandoned replay");
     }
 
@@ -131,19 +132,41 @@ pub async fn activate_current_config(
                 action: "retire".into(),
                 replayed_events: 0,
                 replay_seconds: 0.0,
-                switch: Some(retire(pool, &step.projector, event_store, options.locks, actor).await?),
+                switch: Some(
+                    retire(pool, &step.projector, event_store, options.locks, actor).await?,
+                ),
             },
             action => {
-                let projector = projectors
-                    .get(&step.projector)
-                    .ok_or_else(|| Error::Failed(format!("projector {} vanished from the set", step.projector)))?;
+                let projector = projectors.get(&step.projector).ok_or_else(|| {
+                    Error::Failed(format!(
+                        "projector {} vanished from the set",
+                        step.projector
+                    ))
+                })?;
                 let started = Instant::now();
                 match action {
-                    Action::Reactivate { .. } => mark_replaying(pool, projector.as_ref(), actor, "catching up to re-activate").await?,
-                    Action::ResumeActivation => mark_replaying(pool, projector.as_ref(), actor, "resuming an interrupted activation").await?,
+                    Action::Reactivate { .. } => {
+                        mark_replaying(
+                            pool,
+                            projector.as_ref(),
+                            actor,
+                            "catching up to re-activate",
+                        )
+                        .await?
+                    }
+                    Action::ResumeActivation => {
+                        mark_replaying(
+                            pool,
+                            projector.as_ref(),
+                            actor,
+                            "resuming an interrupted activation",
+                        )
+                        .await?
+                    }
                     _ => {}
                 }
-                let replayed = build(pool, projector, event_store, &options.replay, actor, cancel).await?;
+                let replayed =
+                    build(pool, projector, event_store, &options.replay, actor, cancel).await?;
                 if cancel.is_cancelled() {
                     return Err(Error::Failed(format!(
                         "cancelled during the replay of {}; its checkpoint is saved: run the command again to resume",
@@ -153,10 +176,19 @@ pub async fn activate_current_config(
                 verify(pool, projector.as_ref()).await?;
                 // A last catch-up outside the critical section keeps what it
                 // must apply, with publishers held back, small.
-                let last = ReplayOptions { lag_threshold: 1, max_passes: 3, count_total: false, progress: None, ..options.replay.clone() };
-                let extra = replay::catch_up(pool, projector.as_ref(), event_store, &last, cancel).await?;
+                let last = ReplayOptions {
+                    lag_threshold: 1,
+                    max_passes: 3,
+                    count_total: false,
+                    progress: None,
+                    ..options.replay.clone()
+                };
+                let extra =
+                    replay::catch_up(pool, projector.as_ref(), event_store, &last, cancel).await?;
                 let replay_seconds = started.elapsed().as_secs_f64();
-                let switch = activate_version(pool, projector.as_ref(), event_store, options.locks, actor).await?;
+                let switch =
+                    activate_version(pool, projector.as_ref(), event_store, options.locks, actor)
+                        .await?;
                 StepReport {
                     projector: step.projector.clone(),
                     version: step.version.clone(),
@@ -195,7 +227,15 @@ async fn build(
     actor: &Actor,
     cancel: &CancellationToken,
 ) -> Result<u64> {
-    let outcomes = replay::replay_many(pool, std::slice::from_ref(projector), event_store, options, actor, cancel).await;
+    let outcomes = replay::replay_many(
+        pool,
+        std::slice::from_ref(projector),
+        event_store,
+        options,
+        actor,
+        cancel,
+    )
+    .await;
     let mut applied = 0;
     for outcome in outcomes {
         let done = outcome.result?;
@@ -206,10 +246,16 @@ async fn build(
 
 /// Puts a retired (or interrupted activating) version back to replaying so
 /// it can be caught up and activated.
-async fn mark_replaying(pool: &Pool, projector: &dyn Projector, actor: &Actor, why: &str) -> Result<()> {
+async fn mark_replaying(
+    pool: &Pool,
+    projector: &dyn Projector,
+    actor: &Actor,
+    why: &str,
+) -> Result<()> {
     let name = projector.name().as_str();
     let version = projector.version().to_string();
-    let mut client = pool.get().await?;
+    let mut pooled = pool.get().await?;
+    let client: &mut tokio_postgres::Client = &mut pooled;
     let tx = client.transaction().await?;
     let state = states::get(&tx, name, true).await?;
     let active = state.as_ref().and_then(|s| s.active_version.clone());
@@ -218,7 +264,16 @@ async fn mark_replaying(pool: &Pool, projector: &dyn Projector, actor: &Actor, w
         .ok_or_else(|| Error::Refused(format!("{} was never built", projector.label())))?;
     states::put(&tx, name, active.as_deref(), None, Some(&version)).await?;
     versions::set_status(&tx, name, &version, VersionStatus::Replaying).await?;
-    history::record(&tx, actor, name, Some(&version), Some(record.status.as_str()), "replaying", Some(why)).await?;
+    history::record(
+        &tx,
+        actor,
+        name,
+        Some(&version),
+        Some(record.status.as_str()),
+        "replaying",
+        Some(why),
+    )
+    .await?;
     tx.commit().await?;
     Ok(())
 }
@@ -233,9 +288,14 @@ pub async fn verify(pool: &Pool, projector: &dyn Projector) -> Result<()> {
     if assertions.is_empty() {
         return Ok(());
     }
-    let mut client = pool.get().await?;
+    let mut pooled = pool.get().await?;
+    let client: &mut tokio_postgres::Client = &mut pooled;
     let tx = client.build_transaction().read_only(true).start().await?;
-    tx.query_one("SELECT set_config('search_path', $1, true)", &[&quote_ident(&projector.schema())]).await?;
+    tx.query_one(
+        "SELECT set_config('search_path', $1, true)",
+        &[&quote_ident(&projector.schema())],
+    )
+    .await?;
     for (i, sql) in assertions.iter().enumerate() {
         let outcome = match tx.query_opt(sql.as_str(), &[]).await {
             Ok(Some(row)) => match row.try_get::<_, Option<bool>>(0) {
@@ -293,7 +353,9 @@ pub async fn rollback(
         (active, target)
     };
     let Some(target) = target else {
-        return Err(Error::Refused(format!("projector {name} has no retired version to roll back to")));
+        return Err(Error::Refused(format!(
+            "projector {name} has no retired version to roll back to"
+        )));
     };
     let wanted = projector.version().to_string();
     if target.version != wanted {
@@ -310,11 +372,25 @@ pub async fn rollback(
         )));
     }
     let started = Instant::now();
-    mark_replaying(pool, projector.as_ref(), actor, &format!("rollback from {}", active.as_deref().unwrap_or("-"))).await?;
-    let caught = replay::catch_up(pool, projector.as_ref(), event_store, &options.replay, cancel).await?;
+    mark_replaying(
+        pool,
+        projector.as_ref(),
+        actor,
+        &format!("rollback from {}", active.as_deref().unwrap_or("-")),
+    )
+    .await?;
+    let caught = replay::catch_up(
+        pool,
+        projector.as_ref(),
+        event_store,
+        &options.replay,
+        cancel,
+    )
+    .await?;
     verify(pool, projector.as_ref()).await?;
     let replay_seconds = started.elapsed().as_secs_f64();
-    let switch = activate_version(pool, projector.as_ref(), event_store, options.locks, actor).await?;
+    let switch =
+        activate_version(pool, projector.as_ref(), event_store, options.locks, actor).await?;
     lock.release().await?;
     Ok(StepReport {
         projector: name.to_owned(),

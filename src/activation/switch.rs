@@ -56,14 +56,17 @@ pub async fn activate_version(
 ) -> Result<SwitchReport> {
     let name = projector.name().as_str();
     let version = projector.version().to_string();
-    let mut client = pool.get().await?;
+    let mut pooled = pool.get().await?;
+    let client: &mut tokio_postgres::Client = &mut pooled;
 
     // Step 1, committed on its own: publishers of this projector's events
     // now get the retryable ProjectorIsActivating instead of queueing.
     let held_since = Instant::now();
     let from = {
         let tx = client.transaction().await?;
-        let state = states::get(&tx, name, true).await?.unwrap_or_else(|| empty_state(name));
+        let state = states::get(&tx, name, true)
+            .await?
+            .unwrap_or_else(|| empty_state(name));
         if state.activating_version.as_deref() != Some(version.as_str()) {
             if state.replaying_version.as_deref() != Some(version.as_str()) {
                 return Err(Error::Refused(format!(
@@ -71,23 +74,43 @@ pub async fn activate_version(
                     projector.label()
                 )));
             }
-            states::put(&tx, name, state.active_version.as_deref(), Some(&version), None).await?;
+            states::put(
+                &tx,
+                name,
+                state.active_version.as_deref(),
+                Some(&version),
+                None,
+            )
+            .await?;
             versions::set_status(&tx, name, &version, VersionStatus::Activating).await?;
-            history::record(&tx, actor, name, Some(&version), Some("replaying"), "activating", None).await?;
+            history::record(
+                &tx,
+                actor,
+                name,
+                Some(&version),
+                Some("replaying"),
+                "activating",
+                None,
+            )
+            .await?;
         }
         tx.commit().await?;
         state.active_version
     };
 
     let old = match &from {
-        Some(old) => versions::get(&**client, name, old).await?,
+        Some(old) => versions::get(&*client, name, old).await?,
         None => None,
     };
     let critical = Instant::now();
     let result = {
         let mut tx = client.transaction().await?;
         match flip(&mut tx, projector, old.as_ref(), event_store, policy, actor).await {
-            Ok(final_events) => tx.commit().await.map(|()| final_events).map_err(Error::from),
+            Ok(final_events) => tx
+                .commit()
+                .await
+                .map(|()| final_events)
+                .map_err(Error::from),
             Err(e) => {
                 let _ = tx.rollback().await;
                 Err(e)
@@ -104,7 +127,11 @@ pub async fn activate_version(
                 held_back_ms: held_since.elapsed().as_secs_f64() * 1e3,
                 critical_ms: critical.elapsed().as_secs_f64() * 1e3,
             };
-            tracing::info!(held_back_ms = report.held_back_ms, final_events, "activated");
+            tracing::info!(
+                held_back_ms = report.held_back_ms,
+                final_events,
+                "activated"
+            );
             Ok(report)
         }
         Err(e) => {
@@ -112,8 +139,16 @@ pub async fn activate_version(
             let tx = client.transaction().await?;
             states::put(&tx, name, from.as_deref(), None, Some(&version)).await?;
             versions::set_status(&tx, name, &version, VersionStatus::Replaying).await?;
-            history::record(&tx, actor, name, Some(&version), Some("activating"), "replaying", Some(&e.to_string()))
-                .await?;
+            history::record(
+                &tx,
+                actor,
+                name,
+                Some(&version),
+                Some("activating"),
+                "replaying",
+                Some(&e.to_string()),
+            )
+            .await?;
             tx.commit().await?;
             Err(e)
         }
@@ -142,18 +177,41 @@ async fn flip(
         if old.mode == "inline" {
             // Its publishers applied every event so far inline; record that,
             // so a later rollback catches it up from here.
-            replay::checkpoint_through_current_snapshot(tx, name, &old.version, &old.event_types, event_store)
-                .await?;
+            replay::checkpoint_through_current_snapshot(
+                tx,
+                name,
+                &old.version,
+                &old.event_types,
+                event_store,
+            )
+            .await?;
         }
     }
     gate::drain_all_publishers(tx, policy).await?;
-    states::put(&**tx, name, Some(&version), None, None).await?;
-    versions::set_status(&**tx, name, &version, VersionStatus::Active).await?;
-    history::record(&**tx, actor, name, Some(&version), Some("activating"), "active", None).await?;
+    states::put(tx, name, Some(&version), None, None).await?;
+    versions::set_status(tx, name, &version, VersionStatus::Active).await?;
+    history::record(
+        tx,
+        actor,
+        name,
+        Some(&version),
+        Some("activating"),
+        "active",
+        None,
+    )
+    .await?;
     if let Some(old) = old {
-        versions::set_status(&**tx, name, &old.version, VersionStatus::Retired).await?;
-        history::record(&**tx, actor, name, Some(&old.version), Some("active"), "retired", Some(&format!("{version} is active")))
-            .await?;
+        versions::set_status(tx, name, &old.version, VersionStatus::Retired).await?;
+        history::record(
+            tx,
+            actor,
+            name,
+            Some(&old.version),
+            Some("active"),
+            "retired",
+            Some(&format!("{version} is active")),
+        )
+        .await?;
     }
     Ok(final_events)
 }
@@ -172,33 +230,60 @@ pub async fn retire(
     policy: LockPolicy,
     actor: &Actor,
 ) -> Result<SwitchReport> {
-    let mut client = pool.get().await?;
+    let mut pooled = pool.get().await?;
+    let client: &mut tokio_postgres::Client = &mut pooled;
     let started = Instant::now();
     let mut tx = client.transaction().await?;
-    let state = states::get(&tx, name, false).await?.unwrap_or_else(|| empty_state(name));
+    let state = states::get(&tx, name, false)
+        .await?
+        .unwrap_or_else(|| empty_state(name));
     let mut records = Vec::new();
-    for v in [&state.active_version, &state.activating_version].into_iter().flatten() {
+    for v in [&state.active_version, &state.activating_version]
+        .into_iter()
+        .flatten()
+    {
         if let Some(record) = versions::get(&tx, name, v).await? {
             records.push(record);
         }
     }
-    let mut types: Vec<String> = records.iter().flat_map(|r| r.event_types.iter().cloned()).collect();
+    let mut types: Vec<String> = records
+        .iter()
+        .flat_map(|r| r.event_types.iter().cloned())
+        .collect();
     types.sort();
     types.dedup();
     gate::hold_back_publishers(&mut tx, &types, policy).await?;
     for record in &records {
         if record.status == VersionStatus::Active && record.mode == "inline" {
-            replay::checkpoint_through_current_snapshot(&tx, name, &record.version, &record.event_types, event_store)
-                .await?;
+            replay::checkpoint_through_current_snapshot(
+                &tx,
+                name,
+                &record.version,
+                &record.event_types,
+                event_store,
+            )
+            .await?;
         }
     }
     gate::drain_all_publishers(&mut tx, policy).await?;
-    states::put(&*tx, name, None, None, state.replaying_version.as_deref()).await?;
+    states::put(&tx, name, None, None, state.replaying_version.as_deref()).await?;
     for record in &records {
-        let to = if record.status == VersionStatus::Active { VersionStatus::Retired } else { VersionStatus::Aborted };
-        versions::set_status(&*tx, name, &record.version, to).await?;
-        history::record(&*tx, actor, name, Some(&record.version), Some(record.status.as_str()), to.as_str(), Some("no longer configured"))
-            .await?;
+        let to = if record.status == VersionStatus::Active {
+            VersionStatus::Retired
+        } else {
+            VersionStatus::Aborted
+        };
+        versions::set_status(&tx, name, &record.version, to).await?;
+        history::record(
+            &tx,
+            actor,
+            name,
+            Some(&record.version),
+            Some(record.status.as_str()),
+            to.as_str(),
+            Some("no longer configured"),
+        )
+        .await?;
     }
     tx.commit().await?;
     let elapsed = started.elapsed().as_secs_f64() * 1e3;

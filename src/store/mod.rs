@@ -4,7 +4,9 @@
 //! [`GenericClient`] so callers compose them in one transaction. Nothing here
 //! decides policy: callers (replay, activation) do.
 
+pub mod checkpoint;
 pub mod history;
+pub mod parked;
 pub mod states;
 pub mod versions;
 

@@ -38,7 +38,7 @@ impl VersionStatus {
         }
     }
 
-    fn parse(text: &str) -> Result<Self> {
+    pub(crate) fn parse(text: &str) -> Result<Self> {
         Ok(match text {
             "replaying" => Self::Replaying,
             "activating" => Self::Activating,

@@ -8,6 +8,7 @@ use coord::{Config, ExpectedVersion, NewEvent, ProjectorSet, Publisher};
 use serde::Serialize;
 
 use crate::support::BenchDb;
+use crate::OutputFormat;
 
 /// Arguments of `coord-bench gate`.
 #[derive(Debug, clap::Args)]
@@ -18,6 +19,17 @@ pub struct Args {
     /// Seconds of publishing per mode (split into two rounds each, alternating).
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
+    /// Server to create the benchmark database on.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
 }
 
 /// The figures.
@@ -43,7 +55,8 @@ AccountOpened  = "INSERT INTO balances (account) VALUES ($1)"
 MoneyDeposited = "UPDATE balances SET amount = amount + ($5->>'amount')::bigint WHERE account = $1"
 "#;
 
-pub async fn run(server_url: &str, args: Args) -> anyhow::Result<serde_json::Value> {
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let server_url = args.database_url.as_str();
     anyhow::ensure!(args.publishers > 0, "--publishers must be at least 1");
     anyhow::ensure!(args.seconds > 0.0, "--seconds must be positive");
     let db = BenchDb::create(server_url, "gate").await?;
@@ -80,11 +93,15 @@ pub async fn run(server_url: &str, args: Args) -> anyhow::Result<serde_json::Val
         gate_off_events_per_s: off_rate,
         ratio: on_rate / off_rate,
     };
+    if args.output == OutputFormat::Json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
     println!(
         "gate: {} publishers, {:.1} s per mode\n  gate on : {:>8.0} events/s\n  gate off: {:>8.0} events/s\n  ratio on/off: {:.3}",
         report.publishers, per_mode, on_rate, off_rate, report.ratio
     );
-    Ok(serde_json::to_value(report)?)
+    Ok(())
 }
 
 /// Every publisher opens accounts and deposits into them, one event per

@@ -1,45 +1,41 @@
-//! `coord-bench`: figures for coord's claims, each against its own database
-//! on the server of `DATABASE_URL`. Not a test: it prints, it asserts nothing.
+//! `coord-bench`: benchmarks the project ships (not timed tests). Each
+//! subcommand creates its own database on the server of `DATABASE_URL`,
+//! prints human text or, with `--output json`, one JSON object.
 
 mod gate;
+mod replay;
 mod support;
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-/// Benchmarks of coord against a PostgreSQL server.
+/// Benchmarks of coord.
 #[derive(Debug, Parser)]
-#[command(name = "coord-bench")]
+#[command(name = "coord-bench", version, about, long_about = None)]
 struct Cli {
-    /// Server to benchmark against (each benchmark creates and drops its own database).
-    #[arg(
-        long,
-        global = true,
-        env = "DATABASE_URL",
-        hide_env_values = true,
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
-    /// Output format.
-    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
-    output: Output,
     #[command(subcommand)]
     bench: Bench,
 }
 
-/// Output format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Output {
-    Text,
-    Json,
-}
-
 #[derive(Debug, Subcommand)]
 enum Bench {
+    /// Replay speed of a Rust and a config-SQL reference projector beside the raw read speed.
+    Replay(replay::Args),
     /// Publishing throughput with the gate on versus off.
     Gate(gate::Args),
 }
 
-fn main() -> anyhow::Result<()> {
+/// Output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Human-readable text.
+    Text,
+    /// One JSON object.
+    Json,
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -48,17 +44,27 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
-    let json = cli.output == Output::Json;
-    runtime.block_on(async {
-        let report = match cli.bench {
-            Bench::Gate(args) => gate::run(&cli.database_url, args).await?,
-        };
-        if json {
-            println!("{}", serde_json::to_string(&report)?);
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("coord-bench: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
         }
-        Ok(())
-    })
+    };
+    let result = runtime.block_on(async {
+        match cli.bench {
+            Bench::Replay(args) => replay::run(args).await,
+            Bench::Gate(args) => gate::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("coord-bench: {err:#}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -41,7 +41,6 @@ pub struct GlobalArgs {
 /// What a command runs with.
 pub struct Context {
     pub args: GlobalArgs,
-    #[allow(dead_code)] // used by the commands that change state
     pub actor: Actor,
 }
 
@@ -89,7 +88,6 @@ impl Context {
     }
 
     /// The projectors of the configuration.
-    #[allow(dead_code)]
     pub fn projectors(&self, config: &Config) -> ProjectorSet {
         ProjectorSet::from_config(config)
     }

@@ -3,6 +3,7 @@
 mod commands;
 mod context;
 mod output;
+mod progress;
 
 use std::process::ExitCode;
 
@@ -31,6 +32,16 @@ enum Command {
     Check(commands::check::CheckArgs),
     /// Append one event through the gate, run the active inline projectors, print its position.
     Publish(commands::publish::PublishArgs),
+    /// What activate-current-config would do, and how many events each step processes; writes nothing.
+    Plan,
+    /// Plan, replay, catch up, verify, activate, retire; idempotent and resumable.
+    ActivateCurrentConfig(commands::activate::ActivateArgs),
+    /// Re-activate the previous version of a projector after catching it up (no replay from zero).
+    Rollback(commands::activate::RollbackArgs),
+    /// Drop the schemas of retired and aborted versions.
+    Prune(commands::activate::PruneArgs),
+    /// Block until this configuration's versions are active.
+    Wait(commands::activate::WaitArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +81,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status => commands::status::run(&ctx).await,
         Command::Check(args) => commands::check::run(&ctx, args).await,
         Command::Publish(args) => commands::publish::run(&ctx, args).await,
+        Command::Plan => commands::plan::run(&ctx).await,
+        Command::ActivateCurrentConfig(args) => commands::activate::activate(&ctx, args).await,
+        Command::Rollback(args) => commands::activate::rollback(&ctx, args).await,
+        Command::Prune(args) => commands::activate::prune(&ctx, args).await,
+        Command::Wait(args) => commands::activate::wait(&ctx, args).await,
     }
 }
 
@@ -79,6 +95,11 @@ fn command_name(command: &Command) -> &'static str {
         Command::Status => "status",
         Command::Check(_) => "check",
         Command::Publish(_) => "publish",
+        Command::Plan => "plan",
+        Command::ActivateCurrentConfig(_) => "activate-current-config",
+        Command::Rollback(_) => "rollback",
+        Command::Prune(_) => "prune",
+        Command::Wait(_) => "wait",
     }
 }
 

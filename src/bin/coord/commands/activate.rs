@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use coord::activation::{self, ActivateOptions};
-use coord::ProjectorExt;
 
 use crate::context::Context;
 use crate::output::{self, Table};
@@ -29,13 +28,22 @@ pub struct ActivationArgs {
 
 impl ActivationArgs {
     pub fn options(&self, ctx: &Context) -> anyhow::Result<ActivateOptions> {
-        for (flag, v) in [("--lock-wait", self.lock_wait), ("--lock-deadline", self.lock_deadline)] {
+        for (flag, v) in [
+            ("--lock-wait", self.lock_wait),
+            ("--lock-deadline", self.lock_deadline),
+        ] {
             if !(v.is_finite() && v >= 0.0) {
-                return Err(coord::Error::InvalidInput(format!("{flag} must be a number of seconds >= 0")).into());
+                return Err(coord::Error::InvalidInput(format!(
+                    "{flag} must be a number of seconds >= 0"
+                ))
+                .into());
             }
         }
         if self.batch_size == 0 || self.jobs == 0 {
-            return Err(coord::Error::InvalidInput("--batch-size and --jobs must be at least 1".into()).into());
+            return Err(coord::Error::InvalidInput(
+                "--batch-size and --jobs must be at least 1".into(),
+            )
+            .into());
         }
         let mut options = ActivateOptions {
             lock_wait: Duration::from_secs_f64(self.lock_wait),
@@ -88,7 +96,16 @@ pub async fn activate(ctx: &Context, args: ActivateArgs) -> anyhow::Result<()> {
 }
 
 pub fn render_steps(steps: &[activation::StepReport]) -> String {
-    let mut table = Table::new(&["PROJECTOR", "ACTION", "FROM", "TO", "REPLAYED", "REPLAY S", "FINAL", "HELD BACK MS"]);
+    let mut table = Table::new(&[
+        "PROJECTOR",
+        "ACTION",
+        "FROM",
+        "TO",
+        "REPLAYED",
+        "REPLAY S",
+        "FINAL",
+        "HELD BACK MS",
+    ]);
     for s in steps {
         let sw = s.switch.as_ref();
         table.row(vec![
@@ -128,15 +145,21 @@ pub async fn rollback(ctx: &Context, args: RollbackArgs) -> anyhow::Result<()> {
     let url = ctx.database_url(Some(&config))?;
     let pool = coord::pool(&url, 4)?;
     let cancel = crate::progress::cancel_on_ctrl_c();
-    let report =
-        coord::activation::rollback(&pool, &url, &projector, &config.event_store, &options, &ctx.actor, &cancel)
-            .await?;
+    let report = coord::activation::rollback(
+        &pool,
+        &url,
+        &projector,
+        &config.event_store,
+        &options,
+        &ctx.actor,
+        &cancel,
+    )
+    .await?;
     if ctx.json() {
         return output::json(&report);
     }
     println!("rolled back {} to {}", args.projector, projector.version());
     print!("{}", render_steps(std::slice::from_ref(&report)));
-    let _ = projector.label();
     Ok(())
 }
 
@@ -167,13 +190,19 @@ pub async fn prune(ctx: &Context, args: PruneArgs) -> anyhow::Result<()> {
         let stdin = std::io::stdin();
         if !stdin.is_terminal() {
             return Err(coord::Error::InvalidInput(
-                "coord prune drops schemas: confirm with --yes when not running at a terminal".into(),
+                "coord prune drops schemas: confirm with --yes when not running at a terminal"
+                    .into(),
             )
             .into());
         }
-        eprintln!("coord prune will drop these schemas (their versions can no longer be rolled back to):");
+        eprintln!(
+            "coord prune will drop these schemas (their versions can no longer be rolled back to):"
+        );
         for v in &candidates {
-            eprintln!("  {} ({}@{}, {})", v.schema_name, v.name, v.version, v.status);
+            eprintln!(
+                "  {} ({}@{}, {})",
+                v.schema_name, v.name, v.version, v.status
+            );
         }
         eprint!("drop them? [y/N] ");
         std::io::stderr().flush()?;
@@ -214,7 +243,10 @@ pub struct WaitArgs {
 
 pub async fn wait(ctx: &Context, args: WaitArgs) -> anyhow::Result<()> {
     if !(args.timeout.is_finite() && args.timeout >= 0.0) {
-        return Err(coord::Error::InvalidInput("--timeout must be a number of seconds >= 0".into()).into());
+        return Err(coord::Error::InvalidInput(
+            "--timeout must be a number of seconds >= 0".into(),
+        )
+        .into());
     }
     let config = ctx.config()?;
     let client = ctx.connect(Some(&config)).await?;

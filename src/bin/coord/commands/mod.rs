@@ -1,6 +1,8 @@
 //! One module per subcommand: each turns its arguments into library calls.
 
+pub mod activate;
 pub mod check;
 pub mod migrate;
+pub mod plan;
 pub mod publish;
 pub mod status;

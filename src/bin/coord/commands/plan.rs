@@ -31,7 +31,9 @@ pub fn render(plan: &activation::Plan) -> String {
             Action::ResumeActivation => "finish the interrupted activation".to_owned(),
             Action::Reactivate { from } => format!(
                 "catch up and re-activate (no replay){}",
-                from.as_deref().map(|f| format!(", retiring {f}")).unwrap_or_default()
+                from.as_deref()
+                    .map(|f| format!(", retiring {f}"))
+                    .unwrap_or_default()
             ),
             Action::Retire { version } => format!("retire {version} (no longer configured)"),
             Action::Refuse { reason } => format!("REFUSED: {reason}"),

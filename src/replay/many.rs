@@ -1,0 +1,92 @@
+//! Replaying several projector versions at once, at most `jobs` at a time:
+//! each is registered ([`crate::replay::start_replay`]) and caught up
+//! ([`crate::replay::catch_up`]), never activated. One failing version does
+//! not stop the others; each gets its own result.
+
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+use futures_util::stream::{self, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::names::RelationName;
+use crate::projector::Projector;
+use crate::replay::options::{CatchUpReport, ReplayOptions};
+use crate::replay::pass::catch_up;
+use crate::replay::start::{start_replay, ReplayStart, StartOutcome};
+use crate::store::Actor;
+use crate::Result;
+
+/// What became of one projector version in [`replay_many`].
+#[derive(Debug)]
+pub struct ReplayOutcome {
+    /// `name@version`.
+    pub label: String,
+    /// Registration and catch-up, or the error that stopped them.
+    pub result: Result<ReplayDone>,
+}
+
+/// A replay that ran (or needed nothing).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ReplayDone {
+    /// What registration found.
+    pub start: ReplayStart,
+    /// The catch-up, unless the version was already active.
+    pub catch_up: Option<CatchUpReport>,
+}
+
+/// Replays (or resumes) every projector of `projectors` that is not active,
+/// at most `options.jobs` at a time, until each one's lag is below
+/// `options.lag_threshold`. The pool needs two connections per job.
+/// Results come back in the order of `projectors`.
+pub async fn replay_many(
+    pool: &Pool,
+    projectors: &[Arc<dyn Projector>],
+    event_store: &RelationName,
+    options: &ReplayOptions,
+    actor: &Actor,
+    cancel: &CancellationToken,
+) -> Vec<ReplayOutcome> {
+    stream::iter(projectors.iter().cloned())
+        .map(|projector| async move {
+            let label = format!("{}@{}", projector.name(), projector.version());
+            let result = replay_one(
+                pool,
+                projector.as_ref(),
+                event_store,
+                options,
+                actor,
+                cancel,
+            )
+            .await;
+            ReplayOutcome { label, result }
+        })
+        .buffered(options.jobs.max(1))
+        .collect()
+        .await
+}
+
+async fn replay_one(
+    pool: &Pool,
+    projector: &dyn Projector,
+    event_store: &RelationName,
+    options: &ReplayOptions,
+    actor: &Actor,
+    cancel: &CancellationToken,
+) -> Result<ReplayDone> {
+    let start = {
+        let mut client = pool.get().await?;
+        start_replay(&mut client, projector, actor).await?
+    };
+    if start.outcome == StartOutcome::AlreadyActive {
+        return Ok(ReplayDone {
+            start,
+            catch_up: None,
+        });
+    }
+    let report = catch_up(pool, projector, event_store, options, cancel).await?;
+    Ok(ReplayDone {
+        start,
+        catch_up: Some(report),
+    })
+}

@@ -1,0 +1,43 @@
+//! Replay: building a projector version's tables from the event store in its
+//! own schema, in batches with a durable checkpoint
+//! (docs/decisions/0002-checkpoint-horizon.md and 0005-replay-batches.md).
+//!
+//! * [`start_replay`] registers a version (row, schema, tables,
+//!   `replaying_version`); [`abort`] drops it.
+//! * [`run_pass`] applies the events visible in one snapshot, batch by
+//!   batch; [`catch_up`] runs passes until the lag is small;
+//!   [`replay_many`] does both for several versions, `jobs` at a time.
+//! * For activation: [`pass_in_transaction`] runs a final pass inside the
+//!   caller's transaction, and [`checkpoint_through_current_snapshot`] marks
+//!   a version (an inline version being retired) as up to date.
+//!
+//! This module never activates a version and never changes `active_version`.
+//!
+//! ```no_run
+//! # async fn demo(pool: deadpool_postgres::Pool, mut client: tokio_postgres::Client,
+//! #               projector: std::sync::Arc<dyn coord::Projector>) -> coord::Result<()> {
+//! use coord::replay::{catch_up, start_replay, ReplayOptions};
+//! let actor = coord::store::Actor::new("host", "deploy");
+//! start_replay(&mut client, projector.as_ref(), &actor).await?;
+//! let cancel = tokio_util::sync::CancellationToken::new();
+//! let report = catch_up(&pool, projector.as_ref(), &coord::RelationName::default(),
+//!                       &ReplayOptions::default(), &cancel).await?;
+//! println!("applied {} events", report.applied);
+//! # Ok(()) }
+//! ```
+
+mod batch;
+mod many;
+mod options;
+mod pass;
+mod reference;
+mod start;
+
+pub use many::{replay_many, ReplayDone, ReplayOutcome};
+pub use options::{CatchUpReport, PassReport, Progress, ProgressFn, ReplayOptions};
+pub use pass::{catch_up, checkpoint_through_current_snapshot, pass_in_transaction, run_pass};
+pub use reference::BalancesProjector;
+pub use start::{
+    abort, abort_in, start_replay, start_replay_in, AbortReport, ReplayStart, StartOutcome,
+};
+pub use tokio_util::sync::CancellationToken;

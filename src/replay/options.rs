@@ -1,0 +1,142 @@
+//! What a caller tunes about a replay ([`ReplayOptions`]), what it is told
+//! while it runs ([`Progress`]) and what a pass reports ([`PassReport`]).
+//! Plain data: nothing here touches the database.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A progress callback, called after every committed batch.
+pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+/// How replays and catch-ups run.
+#[derive(Clone)]
+pub struct ReplayOptions {
+    /// Events per batch (one transaction each). Default 20,000.
+    pub batch_size: usize,
+    /// Projector versions replayed at once by [`crate::replay::replay_many`]. Default 2.
+    pub jobs: usize,
+    /// A catch-up stops once fewer handled events than this are left. Default 1,000.
+    pub lag_threshold: i64,
+    /// A catch-up runs at most this many passes. Default 20.
+    pub max_passes: usize,
+    /// Count the events a pass will apply when it starts (for the total and
+    /// the ETA). Default true.
+    pub count_total: bool,
+    /// Called after every batch.
+    pub progress: Option<ProgressFn>,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 20_000,
+            jobs: 2,
+            lag_threshold: 1_000,
+            max_passes: 20,
+            count_total: true,
+            progress: None,
+        }
+    }
+}
+
+impl fmt::Debug for ReplayOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplayOptions")
+            .field("batch_size", &self.batch_size)
+            .field("jobs", &self.jobs)
+            .field("lag_threshold", &self.lag_threshold)
+            .field("max_passes", &self.max_passes)
+            .field("count_total", &self.count_total)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
+}
+
+/// Where a pass is, after a batch.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Progress {
+    /// `name@version`.
+    pub projector: String,
+    /// Events applied (or parked) by this pass so far.
+    pub done: u64,
+    /// Events this pass expects to handle, when counted.
+    pub total: Option<u64>,
+    /// Events per second in this pass.
+    pub rate_per_s: f64,
+    /// Last position handled.
+    pub position: i64,
+}
+
+/// What one pass did.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct PassReport {
+    /// Projector name.
+    pub projector: String,
+    /// Version.
+    pub version: String,
+    /// Events applied.
+    pub applied: u64,
+    /// Events parked (`on_error = "park"`).
+    pub parked: u64,
+    /// Batches committed.
+    pub batches: u64,
+    /// Whether it stopped at a batch boundary because it was cancelled
+    /// (its checkpoint is saved; the next pass resumes it).
+    pub cancelled: bool,
+    /// The horizon after the pass (an `xid8`, as text); unchanged when cancelled.
+    pub horizon: String,
+    /// How long it took.
+    #[serde(serialize_with = "seconds")]
+    pub elapsed: Duration,
+}
+
+impl PassReport {
+    /// Events per second.
+    pub fn rate_per_s(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            (self.applied + self.parked) as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// What a catch-up (passes until the lag is small) did.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct CatchUpReport {
+    /// Projector name.
+    pub projector: String,
+    /// Version.
+    pub version: String,
+    /// Passes run.
+    pub passes: u64,
+    /// Events applied, all passes together.
+    pub applied: u64,
+    /// Events parked.
+    pub parked: u64,
+    /// Committed handled events still to apply when it stopped.
+    pub remaining: i64,
+    /// Whether it was cancelled.
+    pub cancelled: bool,
+    /// How long it took.
+    #[serde(serialize_with = "seconds")]
+    pub elapsed: Duration,
+}
+
+impl CatchUpReport {
+    /// Events per second over all passes.
+    pub fn rate_per_s(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            (self.applied + self.parked) as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
