@@ -35,7 +35,7 @@ impl ActivationLock {
     /// database errors.
     pub async fn acquire(url: &DatabaseUrl, actor: &Actor, wait: Duration) -> Result<Self> {
         let mut config = url.pg_config();
-        config.application_name(&format!("{} on {}", actor.command, actor.host));
+        config.application_name(format!("{} on {}", actor.command, actor.host));
         let (client, connection) = config
             .connect(tokio_postgres::NoTls)
             .await
