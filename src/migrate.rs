@@ -29,7 +29,7 @@ pub struct MigrationReport {
 /// # Errors
 /// [`crate::Error::Migration`] or [`crate::Error::Db`] when a migration fails;
 /// refinery's checksums refuse an edited, already applied migration.
-#[tracing::instrument(skip_all, err)]
+#[tracing::instrument(skip_all, err(level = "debug"))]
 pub async fn migrate(client: &mut Client) -> Result<MigrationReport> {
     client.batch_execute(MIGRATE_LOCK).await?;
     let outcome = run(client).await;

@@ -14,7 +14,8 @@ use crate::{Error, Result};
 const TRY_LOCK: &str = "SELECT pg_try_advisory_lock(1668247413, 0)";
 const HOLDER: &str = "SELECT a.application_name, coalesce(a.client_addr::text, 'local'), \
     coord.iso(a.backend_start), a.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-    WHERE l.locktype = 'advisory' AND l.classid = 1668247413 AND l.objid = 0 AND l.granted LIMIT 1";
+    WHERE l.locktype = 'advisory' AND l.classid = 1668247413 AND l.objid = 0 AND l.granted \
+    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) LIMIT 1";
 
 /// The held activation lock; dropping it releases it.
 pub struct ActivationLock {

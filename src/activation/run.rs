@@ -81,7 +81,7 @@ pub struct ActivationReport {
 /// (changed definition, downgrade) or `no_replay` forbids a replay;
 /// [`Error::Busy`] for the lock; [`Error::Failed`] when a `verify` assertion
 /// fails (the active version is untouched); handler and database errors.
-#[tracing::instrument(skip_all, err)]
+#[tracing::instrument(skip_all, err(level = "debug"))]
 pub async fn activate_current_config(
     pool: &Pool,
     url: &DatabaseUrl,
@@ -328,7 +328,7 @@ pub async fn verify(pool: &Pool, projector: &dyn Projector) -> Result<()> {
 /// # Errors
 /// [`Error::Refused`] when there is nothing to roll back to or the
 /// configuration holds another version; as [`activate_current_config`].
-#[tracing::instrument(skip_all, fields(projector.name = %projector.name()), err)]
+#[tracing::instrument(skip_all, fields(projector.name = %projector.name()), err(level = "debug"))]
 pub async fn rollback(
     pool: &Pool,
     url: &DatabaseUrl,

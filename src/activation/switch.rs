@@ -46,7 +46,7 @@ pub struct SwitchReport {
 /// [`Error::Busy`] when publishers could not be held back within the lock
 /// policy's deadline; [`Error::Refused`] when the version is not replaying
 /// or activating; handler and database errors.
-#[tracing::instrument(skip_all, fields(projector.name = %projector.name(), projector.version = %projector.version()), err)]
+#[tracing::instrument(skip_all, fields(projector.name = %projector.name(), projector.version = %projector.version()), err(level = "debug"))]
 pub async fn activate_version(
     pool: &Pool,
     projector: &dyn Projector,
@@ -222,7 +222,7 @@ async fn flip(
 ///
 /// # Errors
 /// [`Error::Busy`] when publishers could not be held back in time; database errors.
-#[tracing::instrument(skip_all, fields(projector.name = %name), err)]
+#[tracing::instrument(skip_all, fields(projector.name = %name), err(level = "debug"))]
 pub async fn retire(
     pool: &Pool,
     name: &str,

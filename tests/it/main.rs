@@ -1,6 +1,7 @@
 //! Integration tests: each test gets a fresh database on the server of
 //! `DATABASE_URL` (default the local one), so they run in parallel.
 
+mod activation;
 mod cli;
 mod config;
 mod gate;

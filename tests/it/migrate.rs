@@ -7,7 +7,11 @@ async fn migrate_twice_leaves_exactly_the_contract_tables() {
     let first = coord::migrate(&mut client).await.unwrap();
     assert_eq!(
         first.applied,
-        vec!["V1__coord_schema", "V2__publisher_gate", "V3__pruned_status"]
+        vec![
+            "V1__coord_schema",
+            "V2__publisher_gate",
+            "V3__pruned_status"
+        ]
     );
     let second = coord::migrate(&mut client).await.unwrap();
     assert!(second.applied.is_empty());
