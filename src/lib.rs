@@ -31,6 +31,7 @@ mod migrate;
 pub mod names;
 pub mod projector;
 mod publisher;
+pub mod serve;
 mod status;
 pub mod store;
 
