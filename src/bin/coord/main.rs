@@ -31,6 +31,8 @@ enum Command {
     Check(commands::check::CheckArgs),
     /// Append one event through the gate, run the active inline projectors, print its position.
     Publish(commands::publish::PublishArgs),
+    /// HTTP: /ready (200 only while this configuration may publish), /status JSON, /metrics.
+    Serve(commands::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +72,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status => commands::status::run(&ctx).await,
         Command::Check(args) => commands::check::run(&ctx, args).await,
         Command::Publish(args) => commands::publish::run(&ctx, args).await,
+        Command::Serve(args) => commands::serve::run(&ctx, args).await,
     }
 }
 
@@ -79,6 +82,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::Status => "status",
         Command::Check(_) => "check",
         Command::Publish(_) => "publish",
+        Command::Serve(_) => "serve",
     }
 }
 

@@ -3,4 +3,5 @@
 pub mod check;
 pub mod migrate;
 pub mod publish;
+pub mod serve;
 pub mod status;
