@@ -5,4 +5,5 @@ mod cli;
 mod config;
 mod gate;
 mod migrate;
+mod serve;
 mod support;
