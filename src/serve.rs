@@ -198,12 +198,7 @@ pub fn render_metrics(report: &StatusReport, ready: bool) -> String {
         report.head_position,
     );
 
-    let versions = || {
-        report
-            .projectors
-            .iter()
-            .flat_map(|p| p.versions.iter())
-    };
+    let versions = || report.projectors.iter().flat_map(|p| p.versions.iter());
     let labels = |v: &crate::status::VersionStatusReport| {
         [
             ("projector", v.record.name.clone()),

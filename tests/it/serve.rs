@@ -21,8 +21,7 @@ struct Reply {
 
 impl Reply {
     fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 }
 
@@ -237,7 +236,11 @@ async fn metrics_report_readiness_head_position_and_per_version_gauges() {
     let stale = start(&db.database_url(), "0.9.0").await;
     let reply = get(stale.addr, "/metrics").await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert!(reply.body.lines().any(|l| l == "coord_ready 0"), "{}", reply.body);
+    assert!(
+        reply.body.lines().any(|l| l == "coord_ready 0"),
+        "{}",
+        reply.body
+    );
     stale.stop().await;
 }
 
