@@ -35,6 +35,7 @@ pub mod names;
 pub mod projector;
 mod publisher;
 pub mod replay;
+pub mod serve;
 mod status;
 pub mod store;
 

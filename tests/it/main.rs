@@ -6,4 +6,5 @@ mod cli;
 mod config;
 mod gate;
 mod migrate;
+mod serve;
 mod support;

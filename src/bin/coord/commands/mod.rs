@@ -5,4 +5,5 @@ pub mod check;
 pub mod migrate;
 pub mod plan;
 pub mod publish;
+pub mod serve;
 pub mod status;

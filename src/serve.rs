@@ -1,0 +1,317 @@
+//! `coord serve`: the HTTP face of one deployment for load balancers and
+//! Prometheus. `/ready` runs the publisher gate (rolled back), `/status` is
+//! the [`StatusReport`] as JSON, `/metrics` is Prometheus text.
+//! This module reads only; it never prints, reads the environment or creates
+//! a pool: the caller hands it one.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use deadpool_postgres::Pool;
+
+use crate::names::RelationName;
+use crate::projector::ProjectorSet;
+use crate::publisher::Publisher;
+use crate::status::{status, StatusReport};
+use crate::{Error, Result};
+
+/// The content type of Prometheus' text exposition format.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
+
+/// How long one request may wait for the database before it answers with an
+/// error: a load balancer's probe must not hang on a stuck pool.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+
+struct ServeState {
+    pool: Pool,
+    publisher: Publisher,
+    event_store: RelationName,
+}
+
+/// The routes `GET /ready`, `GET /status` and `GET /metrics` for the
+/// configuration `projectors`, reading the event store `event_store` through
+/// `pool`.
+///
+/// * `/ready`: 200 `{"ready":true,"inline":[...]}` only while this
+///   configuration may publish now; otherwise 503
+///   `{"ready":false,"error":...,"sqlstate":...,"exit_code":...,"retryable":...}`.
+/// * `/status`: the [`StatusReport`] as JSON; 500 with the error otherwise.
+/// * `/metrics`: [`render_metrics`] as [`METRICS_CONTENT_TYPE`].
+///
+/// ```no_run
+/// # async fn demo(pool: deadpool_postgres::Pool, config: coord::Config) -> coord::Result<()> {
+/// let router = coord::serve::router(
+///     pool,
+///     coord::ProjectorSet::from_config(&config),
+///     config.event_store.clone(),
+/// );
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080")
+///     .await
+///     .map_err(|e| coord::Error::Failed(e.to_string()))?;
+/// coord::serve::serve(listener, router, async {
+///     let _ = tokio::signal::ctrl_c().await;
+/// })
+/// .await
+/// # }
+/// ```
+pub fn router(pool: Pool, projectors: ProjectorSet, event_store: RelationName) -> Router {
+    let state = Arc::new(ServeState {
+        pool,
+        publisher: Publisher::new(projectors),
+        event_store,
+    });
+    Router::new()
+        .route("/ready", get(ready_handler))
+        .route("/status", get(status_handler))
+        .route("/metrics", get(metrics_handler))
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then lets the
+/// requests in flight finish.
+///
+/// # Errors
+/// [`Error::Failed`] when the server fails to accept connections.
+pub async fn serve<F>(listener: tokio::net::TcpListener, router: Router, shutdown: F) -> Result<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| Error::Failed(format!("http server failed: {e}")))
+}
+
+/// Whether `publisher`'s configuration may publish now: runs the gate for any
+/// event type in a transaction that is rolled back. Returns the projectors
+/// that would run inline.
+///
+/// # Errors
+/// The gate refusals ([`Error::NewerProjectorIsActive`] and its siblings);
+/// [`Error::Pool`] and database errors when the database is unreachable.
+pub async fn readiness(pool: &Pool, publisher: &Publisher) -> Result<Vec<String>> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let inline = publisher.check(&tx, None).await;
+    tx.rollback().await?;
+    inline
+}
+
+async fn with_deadline<T>(what: &str, work: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(REQUEST_DEADLINE, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Timeout(format!(
+                "{what} did not answer within {REQUEST_DEADLINE:?}: the database is slow or unreachable"
+            )))
+        })
+}
+
+async fn ready_handler(State(state): State<Arc<ServeState>>) -> Response {
+    match with_deadline("readiness check", readiness(&state.pool, &state.publisher)).await {
+        Ok(inline) => (
+            StatusCode::OK,
+            Json(serde_json::json!({ "ready": true, "inline": inline })),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "ready": false,
+                "error": e.to_string(),
+                "sqlstate": e.sqlstate(),
+                "exit_code": e.exit_code(),
+                "retryable": e.is_retryable(),
+            })),
+        )
+            .into_response(),
+    }
+}
+
+async fn read_status(state: &ServeState) -> Result<StatusReport> {
+    let client = state.pool.get().await?;
+    status(&**client, &state.event_store).await
+}
+
+async fn status_handler(State(state): State<Arc<ServeState>>) -> Response {
+    match with_deadline("status", read_status(&state)).await {
+        Ok(report) => Json(report).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({ "error": e.to_string() })),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics_handler(State(state): State<Arc<ServeState>>) -> Response {
+    let (ready, report) = futures_util::future::join(
+        with_deadline("readiness check", readiness(&state.pool, &state.publisher)),
+        with_deadline("status", read_status(&state)),
+    )
+    .await;
+    match report {
+        Ok(report) => (
+            [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
+            render_metrics(&report, ready.is_ok()),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("{e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// Renders `report` and `ready` in Prometheus' text exposition format:
+/// `coord_ready`, `coord_event_store_head_position`, and per projector
+/// version (labels `projector`, `version`, `status`)
+/// `coord_projector_events_processed`, `coord_projector_events_parked`,
+/// `coord_projector_lag` (where known), and `coord_projector_active`
+/// (labels `projector`, `version`; 1 for the active version, else 0).
+pub fn render_metrics(report: &StatusReport, ready: bool) -> String {
+    let mut out = String::new();
+    gauge(
+        &mut out,
+        "coord_ready",
+        "1 while this configuration may publish, else 0.",
+    );
+    line(&mut out, "coord_ready", &[], u8::from(ready));
+    gauge(
+        &mut out,
+        "coord_event_store_head_position",
+        "Highest position in the event store.",
+    );
+    line(
+        &mut out,
+        "coord_event_store_head_position",
+        &[],
+        report.head_position,
+    );
+
+    let versions = || report.projectors.iter().flat_map(|p| p.versions.iter());
+    let labels = |v: &crate::status::VersionStatusReport| {
+        [
+            ("projector", v.record.name.clone()),
+            ("version", v.record.version.clone()),
+            ("status", v.record.status.as_str().to_owned()),
+        ]
+    };
+
+    gauge(
+        &mut out,
+        "coord_projector_events_processed",
+        "Events a projector version applied.",
+    );
+    for v in versions() {
+        let name = "coord_projector_events_processed";
+        line(&mut out, name, &labels(v), v.record.events_processed);
+    }
+    gauge(
+        &mut out,
+        "coord_projector_events_parked",
+        "Events a projector version parked after its handler failed.",
+    );
+    for v in versions() {
+        let name = "coord_projector_events_parked";
+        line(&mut out, name, &labels(v), v.record.events_parked);
+    }
+    gauge(
+        &mut out,
+        "coord_projector_lag",
+        "Positions between the event store's head and what a projector version applied.",
+    );
+    for v in versions() {
+        if let Some(lag) = v.lag {
+            line(&mut out, "coord_projector_lag", &labels(v), lag);
+        }
+    }
+    gauge(
+        &mut out,
+        "coord_projector_active",
+        "1 for the active version of a projector, else 0.",
+    );
+    for p in &report.projectors {
+        let mut seen: Vec<&str> = p
+            .versions
+            .iter()
+            .map(|v| v.record.version.as_str())
+            .collect();
+        // The state row can name an active version coord has no record of
+        // (set by hand or by an older coord): report it too.
+        if let Some(active) = p.active_version.as_deref() {
+            if !seen.contains(&active) {
+                seen.push(active);
+            }
+        }
+        for version in seen {
+            let active = p.active_version.as_deref() == Some(version);
+            line(
+                &mut out,
+                "coord_projector_active",
+                &[
+                    ("projector", p.name.clone()),
+                    ("version", version.to_owned()),
+                ],
+                u8::from(active),
+            );
+        }
+    }
+    out
+}
+
+fn gauge(out: &mut String, name: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} gauge");
+}
+
+fn line(out: &mut String, name: &str, labels: &[(&str, String)], value: impl std::fmt::Display) {
+    out.push_str(name);
+    if !labels.is_empty() {
+        out.push('{');
+        for (i, (key, value)) in labels.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{key}=\"{}\"", escape_label(value));
+        }
+        out.push('}');
+    }
+    let _ = writeln!(out, " {value}");
+}
+
+/// A label value escaped per the text exposition format: backslash, double
+/// quote and line feed.
+fn escape_label(value: &str) -> String {
+    let mut escaped = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_label;
+
+    #[test]
+    fn label_values_escape_backslash_quote_and_newline() {
+        assert_eq!(escape_label(r#"a\b"c"#), r#"a\\b\"c"#);
+        assert_eq!(escape_label("a\nb"), r"a\nb");
+        assert_eq!(escape_label("1.0.0-rc.1+x"), "1.0.0-rc.1+x");
+    }
+}
