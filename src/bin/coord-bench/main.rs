@@ -2,6 +2,7 @@
 //! subcommand creates its own database on the server of `DATABASE_URL`,
 //! prints human text or, with `--output json`, one JSON object.
 
+mod activation;
 mod gate;
 mod replay;
 mod support;
@@ -24,6 +25,8 @@ enum Bench {
     Replay(replay::Args),
     /// Publishing throughput with the gate on versus off.
     Gate(gate::Args),
+    /// Blocked window, refusals, lost and doubled events of an activation under publishing.
+    Activation(activation::Args),
 }
 
 /// Output format.
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
         match cli.bench {
             Bench::Replay(args) => replay::run(args).await,
             Bench::Gate(args) => gate::run(args).await,
+            Bench::Activation(args) => activation::run(args).await,
         }
     });
     match result {
