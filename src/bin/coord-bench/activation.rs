@@ -75,7 +75,7 @@ struct Ledger {
 }
 
 impl Ledger {
-    fn version(major: u64) -> Arc<dyn Projector> {
+    fn at(major: u64) -> Arc<dyn Projector> {
         Arc::new(Self {
             name: ProjectorName::new("ledger").expect("valid"),
             version: Version::new(major, 0, 0),
@@ -172,8 +172,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let events = RelationName::default();
     let options = ActivateOptions::default();
     let cancel = CancellationToken::new();
-    let v1 = ProjectorSet::new(vec![Ledger::version(1)])?;
-    let v2 = ProjectorSet::new(vec![Ledger::version(2)])?;
+    let v1 = ProjectorSet::new(vec![Ledger::at(1)])?;
+    let v2 = ProjectorSet::new(vec![Ledger::at(2)])?;
     say("activating N (bootstrap replay)...");
     activation::activate_current_config(&pool, &db.url, &v1, &events, &options, &actor, &cancel)
         .await?;
