@@ -70,8 +70,10 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
             deadline: Duration::from_secs(5),
-            first_pause: Duration::from_millis(2),
-            max_pause: Duration::from_millis(100),
+            // Activations hold events back for milliseconds: short pauses
+            // keep a retry from overshooting the end by much.
+            first_pause: Duration::from_millis(1),
+            max_pause: Duration::from_millis(10),
         }
     }
 }
