@@ -35,6 +35,7 @@ pub mod names;
 pub mod projector;
 mod publisher;
 pub mod replay;
+mod runner;
 pub mod serve;
 mod status;
 pub mod store;
@@ -52,4 +53,5 @@ pub use replay::{
     abort, catch_up, checkpoint_through_current_snapshot, pass_in_transaction, replay_many,
     run_pass, start_replay, ReplayOptions,
 };
+pub use runner::{run_async_projectors, RunOptions, RunnerExit};
 pub use status::{status, ProjectorStatus, StatusReport, VersionStatusReport};

@@ -8,6 +8,7 @@ use futures_util::future::{join, join3};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 
+use crate::config::Mode;
 use crate::names::quote_ident;
 use crate::projector::{ApplyContext, Event, Phase, ProjectorExt, ProjectorSet};
 use crate::{Error, Result};
@@ -246,6 +247,9 @@ impl Publisher {
             let Some(projector) = self.projectors.get(name) else {
                 continue;
             };
+            if projector.mode() != Mode::Inline {
+                continue; // `coord run` applies the events of async projectors
+            }
             let handled: Vec<Event> = events
                 .iter()
                 .filter(|e| projector.handles(&e.event_type))

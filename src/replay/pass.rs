@@ -122,6 +122,17 @@ pub async fn run_pass(
                 "the replay of {label} was aborted: run `coord replay --projector {name}` to start it over"
             )));
         }
+        if ck.status == VersionStatus::Pruned {
+            return Err(Error::Refused(format!(
+                "{label} was pruned: its schema is gone"
+            )));
+        }
+        if ck.status == VersionStatus::Active && projector.mode() == crate::config::Mode::Inline {
+            // Its publishers apply every event inline; a pass would apply them twice.
+            return Err(Error::Refused(format!(
+                "{label} is active and inline: its publishers keep it up to date, nothing to catch up"
+            )));
+        }
         let snapshot = match &ck.pass_snapshot {
             Some(snapshot) => {
                 info!(cursor = ck.pass_cursor, "resuming pass");

@@ -6,5 +6,6 @@ mod cli;
 mod config;
 mod gate;
 mod migrate;
+mod run;
 mod serve;
 mod support;

@@ -42,6 +42,8 @@ enum Command {
     Prune(commands::activate::PruneArgs),
     /// Block until this configuration's versions are active.
     Wait(commands::activate::WaitArgs),
+    /// Run async projectors: tail the store, one leader per version, stop when a newer version is active.
+    Run,
     /// HTTP: /ready (200 only while this configuration may publish), /status JSON, /metrics.
     Serve(commands::serve::ServeArgs),
 }
@@ -88,6 +90,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rollback(args) => commands::activate::rollback(&ctx, args).await,
         Command::Prune(args) => commands::activate::prune(&ctx, args).await,
         Command::Wait(args) => commands::activate::wait(&ctx, args).await,
+        Command::Run => commands::run::run(&ctx).await,
         Command::Serve(args) => commands::serve::run(&ctx, args).await,
     }
 }
@@ -103,6 +106,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::Rollback(_) => "rollback",
         Command::Prune(_) => "prune",
         Command::Wait(_) => "wait",
+        Command::Run => "run",
         Command::Serve(_) => "serve",
     }
 }

@@ -5,5 +5,6 @@ pub mod check;
 pub mod migrate;
 pub mod plan;
 pub mod publish;
+pub mod run;
 pub mod serve;
 pub mod status;

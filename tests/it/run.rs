@@ -1,0 +1,162 @@
+//! Async projectors: not run inline by publishers; `coord run` applies their
+//! events with one leader per version, hands over when the leader dies, and
+//! stops when a newer version is active.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::support::{assert_exit, balances_toml, eventually, stderr, TestDb};
+
+fn async_toml(version: &str) -> String {
+    balances_toml(version).replace(
+        &format!("version = \"{version}\""),
+        &format!("version = \"{version}\"\nmode = \"async\""),
+    )
+}
+
+fn spawn_run(db: &TestDb, config: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_coord"))
+        .current_dir(db.dir.path())
+        .env("DATABASE_URL", &db.url)
+        .args(["run", "--config", config])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn amount(db: &TestDb, schema: &str, account: &str) -> Option<i64> {
+    db.client()
+        .await
+        .query_opt(
+            &format!("SELECT amount FROM {schema}.balances WHERE account = $1"),
+            &[&account],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+async fn leaders(db: &TestDb) -> i64 {
+    db.client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1668247414 AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn coord_run_applies_async_events_hands_over_and_stops_when_superseded() {
+    let db = TestDb::migrated().await;
+    db.write_config("v1.toml", &async_toml("1.0.0"));
+    db.write_config("v2.toml", &async_toml("2.0.0"));
+    assert_exit(
+        &db.coord(&["activate-current-config", "--config", "v1.toml"]),
+        0,
+    );
+
+    // Publishers do not run async projectors inline.
+    assert_exit(
+        &db.coord(&[
+            "publish",
+            "--config",
+            "v1.toml",
+            "--stream",
+            "a",
+            "--type",
+            "AccountOpened",
+            "--data",
+            "{}",
+        ]),
+        0,
+    );
+    assert_exit(
+        &db.coord(&[
+            "publish",
+            "--config",
+            "v1.toml",
+            "--stream",
+            "a",
+            "--type",
+            "MoneyDeposited",
+            "--data",
+            "{\"amount\": 5}",
+        ]),
+        0,
+    );
+    assert_eq!(amount(&db, "balances_v1_0_0", "a").await, None);
+
+    let mut first = spawn_run(&db, "v1.toml");
+    eventually(
+        Duration::from_secs(60),
+        "coord run to apply the events",
+        || async { amount(&db, "balances_v1_0_0", "a").await == Some(5) },
+    )
+    .await;
+    let second = spawn_run(&db, "v1.toml");
+    // Only one leader for the version, however many runners.
+    assert_eq!(leaders(&db).await, 1);
+
+    // The leader dies; the standby takes over.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_exit(
+        &db.coord(&[
+            "publish",
+            "--config",
+            "v1.toml",
+            "--stream",
+            "a",
+            "--type",
+            "MoneyDeposited",
+            "--data",
+            "{\"amount\": 7}",
+        ]),
+        0,
+    );
+    eventually(
+        Duration::from_secs(60),
+        "the standby to take over",
+        || async { amount(&db, "balances_v1_0_0", "a").await == Some(12) },
+    )
+    .await;
+
+    // A newer version becomes active: the runner of v1 stops by itself.
+    assert_exit(
+        &db.coord(&["activate-current-config", "--config", "v2.toml"]),
+        0,
+    );
+    assert_eq!(amount(&db, "balances_v2_0_0", "a").await, Some(12));
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || second.wait_with_output()),
+    )
+    .await
+    .expect("coord run did not stop")
+    .unwrap()
+    .unwrap();
+    assert!(output.status.success());
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        out.contains("balances@1.0.0: applied 1 events; stopped: superseded by 2.0.0"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn coord_run_without_async_projectors_is_a_usage_error() {
+    let db = TestDb::migrated().await;
+    db.write_config("coord.toml", &balances_toml("1.0.0"));
+    let out = db.coord(&["run"]);
+    assert_exit(&out, 2);
+    assert!(
+        stderr(&out).contains("no projector of this configuration has mode = \"async\""),
+        "{}",
+        stderr(&out)
+    );
+}
