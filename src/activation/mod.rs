@@ -5,12 +5,14 @@
 mod lock;
 mod maintenance;
 mod plan;
+mod rebuild;
 mod run;
 mod switch;
 
 pub use lock::ActivationLock;
 pub use maintenance::{prunable, prune, wait_until_active};
 pub use plan::{plan, Action, Plan, Step};
+pub use rebuild::rebuild;
 pub use run::{
     activate_current_config, rollback, verify, ActivateOptions, ActivationReport, StepReport,
 };

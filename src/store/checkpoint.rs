@@ -442,3 +442,41 @@ pub async fn mark_aborted(client: &impl GenericClient, name: &str, version: &str
     client.execute(ABORT, &[&name, &version]).await?;
     Ok(())
 }
+
+const ADOPT: &str = "UPDATE coord.projector_versions AS t SET horizon = f.horizon, \
+    pass_snapshot = f.pass_snapshot, pass_cursor = f.pass_cursor, last_position = f.last_position, \
+    events_processed = f.events_processed, events_skipped = f.events_skipped, \
+    events_parked = f.events_parked, events_total = f.events_total, rate_per_s = f.rate_per_s, \
+    eta_s = f.eta_s, last_error = NULL, replay_started_at = f.replay_started_at, \
+    replay_finished_at = f.replay_finished_at, updated_at = now() \
+    FROM coord.projector_versions AS f \
+    WHERE t.name = $1 AND t.version = $3 AND f.name = $1 AND f.version = $2";
+
+/// Gives `name@to` the checkpoint, counters and parked events of
+/// `name@from` (a rebuilt shadow of it), replacing its own.
+///
+/// # Errors
+/// [`Error::Failed`] when either version is not registered; database errors.
+pub async fn adopt(client: &impl GenericClient, name: &str, from: &str, to: &str) -> Result<()> {
+    let n = client.execute(ADOPT, &[&name, &from, &to]).await?;
+    if n == 0 {
+        return Err(Error::Failed(format!(
+            "cannot move the checkpoint of {name}@{from} to {name}@{to}: not registered"
+        )));
+    }
+    for table in ["coord.applied_ahead", "coord.parked_events"] {
+        client
+            .execute(
+                &format!("DELETE FROM {table} WHERE name = $1 AND version = $2"),
+                &[&name, &to],
+            )
+            .await?;
+        client
+            .execute(
+                &format!("UPDATE {table} SET version = $3 WHERE name = $1 AND version = $2"),
+                &[&name, &from, &to],
+            )
+            .await?;
+    }
+    Ok(())
+}

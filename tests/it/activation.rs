@@ -758,3 +758,123 @@ async fn prune_drops_retired_schemas_after_confirmation() {
     assert_exit(&out, 2);
     assert!(stdout(&db.coord(&["prune", "--yes"])).contains("nothing to prune"));
 }
+
+/// `coord rebuild` resets the active version in place while its publishers
+/// keep publishing: none is refused, and the rebuilt tables equal a
+/// from-scratch computation (here repairing a corrupted read model).
+#[tokio::test]
+async fn rebuild_replaces_the_active_tables_while_publishers_run() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    import(&client, 30, 20).await;
+    assert_exit(&activate_cli(&db, "1.0.0", &[]), 0);
+    client
+        .batch_execute("UPDATE balances_v1_0_0.balances SET amount = -1")
+        .await
+        .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let published = Arc::new(AtomicU64::new(0));
+    let mut publishers = Vec::new();
+    for i in 0..3 {
+        let (url, stop, published) = (db.url.clone(), stop.clone(), published.clone());
+        publishers.push(tokio::spawn(async move {
+            let mut client = crate::support::connect(&url).await;
+            let p = Publisher::new(set("1.0.0"));
+            let mut n = 0;
+            while !stop.load(Ordering::SeqCst) {
+                n += 1;
+                let event = NewEvent::new("MoneyDeposited", json!({"amount": 2}));
+                match p
+                    .publish_with_retry(
+                        &mut client,
+                        &format!("acc-{}", (i * 11 + n) % 30 + 1),
+                        ExpectedVersion::Any,
+                        &[event],
+                        RetryPolicy::default(),
+                    )
+                    .await
+                {
+                    Ok(_) => {
+                        published.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(Error::StreamVersionConflict { .. }) => {}
+                    Err(e) => panic!("a publisher was refused during the rebuild: {e:?}"),
+                }
+            }
+        }));
+    }
+    eventually(Duration::from_secs(30), "publishers to publish", || {
+        let p = published.clone();
+        async move { p.load(Ordering::SeqCst) >= 10 }
+    })
+    .await;
+    let pool = coord::pool(&db.database_url(), 6).unwrap();
+    let projector = set("1.0.0").get("balances").unwrap().clone();
+    let options = ActivateOptions {
+        replay: coord::ReplayOptions {
+            batch_size: 100,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let report = activation::rebuild(
+        &pool,
+        &db.database_url(),
+        &projector,
+        &RelationName::default(),
+        &options,
+        &actor(),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.action, "rebuild");
+    let before_stop = published.load(Ordering::SeqCst);
+    eventually(
+        Duration::from_secs(30),
+        "publishers to publish after the swap",
+        || {
+            let p = published.clone();
+            async move { p.load(Ordering::SeqCst) >= before_stop + 10 }
+        },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for p in publishers {
+        p.await.unwrap();
+    }
+    assert_eq!(
+        balances(&client, "balances_v1_0_0").await,
+        expected_balances(&client).await
+    );
+    assert_eq!(state(&client).await, (Some("1.0.0".into()), None, None));
+    let leftovers: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'balances_v1_0_0_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(leftovers, 0, "the shadow and the old tables are gone");
+    let versions: i64 = client
+        .query_one("SELECT count(*) FROM coord.projector_versions", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(versions, 1);
+
+    // Only the active version can be rebuilt.
+    db.write_config("v2.toml", &balances_toml("2.0.0"));
+    let before = db.snapshot().await;
+    let out = db.coord(&["rebuild", "balances", "--config", "v2.toml"]);
+    assert_exit(&out, 2);
+    assert!(
+        stderr(&out)
+            .contains("balances@2.0.0 is not the active version of balances (active: 1.0.0)"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(before, db.snapshot().await);
+}

@@ -40,6 +40,8 @@ enum Command {
     Rollback(commands::activate::RollbackArgs),
     /// Drop the schemas of retired and aborted versions.
     Prune(commands::activate::PruneArgs),
+    /// Rebuild the active version of a projector in place, without stopping publishers.
+    Rebuild(commands::activate::RebuildArgs),
     /// Block until this configuration's versions are active.
     Wait(commands::activate::WaitArgs),
     /// Run async projectors: tail the store, one leader per version, stop when a newer version is active.
@@ -89,6 +91,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ActivateCurrentConfig(args) => commands::activate::activate(&ctx, args).await,
         Command::Rollback(args) => commands::activate::rollback(&ctx, args).await,
         Command::Prune(args) => commands::activate::prune(&ctx, args).await,
+        Command::Rebuild(args) => commands::activate::rebuild(&ctx, args).await,
         Command::Wait(args) => commands::activate::wait(&ctx, args).await,
         Command::Run => commands::run::run(&ctx).await,
         Command::Serve(args) => commands::serve::run(&ctx, args).await,
@@ -105,6 +108,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::ActivateCurrentConfig(_) => "activate-current-config",
         Command::Rollback(_) => "rollback",
         Command::Prune(_) => "prune",
+        Command::Rebuild(_) => "rebuild",
         Command::Wait(_) => "wait",
         Command::Run => "run",
         Command::Serve(_) => "serve",

@@ -264,3 +264,43 @@ pub async fn wait(ctx: &Context, args: WaitArgs) -> anyhow::Result<()> {
     println!("every configured version is active");
     Ok(())
 }
+
+/// Arguments of `coord rebuild`.
+#[derive(Debug, Args)]
+pub struct RebuildArgs {
+    /// The projector whose active version to rebuild.
+    pub projector: String,
+    #[command(flatten)]
+    pub tuning: ActivationArgs,
+}
+
+pub async fn rebuild(ctx: &Context, args: RebuildArgs) -> anyhow::Result<()> {
+    coord::ProjectorName::new(&args.projector).map_err(coord::Error::InvalidInput)?;
+    let config = ctx.config()?;
+    let options = args.tuning.options(ctx)?;
+    let projectors = ctx.projectors(&config);
+    let projector = projectors.get(&args.projector).cloned().ok_or_else(|| {
+        coord::Error::InvalidInput(format!(
+            "projector {} is not in {}",
+            args.projector, config.source_name
+        ))
+    })?;
+    let url = ctx.database_url(Some(&config))?;
+    let pool = coord::pool(&url, options.replay.jobs * 2 + 2)?;
+    let cancel = crate::progress::cancel_on_ctrl_c();
+    let report = coord::activation::rebuild(
+        &pool,
+        &url,
+        &projector,
+        &config.event_store,
+        &options,
+        &ctx.actor,
+        &cancel,
+    )
+    .await?;
+    if ctx.json() {
+        return output::json(&report);
+    }
+    print!("{}", render_steps(std::slice::from_ref(&report)));
+    Ok(())
+}

@@ -1,0 +1,225 @@
+//! `coord rebuild P`: reset and replay the active version in place without
+//! stopping publishers: the version is rebuilt into a shadow schema (as
+//! `{version}+coord-rebuild`), caught up, verified, and swapped in by
+//! renaming schemas inside the critical section; the old tables are dropped
+//! afterwards.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use deadpool_postgres::Pool;
+use semver::{BuildMetadata, Version};
+use tokio_postgres::Transaction;
+use tokio_util::sync::CancellationToken;
+
+use super::lock::ActivationLock;
+use super::run::{verify, ActivateOptions, StepReport};
+use super::switch::SwitchReport;
+use crate::config::{DatabaseUrl, Mode, OnError};
+use crate::gate;
+use crate::names::{quote_ident, ProjectorName, RelationName};
+use crate::projector::{ApplyContext, Event, HandlerError, Projector, ProjectorExt};
+use crate::replay;
+use crate::store::versions::{self, VersionStatus};
+use crate::store::{checkpoint, history, states, Actor};
+use crate::{Error, Result};
+
+/// The projector under its shadow version: same definition, own schema.
+struct Shadow {
+    inner: Arc<dyn Projector>,
+    version: Version,
+}
+
+impl Shadow {
+    fn of(inner: Arc<dyn Projector>) -> Self {
+        let mut version = inner.version().clone();
+        let build = if version.build.is_empty() {
+            "coord-rebuild".to_owned()
+        } else {
+            format!("{}.coord-rebuild", version.build)
+        };
+        version.build = BuildMetadata::new(&build).expect("valid build metadata");
+        Self { inner, version }
+    }
+}
+
+#[async_trait]
+impl Projector for Shadow {
+    fn name(&self) -> &ProjectorName {
+        self.inner.name()
+    }
+    fn version(&self) -> &Version {
+        &self.version
+    }
+    fn event_types(&self) -> Vec<String> {
+        self.inner.event_types()
+    }
+    fn tables(&self) -> &str {
+        self.inner.tables()
+    }
+    fn mode(&self) -> Mode {
+        self.inner.mode()
+    }
+    fn on_error(&self) -> OnError {
+        self.inner.on_error()
+    }
+    fn verify(&self) -> Vec<String> {
+        self.inner.verify()
+    }
+    fn fingerprint(&self) -> String {
+        self.inner.fingerprint()
+    }
+    async fn apply(
+        &self,
+        tx: &Transaction<'_>,
+        events: &[Event],
+        ctx: &ApplyContext,
+    ) -> Result<(), HandlerError> {
+        self.inner.apply(tx, events, ctx).await
+    }
+}
+
+/// Rebuilds the active version of `projector` from the event store while
+/// publishers keep publishing, then swaps the rebuilt tables in.
+///
+/// # Errors
+/// [`Error::Refused`] when `projector`'s version is not the active one or its
+/// definition differs from the active one's; [`Error::Busy`] for the
+/// activation lock or the critical section's deadline; handler, verify and
+/// database errors.
+#[tracing::instrument(skip_all, fields(projector.name = %projector.name()), err(level = "debug"))]
+pub async fn rebuild(
+    pool: &Pool,
+    url: &DatabaseUrl,
+    projector: &Arc<dyn Projector>,
+    event_store: &RelationName,
+    options: &ActivateOptions,
+    actor: &Actor,
+    cancel: &CancellationToken,
+) -> Result<StepReport> {
+    let name = projector.name().as_str();
+    let version = projector.version().to_string();
+    let lock = ActivationLock::acquire(url, actor, options.lock_wait).await?;
+    {
+        let client = pool.get().await?;
+        crate::store::ensure_migrated(&**client).await?;
+        let active = states::get(&**client, name, false)
+            .await?
+            .and_then(|s| s.active_version);
+        if active.as_deref() != Some(version.as_str()) {
+            return Err(Error::Refused(format!(
+                "{} is not the active version of {name} (active: {}): rebuild rebuilds the active version",
+                projector.label(),
+                active.as_deref().unwrap_or("none")
+            )));
+        }
+        let record = versions::get(&**client, name, &version).await?;
+        if record.is_some_and(|r| r.fingerprint != projector.fingerprint()) {
+            return Err(Error::Refused(format!(
+                "{} was built from a different definition than this configuration's: a changed projector needs a new version",
+                projector.label()
+            )));
+        }
+    }
+    let shadow = Shadow::of(projector.clone());
+    let started = Instant::now();
+    let mut applied = 0;
+    {
+        let mut pooled = pool.get().await?;
+        let client: &mut tokio_postgres::Client = &mut pooled;
+        replay::start_replay(client, &shadow, actor).await?;
+    }
+    let mut options_replay = options.replay.clone();
+    applied += replay::catch_up(pool, &shadow, event_store, &options_replay, cancel)
+        .await?
+        .applied;
+    if cancel.is_cancelled() {
+        return Err(Error::Failed(format!(
+            "cancelled during the rebuild of {}; run it again to resume",
+            projector.label()
+        )));
+    }
+    verify(pool, &shadow).await?;
+    options_replay.lag_threshold = 1;
+    options_replay.progress = None;
+    applied += replay::catch_up(pool, &shadow, event_store, &options_replay, cancel)
+        .await?
+        .applied;
+    let replay_seconds = started.elapsed().as_secs_f64();
+
+    let critical = Instant::now();
+    let live = projector.schema();
+    let retired = format!("{}_old", &live[..live.len().min(59)]);
+    let mut pooled = pool.get().await?;
+    let client: &mut tokio_postgres::Client = &mut pooled;
+    let mut tx = client.transaction().await?;
+    gate::hold_back_publishers(&mut tx, &projector.event_types(), options.locks).await?;
+    let final_events = replay::pass_in_transaction(&tx, &shadow, event_store).await?;
+    gate::drain_all_publishers(&mut tx, options.locks).await?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'; ALTER SCHEMA {} RENAME TO {}; ALTER SCHEMA {} RENAME TO {}; SET LOCAL lock_timeout = 0",
+        options.locks.deadline.as_millis().max(1),
+        quote_ident(&live),
+        quote_ident(&retired),
+        quote_ident(&shadow.schema()),
+        quote_ident(&live),
+    ))
+    .await?;
+    // The active version inherits the shadow's checkpoint (async versions
+    // are followed from it); the shadow's registration goes.
+    checkpoint::adopt(&tx, name, &shadow.version.to_string(), &version).await?;
+    versions::delete(&tx, name, &shadow.version.to_string()).await?;
+    states::put(&tx, name, Some(&version), None, None).await?;
+    versions::set_status(&tx, name, &version, VersionStatus::Active).await?;
+    history::record(
+        &tx,
+        actor,
+        name,
+        Some(&version),
+        Some("active"),
+        "active",
+        Some("rebuilt in place"),
+    )
+    .await?;
+    tx.commit().await?;
+    let critical_ms = critical.elapsed().as_secs_f64() * 1e3;
+
+    // Outside the critical section: readers of the old tables may hold locks.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let result = client
+            .batch_execute(&format!(
+                "SET lock_timeout = '200ms'; DROP SCHEMA IF EXISTS {} CASCADE; RESET lock_timeout",
+                quote_ident(&retired)
+            ))
+            .await;
+        match result {
+            Ok(()) => break,
+            Err(e) if attempts < 50 && e.code().map(|c| c.code()) == Some("55P03") => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                tracing::warn!(schema = %retired, error = %e, "could not drop the old tables; drop the schema by hand");
+                break;
+            }
+        }
+    }
+    lock.release().await?;
+    Ok(StepReport {
+        projector: name.to_owned(),
+        version: Some(version.clone()),
+        action: "rebuild".into(),
+        replayed_events: applied + final_events,
+        replay_seconds,
+        switch: Some(SwitchReport {
+            projector: name.to_owned(),
+            from: Some(version.clone()),
+            to: Some(version),
+            final_events,
+            held_back_ms: critical_ms,
+            critical_ms,
+        }),
+    })
+}
