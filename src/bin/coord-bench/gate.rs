@@ -62,7 +62,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let db = BenchDb::create(server_url, "gate").await?;
     let config = Config::parse(CONFIG, "coord-bench gate")?;
     let projectors = ProjectorSet::from_config(&config);
-    crate::support::activate(&db, &projectors).await?;
+    let pool = coord::pool(&db.url, 4)?;
+    coord::activation::activate_current_config(
+        &pool,
+        &db.url,
+        &projectors,
+        &coord::RelationName::default(),
+        &coord::activation::ActivateOptions::default(),
+        &coord::store::Actor::new("coord-bench", "coord-bench gate"),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await?;
+    drop(pool);
 
     let round = Duration::from_secs_f64(args.seconds / 2.0);
     let mut on = 0;

@@ -62,26 +62,3 @@ fn with_database(url: &str, db: &str) -> String {
     format!("{base}/{db}{query}")
 }
 
-/// Makes `projectors` active (building their schemas) in the bench database.
-pub async fn activate(db: &BenchDb, projectors: &coord::ProjectorSet) -> anyhow::Result<()> {
-    use coord::ProjectorExt as _;
-    let client = db.client().await?;
-    for p in projectors.iter() {
-        let schema = coord::quote_ident(&p.schema());
-        client
-            .batch_execute(&format!(
-                "CREATE SCHEMA {schema}; SET search_path = {schema}; {} RESET search_path;",
-                p.tables()
-            ))
-            .await?;
-        coord::store::states::put(
-            &client,
-            p.name().as_str(),
-            Some(&p.version().to_string()),
-            None,
-            None,
-        )
-        .await?;
-    }
-    Ok(())
-}
