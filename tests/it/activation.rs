@@ -88,6 +88,56 @@ async fn import(client: &Client, accounts: i64, deposits: i64) {
         .unwrap();
 }
 
+/// Publishers of `version` depositing into the imported accounts until
+/// `stop` is set or they are refused as stale; each returns whether it was
+/// refused. Any other refusal fails the test.
+fn spawn_publishers(
+    db: &TestDb,
+    version: &str,
+    count: i64,
+    stop: &Arc<AtomicBool>,
+    published: &Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<bool>> {
+    (0..count)
+        .map(|i| {
+            let (url, stop, published, version) = (
+                db.url.clone(),
+                stop.clone(),
+                published.clone(),
+                version.to_owned(),
+            );
+            tokio::spawn(async move {
+                let mut client = crate::support::connect(&url).await;
+                let p = Publisher::new(set(&version));
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let account = format!("acc-{}", (i * 7 + n) % 20 + 1);
+                    let event = NewEvent::new("MoneyDeposited", json!({"amount": n % 9 + 1}));
+                    match p
+                        .publish_with_retry(
+                            &mut client,
+                            &account,
+                            ExpectedVersion::Any,
+                            &[event],
+                            RetryPolicy::default(),
+                        )
+                        .await
+                    {
+                        Ok(_) => {
+                            published.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(Error::StreamVersionConflict { .. }) => {}
+                        Err(Error::NewerProjectorIsActive { .. }) => return true,
+                        Err(e) => panic!("publisher {i} of {version}: {e:?}"),
+                    }
+                }
+                false
+            })
+        })
+        .collect()
+}
+
 fn activate_cli(db: &TestDb, version: &str, extra: &[&str]) -> std::process::Output {
     let file = format!("v{version}.toml");
     db.write_config(&file, &balances_toml(version));
@@ -165,40 +215,7 @@ async fn n_to_n_plus_1_while_n_publishes() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let published = Arc::new(AtomicU64::new(0));
-    let mut publishers = Vec::new();
-    for i in 0..4 {
-        let (url, stop, published) = (db.url.clone(), stop.clone(), published.clone());
-        publishers.push(tokio::spawn(async move {
-            let mut client = crate::support::connect(&url).await;
-            let p = Publisher::new(set("1.0.0"));
-            let mut n = 0;
-            loop {
-                n += 1;
-                let account = format!("acc-{}", (i * 7 + n) % 40 + 1);
-                let event = NewEvent::new("MoneyDeposited", json!({"amount": n % 9 + 1}));
-                match p
-                    .publish_with_retry(
-                        &mut client,
-                        &account,
-                        ExpectedVersion::Any,
-                        &[event],
-                        RetryPolicy::default(),
-                    )
-                    .await
-                {
-                    Ok(_) => {
-                        published.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Err(Error::StreamVersionConflict { .. }) => {}
-                    Err(Error::NewerProjectorIsActive { .. }) => return n,
-                    Err(e) => panic!("publisher {i}: {e:?}"),
-                }
-                if stop.load(Ordering::SeqCst) {
-                    return n;
-                }
-            }
-        }));
-    }
+    let publishers = spawn_publishers(&db, "1.0.0", 4, &stop, &published);
     eventually(Duration::from_secs(30), "v1 publishers to publish", || {
         let p = published.clone();
         async move { p.load(Ordering::SeqCst) >= 20 }
@@ -217,7 +234,10 @@ async fn n_to_n_plus_1_while_n_publishes() {
     .unwrap();
     assert_eq!(report.steps[0].action, "replay");
     for p in publishers {
-        p.await.unwrap(); // each one ends refused with NewerProjectorIsActive
+        assert!(
+            p.await.unwrap(),
+            "each v1 publisher ends refused with NewerProjectorIsActive"
+        );
     }
     assert_eq!(state(&client).await, (Some("2.0.0".into()), None, None));
     assert_eq!(
@@ -775,35 +795,7 @@ async fn rebuild_replaces_the_active_tables_while_publishers_run() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let published = Arc::new(AtomicU64::new(0));
-    let mut publishers = Vec::new();
-    for i in 0..3 {
-        let (url, stop, published) = (db.url.clone(), stop.clone(), published.clone());
-        publishers.push(tokio::spawn(async move {
-            let mut client = crate::support::connect(&url).await;
-            let p = Publisher::new(set("1.0.0"));
-            let mut n = 0;
-            while !stop.load(Ordering::SeqCst) {
-                n += 1;
-                let event = NewEvent::new("MoneyDeposited", json!({"amount": 2}));
-                match p
-                    .publish_with_retry(
-                        &mut client,
-                        &format!("acc-{}", (i * 11 + n) % 30 + 1),
-                        ExpectedVersion::Any,
-                        &[event],
-                        RetryPolicy::default(),
-                    )
-                    .await
-                {
-                    Ok(_) => {
-                        published.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Err(Error::StreamVersionConflict { .. }) => {}
-                    Err(e) => panic!("a publisher was refused during the rebuild: {e:?}"),
-                }
-            }
-        }));
-    }
+    let publishers = spawn_publishers(&db, "1.0.0", 3, &stop, &published);
     eventually(Duration::from_secs(30), "publishers to publish", || {
         let p = published.clone();
         async move { p.load(Ordering::SeqCst) >= 10 }

@@ -61,4 +61,3 @@ fn with_database(url: &str, db: &str) -> String {
     };
     format!("{base}/{db}{query}")
 }
-

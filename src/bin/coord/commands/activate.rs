@@ -131,36 +131,64 @@ pub struct RollbackArgs {
     pub tuning: ActivationArgs,
 }
 
-pub async fn rollback(ctx: &Context, args: RollbackArgs) -> anyhow::Result<()> {
-    coord::ProjectorName::new(&args.projector).map_err(coord::Error::InvalidInput)?;
+/// What rollback and rebuild both start from: one projector of the
+/// configuration, its options, a pool and a cancellation token.
+struct OneProjector {
+    config: coord::Config,
+    projector: std::sync::Arc<dyn coord::Projector>,
+    options: ActivateOptions,
+    url: coord::DatabaseUrl,
+    pool: deadpool_postgres::Pool,
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+fn one_projector(
+    ctx: &Context,
+    name: &str,
+    tuning: &ActivationArgs,
+) -> anyhow::Result<OneProjector> {
+    coord::ProjectorName::new(name).map_err(coord::Error::InvalidInput)?;
     let config = ctx.config()?;
-    let options = args.tuning.options(ctx)?;
-    let projectors = ctx.projectors(&config);
-    let projector = projectors.get(&args.projector).cloned().ok_or_else(|| {
+    let options = tuning.options(ctx)?;
+    let projector = ctx.projectors(&config).get(name).cloned().ok_or_else(|| {
         coord::Error::InvalidInput(format!(
-            "projector {} is not in {}: run with the configuration of the version to roll back to",
-            args.projector, config.source_name
+            "projector {name} is not in {}: run with the configuration that defines the version to act on",
+            config.source_name
         ))
     })?;
     let url = ctx.database_url(Some(&config))?;
-    let pool = coord::pool(&url, 4)?;
-    let cancel = crate::progress::cancel_on_ctrl_c();
-    let report = coord::activation::rollback(
-        &pool,
-        &url,
-        &projector,
-        &config.event_store,
-        &options,
+    let pool = coord::pool(&url, options.replay.jobs * 2 + 2)?;
+    Ok(OneProjector {
+        config,
+        projector,
+        options,
+        url,
+        pool,
+        cancel: crate::progress::cancel_on_ctrl_c(),
+    })
+}
+
+fn print_step(ctx: &Context, report: &activation::StepReport) -> anyhow::Result<()> {
+    if ctx.json() {
+        return output::json(report);
+    }
+    print!("{}", render_steps(std::slice::from_ref(report)));
+    Ok(())
+}
+
+pub async fn rollback(ctx: &Context, args: RollbackArgs) -> anyhow::Result<()> {
+    let one = one_projector(ctx, &args.projector, &args.tuning)?;
+    let report = activation::rollback(
+        &one.pool,
+        &one.url,
+        &one.projector,
+        &one.config.event_store,
+        &one.options,
         &ctx.actor,
-        &cancel,
+        &one.cancel,
     )
     .await?;
-    if ctx.json() {
-        return output::json(&report);
-    }
-    println!("rolled back {} to {}", args.projector, projector.version());
-    print!("{}", render_steps(std::slice::from_ref(&report)));
-    Ok(())
+    print_step(ctx, &report)
 }
 
 /// Arguments of `coord prune`.
@@ -275,32 +303,16 @@ pub struct RebuildArgs {
 }
 
 pub async fn rebuild(ctx: &Context, args: RebuildArgs) -> anyhow::Result<()> {
-    coord::ProjectorName::new(&args.projector).map_err(coord::Error::InvalidInput)?;
-    let config = ctx.config()?;
-    let options = args.tuning.options(ctx)?;
-    let projectors = ctx.projectors(&config);
-    let projector = projectors.get(&args.projector).cloned().ok_or_else(|| {
-        coord::Error::InvalidInput(format!(
-            "projector {} is not in {}",
-            args.projector, config.source_name
-        ))
-    })?;
-    let url = ctx.database_url(Some(&config))?;
-    let pool = coord::pool(&url, options.replay.jobs * 2 + 2)?;
-    let cancel = crate::progress::cancel_on_ctrl_c();
-    let report = coord::activation::rebuild(
-        &pool,
-        &url,
-        &projector,
-        &config.event_store,
-        &options,
+    let one = one_projector(ctx, &args.projector, &args.tuning)?;
+    let report = activation::rebuild(
+        &one.pool,
+        &one.url,
+        &one.projector,
+        &one.config.event_store,
+        &one.options,
         &ctx.actor,
-        &cancel,
+        &one.cancel,
     )
     .await?;
-    if ctx.json() {
-        return output::json(&report);
-    }
-    print!("{}", render_steps(std::slice::from_ref(&report)));
-    Ok(())
+    print_step(ctx, &report)
 }
