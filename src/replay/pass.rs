@@ -156,7 +156,13 @@ pub async fn run_pass(
     tokio::spawn(async move {
         let mut cursor = cursor0;
         while !reader_cancel.is_cancelled() {
+            let read_started = Instant::now();
             let result = reader_query.read(&**reader, cursor, limit).await;
+            debug!(
+                read_ms = read_started.elapsed().as_millis() as u64,
+                rows = result.as_ref().map_or(0, |b| b.events.len()),
+                "read batch"
+            );
             let last = match &result {
                 Ok(batch) => {
                     if let Some(event) = batch.events.last() {
@@ -173,7 +179,12 @@ pub async fn run_pass(
     });
 
     let total = if options.count_total {
+        let count_started = Instant::now();
         let remaining = q.count(&**writer, cursor0).await?;
+        debug!(
+            count_ms = count_started.elapsed().as_millis() as u64,
+            remaining, "counted"
+        );
         Some(start.events_processed + remaining)
     } else {
         None
@@ -202,6 +213,7 @@ pub async fn run_pass(
             report.cancelled = true;
             break;
         }
+        let batch_started = Instant::now();
         let tx = writer.transaction().await?;
         let (ck, ()) = futures_util::future::try_join(
             checkpoint::lock(&*tx, name, &version),
@@ -246,6 +258,7 @@ pub async fn run_pass(
             applied = outcome.applied,
             parked = outcome.parked,
             rate_per_s = rate,
+            apply_ms = batch_started.elapsed().as_millis() as u64,
             "applied batch"
         );
         if let Some(progress) = &options.progress {

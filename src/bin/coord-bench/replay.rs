@@ -24,7 +24,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1_000_000)]
     events: i64,
     /// Events per replay batch.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 50_000)]
     batch_size: usize,
     /// Server to create the benchmark database on.
     #[arg(
