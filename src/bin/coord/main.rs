@@ -3,6 +3,7 @@
 mod commands;
 mod context;
 mod output;
+mod progress;
 
 use std::process::ExitCode;
 
@@ -27,6 +28,12 @@ enum Command {
     Migrate,
     /// Every projector: active, activating and replaying versions, progress, last transition.
     Status,
+    /// Replay (or resume) the configuration's new versions without activating them.
+    Replay(commands::replay::ReplayArgs),
+    /// Catch replaying versions up with the event store.
+    CatchUp(commands::catch_up::CatchUpArgs),
+    /// Drop a replay in progress; the active version is untouched.
+    Abort(commands::abort::AbortArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,9 +68,12 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let ctx = context::Context::new(cli.global, command_name(&cli.command));
-    match cli.command {
+    match &cli.command {
         Command::Migrate => commands::migrate::run(&ctx).await,
         Command::Status => commands::status::run(&ctx).await,
+        Command::Replay(args) => commands::replay::run(&ctx, args).await,
+        Command::CatchUp(args) => commands::catch_up::run(&ctx, args).await,
+        Command::Abort(args) => commands::abort::run(&ctx, args).await,
     }
 }
 
@@ -71,6 +81,9 @@ fn command_name(command: &Command) -> &'static str {
     match command {
         Command::Migrate => "migrate",
         Command::Status => "status",
+        Command::Replay(_) => "replay",
+        Command::CatchUp(_) => "catch-up",
+        Command::Abort(_) => "abort",
     }
 }
 
