@@ -4,4 +4,5 @@
 mod cli;
 mod config;
 mod migrate;
+mod replay;
 mod support;
