@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
-use tokio_postgres::Transaction;
+use tokio_postgres::{Row, Transaction};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument};
 
@@ -147,8 +147,11 @@ pub async fn run_pass(
         exclude_ahead,
     );
 
-    // Prefetch: the reader reads batch n+1 while the writer applies batch n.
+    // Three stages overlap: the reader fetches batch n+2 (server), a decoder
+    // turns batch n+1 into events (client CPU, on a blocking thread), and
+    // this task applies batch n (server).
     let reader = pool.get().await?;
+    let (row_sender, mut row_receiver) = mpsc::channel::<Result<Vec<Row>>>(1);
     let (sender, mut receiver) = mpsc::channel::<Result<EventBatch>>(1);
     let limit = i64::try_from(options.batch_size.max(1)).unwrap_or(i64::MAX);
     let reader_query = q.clone();
@@ -157,22 +160,37 @@ pub async fn run_pass(
         let mut cursor = cursor0;
         while !reader_cancel.is_cancelled() {
             let read_started = Instant::now();
-            let result = reader_query.read(&**reader, cursor, limit).await;
-            debug!(
-                read_ms = read_started.elapsed().as_millis() as u64,
-                rows = result.as_ref().map_or(0, |b| b.events.len()),
-                "read batch"
-            );
+            let result = reader_query.read_rows(&**reader, cursor, limit).await;
             let last = match &result {
-                Ok(batch) => {
-                    if let Some(event) = batch.events.last() {
-                        cursor = event.position;
+                Ok(rows) => {
+                    debug!(
+                        read_ms = read_started.elapsed().as_millis() as u64,
+                        rows = rows.len(),
+                        "read batch"
+                    );
+                    match EventBatch::last_position(rows) {
+                        Ok(Some(position)) => cursor = position,
+                        Ok(None) => {}
+                        Err(_) => {}
                     }
-                    (batch.events.len() as i64) < limit
+                    (rows.len() as i64) < limit
                 }
                 Err(_) => true,
             };
-            if sender.send(result).await.is_err() || last {
+            if row_sender.send(result).await.is_err() || last {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(rows) = row_receiver.recv().await {
+            let decoded = match rows {
+                Ok(rows) => tokio::task::spawn_blocking(move || EventBatch::decode(&rows))
+                    .await
+                    .unwrap_or_else(|e| Err(Error::Failed(format!("decoding events failed: {e}")))),
+                Err(e) => Err(e),
+            };
+            if sender.send(decoded).await.is_err() {
                 break;
             }
         }

@@ -6,7 +6,7 @@
 //! are cast back in SQL. This module never applies events.
 
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::GenericClient;
+use tokio_postgres::{GenericClient, Row};
 
 use crate::names::RelationName;
 use crate::projector::Event;
@@ -288,18 +288,23 @@ impl PassQuery {
         cursor: i64,
         limit: i64,
     ) -> Result<EventBatch> {
-        let rows = client
+        EventBatch::decode(&self.read_rows(client, cursor, limit).await?)
+    }
+
+    /// Like [`PassQuery::read`], undecoded: decode with [`EventBatch::decode`]
+    /// (CPU work a caller may move to another thread).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn read_rows(
+        &self,
+        client: &impl GenericClient,
+        cursor: i64,
+        limit: i64,
+    ) -> Result<Vec<Row>> {
+        Ok(client
             .query_typed(&self.read_sql(), &self.params(&cursor, &limit))
-            .await?;
-        let mut batch = EventBatch {
-            events: Vec::with_capacity(rows.len()),
-            xacts: Vec::with_capacity(rows.len()),
-        };
-        for row in &rows {
-            batch.events.push(Event::try_from(row)?);
-            batch.xacts.push(row.try_get(7)?);
-        }
-        Ok(batch)
+            .await?)
     }
 
     /// Counts the events the pass still has to apply after `cursor`.
@@ -325,6 +330,32 @@ pub struct EventBatch {
     pub events: Vec<Event>,
     /// `xacts[i]` belongs to `events[i]`.
     pub xacts: Vec<Option<String>>,
+}
+
+impl EventBatch {
+    /// Decodes rows of [`PassQuery::read_rows`].
+    ///
+    /// # Errors
+    /// Decoding errors.
+    pub fn decode(rows: &[Row]) -> Result<Self> {
+        let mut batch = EventBatch {
+            events: Vec::with_capacity(rows.len()),
+            xacts: Vec::with_capacity(rows.len()),
+        };
+        for row in rows {
+            batch.events.push(Event::try_from(row)?);
+            batch.xacts.push(row.try_get(7)?);
+        }
+        Ok(batch)
+    }
+
+    /// The position of the last row of `rows`, if any.
+    ///
+    /// # Errors
+    /// Decoding errors.
+    pub fn last_position(rows: &[Row]) -> Result<Option<i64>> {
+        Ok(rows.last().map(|r| r.try_get(0)).transpose()?)
+    }
 }
 
 const PENDING: &str = "SELECT count(*) FROM {events} e \
