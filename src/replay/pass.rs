@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
-use tokio_postgres::{Row, Transaction};
+use tokio_postgres::Transaction;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument};
 
@@ -151,7 +151,7 @@ pub async fn run_pass(
     // turns batch n+1 into events (client CPU, on a blocking thread), and
     // this task applies batch n (server).
     let reader = pool.get().await?;
-    let (row_sender, mut row_receiver) = mpsc::channel::<Result<Vec<Row>>>(1);
+    let (row_sender, mut row_receiver) = mpsc::channel::<Result<Vec<u8>>>(1);
     let (sender, mut receiver) = mpsc::channel::<Result<EventBatch>>(1);
     let limit = i64::try_from(options.batch_size.max(1)).unwrap_or(i64::MAX);
     let reader_query = q.clone();
@@ -160,22 +160,19 @@ pub async fn run_pass(
         let mut cursor = cursor0;
         while !reader_cancel.is_cancelled() {
             let read_started = Instant::now();
-            let result = reader_query.read_rows(&**reader, cursor, limit).await;
-            let last = match &result {
-                Ok(rows) => {
+            let result = reader_query.read_copy(&reader, cursor, limit).await;
+            let (result, last) = match result {
+                Ok((data, rows, last_position)) => {
                     debug!(
                         read_ms = read_started.elapsed().as_millis() as u64,
-                        rows = rows.len(),
-                        "read batch"
+                        rows, "read batch"
                     );
-                    match EventBatch::last_position(rows) {
-                        Ok(Some(position)) => cursor = position,
-                        Ok(None) => {}
-                        Err(_) => {}
+                    if let Some(position) = last_position {
+                        cursor = position;
                     }
-                    (rows.len() as i64) < limit
+                    (Ok(data), (rows as i64) < limit)
                 }
-                Err(_) => true,
+                Err(e) => (Err(e), true),
             };
             if row_sender.send(result).await.is_err() || last {
                 break;
@@ -183,9 +180,9 @@ pub async fn run_pass(
         }
     });
     tokio::spawn(async move {
-        while let Some(rows) = row_receiver.recv().await {
-            let decoded = match rows {
-                Ok(rows) => tokio::task::spawn_blocking(move || EventBatch::decode(&rows))
+        while let Some(data) = row_receiver.recv().await {
+            let decoded = match data {
+                Ok(data) => tokio::task::spawn_blocking(move || EventBatch::decode_copy(&data))
                     .await
                     .unwrap_or_else(|e| Err(Error::Failed(format!("decoding events failed: {e}")))),
                 Err(e) => Err(e),

@@ -5,10 +5,10 @@
 //! snapshots travel as text (`xid8` and `pg_snapshot` have no Rust type) and
 //! are cast back in SQL. This module never applies events.
 
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{GenericClient, Row};
 
-use crate::names::RelationName;
+use crate::names::{quote_literal, RelationName};
 use crate::projector::Event;
 use crate::store::versions::VersionStatus;
 use crate::{Error, Result};
@@ -307,6 +307,63 @@ impl PassQuery {
             .await?)
     }
 
+    /// The batch read of [`PassQuery::read_sql`] as a binary `COPY`, values
+    /// inlined as quoted literals (`COPY` takes no parameters).
+    ///
+    /// # Errors
+    /// [`Error::Failed`] when the snapshot or horizon is not what PostgreSQL
+    /// produces for them.
+    pub fn copy_sql(&self, cursor: i64, limit: i64) -> Result<String> {
+        let numeric = |text: &str| {
+            text.chars()
+                .all(|c| c.is_ascii_digit() || c == ':' || c == ',')
+        };
+        if !numeric(&self.snapshot) || !numeric(&self.horizon) {
+            return Err(Error::Failed(format!(
+                "invalid checkpoint of {}@{}: snapshot {:?}, horizon {:?}",
+                self.name, self.version, self.snapshot, self.horizon
+            )));
+        }
+        let types: Vec<String> = self.event_types.iter().map(|t| quote_literal(t)).collect();
+        let sql = self
+            .read_sql()
+            .replace("$7", &quote_literal(&self.version))
+            .replace("$6", &quote_literal(&self.name))
+            .replace("$5", &quote_literal(&self.horizon))
+            .replace("$4", &limit.to_string())
+            .replace("$3", &format!("ARRAY[{}]::text[]", types.join(", ")))
+            .replace("$2", &cursor.to_string())
+            .replace("$1", &quote_literal(&self.snapshot));
+        Ok(format!("COPY ({sql}) TO STDOUT (FORMAT binary)"))
+    }
+
+    /// Reads a batch like [`PassQuery::read`] through a binary `COPY`, the
+    /// fastest way rows leave PostgreSQL; decode with
+    /// [`EventBatch::decode_copy`]. Returns the data, its row count and the
+    /// last position.
+    ///
+    /// # Errors
+    /// Database errors; malformed `COPY` data.
+    pub async fn read_copy(
+        &self,
+        client: &tokio_postgres::Client,
+        cursor: i64,
+        limit: i64,
+    ) -> Result<(Vec<u8>, usize, Option<i64>)> {
+        let stream = client.copy_out(&self.copy_sql(cursor, limit)?).await?;
+        futures_util::pin_mut!(stream);
+        let mut data = Vec::new();
+        while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+            data.extend_from_slice(&chunk?);
+        }
+        let mut last = None;
+        let rows = walk_copy(&data, |fields| {
+            last = Some(field::<i64>(fields, 0, &Type::INT8)?);
+            Ok(())
+        })?;
+        Ok((data, rows, last))
+    }
+
     /// Counts the events the pass still has to apply after `cursor`.
     ///
     /// # Errors
@@ -346,6 +403,28 @@ impl EventBatch {
             batch.events.push(Event::try_from(row)?);
             batch.xacts.push(row.try_get(7)?);
         }
+        Ok(batch)
+    }
+
+    /// Decodes the binary `COPY` data of [`PassQuery::read_copy`].
+    ///
+    /// # Errors
+    /// Malformed data.
+    pub fn decode_copy(data: &[u8]) -> Result<Self> {
+        let mut batch = EventBatch::default();
+        walk_copy(data, |f| {
+            batch.events.push(Event {
+                position: field(f, 0, &Type::INT8)?,
+                stream_id: field(f, 1, &Type::TEXT)?,
+                stream_version: field(f, 2, &Type::INT8)?,
+                event_type: field(f, 3, &Type::TEXT)?,
+                data: field(f, 4, &Type::JSONB)?,
+                metadata: field(f, 5, &Type::JSONB)?,
+                recorded_at: field(f, 6, &Type::TIMESTAMPTZ)?,
+            });
+            batch.xacts.push(field(f, 7, &Type::TEXT)?);
+            Ok(())
+        })?;
         Ok(batch)
     }
 
@@ -472,4 +551,60 @@ const ABORT: &str =
 pub async fn mark_aborted(client: &impl GenericClient, name: &str, version: &str) -> Result<()> {
     client.execute(ABORT, &[&name, &version]).await?;
     Ok(())
+}
+
+fn malformed(what: &str) -> Error {
+    Error::Failed(format!("malformed COPY data from the event store: {what}"))
+}
+
+fn field<'a, T: FromSql<'a>>(fields: &[Option<&'a [u8]>], i: usize, ty: &Type) -> Result<T> {
+    let raw = *fields.get(i).ok_or_else(|| malformed("too few columns"))?;
+    let value = match raw {
+        Some(bytes) => T::from_sql(ty, bytes),
+        None => T::from_sql_null(ty),
+    };
+    value.map_err(|e| malformed(&format!("column {i}: {e}")))
+}
+
+/// Calls `each` with the fields of every tuple of binary `COPY` data;
+/// returns the number of tuples.
+fn walk_copy<'a>(
+    data: &'a [u8],
+    mut each: impl FnMut(&[Option<&'a [u8]>]) -> Result<()>,
+) -> Result<usize> {
+    const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+    if data.is_empty() {
+        return Ok(0);
+    }
+    let take = |at: usize, n: usize| -> Result<&'a [u8]> {
+        data.get(at..at + n).ok_or_else(|| malformed("truncated"))
+    };
+    if take(0, SIGNATURE.len())? != SIGNATURE {
+        return Err(malformed("bad signature"));
+    }
+    let ext = u32::from_be_bytes(take(15, 4)?.try_into().expect("4 bytes")) as usize;
+    let mut at = 19 + ext;
+    let mut fields = Vec::with_capacity(8);
+    let mut rows = 0;
+    loop {
+        let count = i16::from_be_bytes(take(at, 2)?.try_into().expect("2 bytes"));
+        at += 2;
+        if count < 0 {
+            return Ok(rows);
+        }
+        fields.clear();
+        for _ in 0..count {
+            let len = i32::from_be_bytes(take(at, 4)?.try_into().expect("4 bytes"));
+            at += 4;
+            if len < 0 {
+                fields.push(None);
+            } else {
+                let len = len as usize;
+                fields.push(Some(take(at, len)?));
+                at += len;
+            }
+        }
+        each(&fields)?;
+        rows += 1;
+    }
 }
