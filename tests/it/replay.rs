@@ -763,3 +763,67 @@ async fn replay_survives_kill_9_and_a_rerun_applies_every_event_exactly_once() {
     assert_eq!(processed(&client, "balances", "2.0.0").await, 4000);
     assert_eq!(mismatches(&client, "balances_v2_0_0").await, 0);
 }
+
+#[tokio::test]
+async fn replay_runs_several_projectors_concurrently_and_reports_each() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    append(&client, 0, 600, 15).await;
+    let counts = r#"
+[[projector]]
+name = "counts"
+version = "1.0.0"
+tables = """
+CREATE TABLE counts (stream text PRIMARY KEY, n bigint NOT NULL);
+"""
+[projector.handlers]
+AccountOpened = "INSERT INTO counts VALUES ($1, 1)"
+MoneyDeposited = "UPDATE counts SET n = n + 1 WHERE stream = $1"
+"#;
+    db.write_config(
+        "coord.toml",
+        &format!("{}\n{counts}", balances_toml("2.0.0")),
+    );
+    let out = db.coord(&[
+        "replay",
+        "--jobs",
+        "2",
+        "--batch-size",
+        "100",
+        "--output",
+        "json",
+    ]);
+    assert_exit(&out, 0);
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(value["projectors"][0]["start"]["projector"], "balances");
+    assert_eq!(value["projectors"][0]["catch_up"]["applied"], 600);
+    assert_eq!(value["projectors"][1]["start"]["projector"], "counts");
+    let handled: i64 = client
+        .query_one(
+            "SELECT count(*) FROM coord.events WHERE event_type IN ('AccountOpened', 'MoneyDeposited')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(value["projectors"][1]["catch_up"]["applied"], handled);
+    assert_eq!(mismatches(&client, "balances_v2_0_0").await, 0);
+    let wrong: i64 = client
+        .query_one(
+            "SELECT count(*) FROM (SELECT stream_id, count(*) AS n FROM coord.events \
+             WHERE event_type IN ('AccountOpened', 'MoneyDeposited') GROUP BY stream_id) e \
+             FULL JOIN counts_v1_0_0.counts c ON c.stream = e.stream_id WHERE c.n IS DISTINCT FROM e.n",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(wrong, 0);
+    let text = db.coord(&["replay"]);
+    assert_exit(&text, 0);
+    assert!(
+        stdout(&text).contains("counts@1.0.0: resumed"),
+        "{}",
+        stdout(&text)
+    );
+}
