@@ -827,3 +827,47 @@ MoneyDeposited = "UPDATE counts SET n = n + 1 WHERE stream = $1"
         stdout(&text)
     );
 }
+
+#[tokio::test]
+async fn ctrl_c_stops_coord_replay_at_a_batch_boundary_with_the_checkpoint_saved() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    append(&client, 0, 4000, 40).await;
+    db.write_config("coord.toml", &balances_toml("2.0.0"));
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_coord"))
+        .current_dir(db.dir.path())
+        .args(["replay", "--batch-size", "10"])
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the replay to commit a batch",
+        || async { processed(&client, "balances", "2.0.0").await > 0 },
+    )
+    .await;
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    assert_exit(&out, 1);
+    assert!(stderr(&out).contains("checkpoint"), "{}", stderr(&out));
+    let at_stop = processed(&client, "balances", "2.0.0").await;
+    assert!(at_stop < 4000, "the replay finished before Ctrl-C");
+    assert_eq!(at_stop % 10, 0, "stopped at a batch boundary");
+    let v = versions::get(&client, "balances", "2.0.0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.status, versions::VersionStatus::Replaying);
+    let rerun = db.coord(&["replay"]);
+    assert_exit(&rerun, 0);
+    assert!(stdout(&rerun).contains("resumed"), "{}", stdout(&rerun));
+    assert_eq!(processed(&client, "balances", "2.0.0").await, 4000);
+    assert_eq!(mismatches(&client, "balances_v2_0_0").await, 0);
+}
