@@ -17,7 +17,8 @@ use crate::names::RelationName;
 use crate::projector::{ApplyContext, Phase, Projector, ProjectorExt};
 use crate::replay::batch::{self, BatchOutcome};
 use crate::replay::options::{CatchUpReport, PassReport, Progress, ReplayOptions};
-use crate::store::checkpoint::{self, BatchProgress, EventBatch, PassQuery};
+use crate::store::checkpoint::{self, BatchProgress, PassQuery};
+use crate::store::events::EventBatch;
 use crate::store::versions::VersionStatus;
 use crate::{Error, Result};
 

@@ -5,11 +5,12 @@
 //! snapshots travel as text (`xid8` and `pg_snapshot` have no Rust type) and
 //! are cast back in SQL. This module never applies events.
 
-use tokio_postgres::types::{FromSql, ToSql, Type};
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Row};
 
 use crate::names::{quote_literal, RelationName};
-use crate::projector::Event;
+use crate::store::events::field;
+use crate::store::events::{walk_copy, EventBatch};
 use crate::store::versions::VersionStatus;
 use crate::{Error, Result};
 
@@ -378,65 +379,6 @@ impl PassQuery {
     }
 }
 
-/// Events read by a pass, with, for each, its `xact_id` (as text) when it
-/// is at or above the pass snapshot's xmin and so must be recorded in
-/// `coord.applied_ahead` once applied.
-#[derive(Clone, Debug, Default)]
-pub struct EventBatch {
-    /// The events, in position order.
-    pub events: Vec<Event>,
-    /// `xacts[i]` belongs to `events[i]`.
-    pub xacts: Vec<Option<String>>,
-}
-
-impl EventBatch {
-    /// Decodes rows of [`PassQuery::read_rows`].
-    ///
-    /// # Errors
-    /// Decoding errors.
-    pub fn decode(rows: &[Row]) -> Result<Self> {
-        let mut batch = EventBatch {
-            events: Vec::with_capacity(rows.len()),
-            xacts: Vec::with_capacity(rows.len()),
-        };
-        for row in rows {
-            batch.events.push(Event::try_from(row)?);
-            batch.xacts.push(row.try_get(7)?);
-        }
-        Ok(batch)
-    }
-
-    /// Decodes the binary `COPY` data of [`PassQuery::read_copy`].
-    ///
-    /// # Errors
-    /// Malformed data.
-    pub fn decode_copy(data: &[u8]) -> Result<Self> {
-        let mut batch = EventBatch::default();
-        walk_copy(data, |f| {
-            batch.events.push(Event {
-                position: field(f, 0, &Type::INT8)?,
-                stream_id: field(f, 1, &Type::TEXT)?,
-                stream_version: field(f, 2, &Type::INT8)?,
-                event_type: field(f, 3, &Type::TEXT)?,
-                data: field(f, 4, &Type::JSONB)?,
-                metadata: field(f, 5, &Type::JSONB)?,
-                recorded_at: field(f, 6, &Type::TIMESTAMPTZ)?,
-            });
-            batch.xacts.push(field(f, 7, &Type::TEXT)?);
-            Ok(())
-        })?;
-        Ok(batch)
-    }
-
-    /// The position of the last row of `rows`, if any.
-    ///
-    /// # Errors
-    /// Decoding errors.
-    pub fn last_position(rows: &[Row]) -> Result<Option<i64>> {
-        Ok(rows.last().map(|r| r.try_get(0)).transpose()?)
-    }
-}
-
 const PENDING: &str = "SELECT count(*) FROM {events} e \
     WHERE e.xact_id >= (SELECT horizon FROM coord.projector_versions WHERE name = $1 AND version = $2) \
     AND e.event_type = ANY($3) AND NOT EXISTS (SELECT 1 FROM coord.applied_ahead a \
@@ -551,60 +493,4 @@ const ABORT: &str =
 pub async fn mark_aborted(client: &impl GenericClient, name: &str, version: &str) -> Result<()> {
     client.execute(ABORT, &[&name, &version]).await?;
     Ok(())
-}
-
-fn malformed(what: &str) -> Error {
-    Error::Failed(format!("malformed COPY data from the event store: {what}"))
-}
-
-fn field<'a, T: FromSql<'a>>(fields: &[Option<&'a [u8]>], i: usize, ty: &Type) -> Result<T> {
-    let raw = *fields.get(i).ok_or_else(|| malformed("too few columns"))?;
-    let value = match raw {
-        Some(bytes) => T::from_sql(ty, bytes),
-        None => T::from_sql_null(ty),
-    };
-    value.map_err(|e| malformed(&format!("column {i}: {e}")))
-}
-
-/// Calls `each` with the fields of every tuple of binary `COPY` data;
-/// returns the number of tuples.
-fn walk_copy<'a>(
-    data: &'a [u8],
-    mut each: impl FnMut(&[Option<&'a [u8]>]) -> Result<()>,
-) -> Result<usize> {
-    const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
-    if data.is_empty() {
-        return Ok(0);
-    }
-    let take = |at: usize, n: usize| -> Result<&'a [u8]> {
-        data.get(at..at + n).ok_or_else(|| malformed("truncated"))
-    };
-    if take(0, SIGNATURE.len())? != SIGNATURE {
-        return Err(malformed("bad signature"));
-    }
-    let ext = u32::from_be_bytes(take(15, 4)?.try_into().expect("4 bytes")) as usize;
-    let mut at = 19 + ext;
-    let mut fields = Vec::with_capacity(8);
-    let mut rows = 0;
-    loop {
-        let count = i16::from_be_bytes(take(at, 2)?.try_into().expect("2 bytes"));
-        at += 2;
-        if count < 0 {
-            return Ok(rows);
-        }
-        fields.clear();
-        for _ in 0..count {
-            let len = i32::from_be_bytes(take(at, 4)?.try_into().expect("4 bytes"));
-            at += 4;
-            if len < 0 {
-                fields.push(None);
-            } else {
-                let len = len as usize;
-                fields.push(Some(take(at, len)?));
-                at += len;
-            }
-        }
-        each(&fields)?;
-        rows += 1;
-    }
 }
