@@ -871,3 +871,51 @@ async fn ctrl_c_stops_coord_replay_at_a_batch_boundary_with_the_checkpoint_saved
     assert_eq!(processed(&client, "balances", "2.0.0").await, 4000);
     assert_eq!(mismatches(&client, "balances_v2_0_0").await, 0);
 }
+
+#[tokio::test]
+async fn abort_during_a_running_replay_stops_it_without_applying_into_a_dropped_schema() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    append(&client, 0, 4000, 40).await;
+    db.write_config("coord.toml", &balances_toml("2.0.0"));
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_coord"))
+        .current_dir(db.dir.path())
+        .args(["replay", "--batch-size", "10"])
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the replay to commit a batch",
+        || async { processed(&client, "balances", "2.0.0").await > 0 },
+    )
+    .await;
+    let abort = db.coord(&["abort"]);
+    assert_exit(&abort, 0);
+    assert!(stdout(&abort).contains("aborted the replay of balances@2.0.0"));
+    let out = child.wait_with_output().unwrap();
+    assert_exit(&out, 2);
+    assert!(stderr(&out).contains("was aborted"), "{}", stderr(&out));
+    let state = states::get(&client, "balances", false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.replaying_version, None);
+    let v = versions::get(&client, "balances", "2.0.0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.status, versions::VersionStatus::Aborted);
+    let schemas: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'balances_v2_0_0'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(schemas, 0);
+}
