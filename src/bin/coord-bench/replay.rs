@@ -63,7 +63,8 @@ fn sql_config(name: &str) -> String {
 name = "{name}"
 version = "1.0.0"
 tables = """
-CREATE TABLE balances (account text PRIMARY KEY, amount bigint NOT NULL DEFAULT 0);
+CREATE TABLE balances (account text PRIMARY KEY, amount bigint NOT NULL DEFAULT 0)
+  WITH (fillfactor = 50);
 """
 
 [projector.handlers]
