@@ -101,7 +101,7 @@ fn query(
 /// before it, and `last_error` is set); [`Error::Refused`] when the version
 /// was aborted; [`Error::Busy`] when another process took the pass over;
 /// database and pool errors.
-#[instrument(skip_all, fields(projector.name = %projector.name(), projector.version = %projector.version()), err)]
+#[instrument(skip_all, fields(projector.name = %projector.name(), projector.version = %projector.version()), err(level = "debug"))]
 pub async fn run_pass(
     pool: &Pool,
     projector: &dyn Projector,
@@ -335,7 +335,7 @@ fn ensure_owner(
 ///
 /// # Errors
 /// As [`run_pass`].
-#[instrument(skip_all, fields(projector.name = %projector.name(), projector.version = %projector.version()), err)]
+#[instrument(skip_all, fields(projector.name = %projector.name(), projector.version = %projector.version()), err(level = "debug"))]
 pub async fn catch_up(
     pool: &Pool,
     projector: &dyn Projector,

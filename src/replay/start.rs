@@ -47,7 +47,7 @@ pub struct ReplayStart {
 ///
 /// # Errors
 /// As [`start_replay_in`].
-#[instrument(skip_all, fields(projector.name = %projector.name(), projector.version = %projector.version()), err)]
+#[instrument(skip_all, fields(projector.name = %projector.name(), projector.version = %projector.version()), err(level = "debug"))]
 pub async fn start_replay(
     client: &mut Client,
     projector: &dyn Projector,
@@ -245,7 +245,7 @@ pub struct AbortReport {
 ///
 /// # Errors
 /// As [`abort_in`].
-#[instrument(skip_all, fields(projector.name = %name), err)]
+#[instrument(skip_all, fields(projector.name = %name), err(level = "debug"))]
 pub async fn abort(client: &mut Client, name: &str, actor: &Actor) -> Result<AbortReport> {
     let tx = client.transaction().await?;
     let report = abort_in(&tx, name, actor).await?;
