@@ -220,9 +220,15 @@ pub async fn run_pass(
     };
     let mut cursor = cursor0;
     let mut processed = start.events_processed;
+    // Set once the batch that ends the pass (shorter than `limit`) is in:
+    // only then may the horizon move. The reader also stops when cancelled,
+    // so a closed channel alone proves nothing.
+    let mut complete = false;
     while let Some(batch) = receiver.recv().await {
         let batch = batch?;
+        let is_last = (batch.events.len() as i64) < limit;
         if batch.events.is_empty() {
+            complete = true;
             break;
         }
         if cancel.is_cancelled() {
@@ -289,8 +295,20 @@ pub async fn run_pass(
         if let Some(failure) = outcome.failure {
             return Err(failure);
         }
+        if is_last {
+            complete = true;
+        }
     }
     drop(receiver);
+    if !complete && !report.cancelled {
+        if cancel.is_cancelled() {
+            report.cancelled = true;
+        } else {
+            return Err(Error::Failed(format!(
+                "the event reader of {label} stopped before the end of its pass; run it again to resume"
+            )));
+        }
+    }
 
     if !report.cancelled {
         let tx = writer.transaction().await?;

@@ -919,3 +919,38 @@ async fn abort_during_a_running_replay_stops_it_without_applying_into_a_dropped_
         .get(0);
     assert_eq!(schemas, 0);
 }
+
+#[tokio::test]
+async fn a_pass_cancelled_before_it_reads_anything_does_not_move_the_horizon() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    append(&client, 0, 300, 10).await;
+    let projector = sql_projector(&balances_toml("2.0.0"));
+    register(&db, projector.as_ref()).await;
+    let pool = coord::pool(&db.database_url(), 4).unwrap();
+    let relation = RelationName::default();
+    let cancelled = CancellationToken::new();
+    cancelled.cancel();
+    let report = run_pass(
+        &pool,
+        projector.as_ref(),
+        &relation,
+        &options(50),
+        &cancelled,
+    )
+    .await
+    .unwrap();
+    assert!(report.cancelled);
+    assert_eq!(report.applied, 0);
+    let rest = catch_up(
+        &pool,
+        projector.as_ref(),
+        &relation,
+        &options(50),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rest.applied, 300, "no event was skipped");
+    assert_eq!(mismatches(&client, "balances_v2_0_0").await, 0);
+}
