@@ -44,7 +44,7 @@ pub use config::{resolve_database_url, Config, DatabaseUrl, Mode, OnError, Proje
 pub use db::{connect, pool};
 pub use error::{ConfigError, Error, Result};
 pub use migrate::{migrate, MigrationReport};
-pub use names::{quote_ident, schema_name, ProjectorName, RelationName};
+pub use names::{quote_ident, quote_literal, schema_name, ProjectorName, RelationName};
 pub use projector::{
     ApplyContext, Event, HandlerError, Phase, Projector, ProjectorExt, ProjectorSet, SqlProjector,
 };

@@ -88,6 +88,19 @@ pub fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
+/// Quotes a string literal for SQL the way PostgreSQL's `quote_literal`
+/// does: `'` around it, inner `'` doubled, and `E'...'` with doubled
+/// backslashes when it has any. For statements that cannot take bound
+/// parameters (`COPY`).
+pub fn quote_literal(text: &str) -> String {
+    let quoted = text.replace('\'', "''");
+    if text.contains('\\') {
+        format!("E'{}'", quoted.replace('\\', "\\\\"))
+    } else {
+        format!("'{quoted}'")
+    }
+}
+
 /// Lowercase hex SHA-256 of `text`.
 pub(crate) fn sha256_hex(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
@@ -172,6 +185,13 @@ mod tests {
 
     fn v(s: &str) -> Version {
         Version::parse(s).unwrap()
+    }
+
+    #[test]
+    fn literals_are_quoted_like_postgres_quote_literal() {
+        assert_eq!(quote_literal("a"), "'a'");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal(r"a\b'"), r"E'a\\b'''");
     }
 
     #[test]

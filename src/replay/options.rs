@@ -12,7 +12,7 @@ pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
 /// How replays and catch-ups run.
 #[derive(Clone)]
 pub struct ReplayOptions {
-    /// Events per batch (one transaction each). Default 20,000.
+    /// Events per batch (one transaction each). Default 50,000.
     pub batch_size: usize,
     /// Projector versions replayed at once by [`crate::replay::replay_many`]. Default 2.
     pub jobs: usize,
@@ -30,7 +30,7 @@ pub struct ReplayOptions {
 impl Default for ReplayOptions {
     fn default() -> Self {
         Self {
-            batch_size: 20_000,
+            batch_size: 50_000,
             jobs: 2,
             lag_threshold: 1_000,
             max_passes: 20,

@@ -17,7 +17,8 @@ use crate::names::RelationName;
 use crate::projector::{ApplyContext, Phase, Projector, ProjectorExt};
 use crate::replay::batch::{self, BatchOutcome};
 use crate::replay::options::{CatchUpReport, PassReport, Progress, ReplayOptions};
-use crate::store::checkpoint::{self, BatchProgress, EventBatch, PassQuery};
+use crate::store::checkpoint::{self, BatchProgress, PassQuery};
+use crate::store::events::EventBatch;
 use crate::store::versions::VersionStatus;
 use crate::{Error, Result};
 
@@ -158,8 +159,11 @@ pub async fn run_pass(
         exclude_ahead,
     );
 
-    // Prefetch: the reader reads batch n+1 while the writer applies batch n.
+    // Three stages overlap: the reader fetches batch n+2 (server), a decoder
+    // turns batch n+1 into events (client CPU, on a blocking thread), and
+    // this task applies batch n (server).
     let reader = pool.get().await?;
+    let (row_sender, mut row_receiver) = mpsc::channel::<Result<Vec<u8>>>(1);
     let (sender, mut receiver) = mpsc::channel::<Result<EventBatch>>(1);
     let limit = i64::try_from(options.batch_size.max(1)).unwrap_or(i64::MAX);
     let reader_query = q.clone();
@@ -167,24 +171,47 @@ pub async fn run_pass(
     tokio::spawn(async move {
         let mut cursor = cursor0;
         while !reader_cancel.is_cancelled() {
-            let result = reader_query.read(&**reader, cursor, limit).await;
-            let last = match &result {
-                Ok(batch) => {
-                    if let Some(event) = batch.events.last() {
-                        cursor = event.position;
+            let read_started = Instant::now();
+            let result = reader_query.read_copy(&reader, cursor, limit).await;
+            let (result, last) = match result {
+                Ok((data, rows, last_position)) => {
+                    debug!(
+                        read_ms = read_started.elapsed().as_millis() as u64,
+                        rows, "read batch"
+                    );
+                    if let Some(position) = last_position {
+                        cursor = position;
                     }
-                    (batch.events.len() as i64) < limit
+                    (Ok(data), (rows as i64) < limit)
                 }
-                Err(_) => true,
+                Err(e) => (Err(e), true),
             };
-            if sender.send(result).await.is_err() || last {
+            if row_sender.send(result).await.is_err() || last {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(data) = row_receiver.recv().await {
+            let decoded = match data {
+                Ok(data) => tokio::task::spawn_blocking(move || EventBatch::decode_copy(&data))
+                    .await
+                    .unwrap_or_else(|e| Err(Error::Failed(format!("decoding events failed: {e}")))),
+                Err(e) => Err(e),
+            };
+            if sender.send(decoded).await.is_err() {
                 break;
             }
         }
     });
 
     let total = if options.count_total {
+        let count_started = Instant::now();
         let remaining = q.count(&**writer, cursor0).await?;
+        debug!(
+            count_ms = count_started.elapsed().as_millis() as u64,
+            remaining, "counted"
+        );
         Some(start.events_processed + remaining)
     } else {
         None
@@ -204,15 +231,22 @@ pub async fn run_pass(
     };
     let mut cursor = cursor0;
     let mut processed = start.events_processed;
+    // Set once the batch that ends the pass (shorter than `limit`) is in:
+    // only then may the horizon move. The reader also stops when cancelled,
+    // so a closed channel alone proves nothing.
+    let mut complete = false;
     while let Some(batch) = receiver.recv().await {
         let batch = batch?;
+        let is_last = (batch.events.len() as i64) < limit;
         if batch.events.is_empty() {
+            complete = true;
             break;
         }
         if cancel.is_cancelled() {
             report.cancelled = true;
             break;
         }
+        let batch_started = Instant::now();
         let tx = writer.transaction().await?;
         let (ck, ()) = futures_util::future::try_join(
             checkpoint::lock(&*tx, name, &version),
@@ -257,6 +291,7 @@ pub async fn run_pass(
             applied = outcome.applied,
             parked = outcome.parked,
             rate_per_s = rate,
+            apply_ms = batch_started.elapsed().as_millis() as u64,
             "applied batch"
         );
         if let Some(progress) = &options.progress {
@@ -271,8 +306,20 @@ pub async fn run_pass(
         if let Some(failure) = outcome.failure {
             return Err(failure);
         }
+        if is_last {
+            complete = true;
+        }
     }
     drop(receiver);
+    if !complete && !report.cancelled {
+        if cancel.is_cancelled() {
+            report.cancelled = true;
+        } else {
+            return Err(Error::Failed(format!(
+                "the event reader of {label} stopped before the end of its pass; run it again to resume"
+            )));
+        }
+    }
 
     if !report.cancelled {
         let tx = writer.transaction().await?;

@@ -13,8 +13,10 @@ use tokio_postgres::Transaction;
 use crate::names::{sha256_hex, ProjectorName};
 use crate::projector::{ApplyContext, Event, HandlerError, Projector};
 
+// Every batch updates most rows: free space on each page keeps those
+// updates HOT (no index entries, no page splits).
 const TABLES: &str =
-    "CREATE TABLE balances (account text PRIMARY KEY, amount bigint NOT NULL DEFAULT 0);";
+    "CREATE TABLE balances (account text PRIMARY KEY, amount bigint NOT NULL DEFAULT 0) WITH (fillfactor = 50);";
 
 const INSERT: &str = "INSERT INTO balances (account, amount) \
     SELECT * FROM unnest($1::text[], $2::bigint[])";

@@ -95,6 +95,12 @@ pub async fn start_replay_in(
     let state = states::get(tx, name, true).await?;
     let active = state.as_ref().and_then(|s| s.active_version.clone());
     if active.as_deref() == Some(version.as_str()) {
+        let record = versions::get(tx, name, &version).await?;
+        if record.is_some_and(|r| r.fingerprint != fingerprint) {
+            return Err(Error::Refused(format!(
+                "projector {label} was built with a different definition; bump the version"
+            )));
+        }
         return Ok(done(StartOutcome::AlreadyActive));
     }
     if let Some(activating) = state.as_ref().and_then(|s| s.activating_version.as_deref()) {

@@ -6,10 +6,11 @@
 //! are cast back in SQL. This module never applies events.
 
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::GenericClient;
+use tokio_postgres::{GenericClient, Row};
 
-use crate::names::RelationName;
-use crate::projector::Event;
+use crate::names::{quote_literal, RelationName};
+use crate::store::events::field;
+use crate::store::events::{walk_copy, EventBatch};
 use crate::store::versions::VersionStatus;
 use crate::{Error, Result};
 
@@ -288,18 +289,80 @@ impl PassQuery {
         cursor: i64,
         limit: i64,
     ) -> Result<EventBatch> {
-        let rows = client
+        EventBatch::decode(&self.read_rows(client, cursor, limit).await?)
+    }
+
+    /// Like [`PassQuery::read`], undecoded: decode with [`EventBatch::decode`]
+    /// (CPU work a caller may move to another thread).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn read_rows(
+        &self,
+        client: &impl GenericClient,
+        cursor: i64,
+        limit: i64,
+    ) -> Result<Vec<Row>> {
+        Ok(client
             .query_typed(&self.read_sql(), &self.params(&cursor, &limit))
-            .await?;
-        let mut batch = EventBatch {
-            events: Vec::with_capacity(rows.len()),
-            xacts: Vec::with_capacity(rows.len()),
+            .await?)
+    }
+
+    /// The batch read of [`PassQuery::read_sql`] as a binary `COPY`, values
+    /// inlined as quoted literals (`COPY` takes no parameters).
+    ///
+    /// # Errors
+    /// [`Error::Failed`] when the snapshot or horizon is not what PostgreSQL
+    /// produces for them.
+    pub fn copy_sql(&self, cursor: i64, limit: i64) -> Result<String> {
+        let numeric = |text: &str| {
+            text.chars()
+                .all(|c| c.is_ascii_digit() || c == ':' || c == ',')
         };
-        for row in &rows {
-            batch.events.push(Event::try_from(row)?);
-            batch.xacts.push(row.try_get(7)?);
+        if !numeric(&self.snapshot) || !numeric(&self.horizon) {
+            return Err(Error::Failed(format!(
+                "invalid checkpoint of {}@{}: snapshot {:?}, horizon {:?}",
+                self.name, self.version, self.snapshot, self.horizon
+            )));
         }
-        Ok(batch)
+        let types: Vec<String> = self.event_types.iter().map(|t| quote_literal(t)).collect();
+        let sql = self
+            .read_sql()
+            .replace("$7", &quote_literal(&self.version))
+            .replace("$6", &quote_literal(&self.name))
+            .replace("$5", &quote_literal(&self.horizon))
+            .replace("$4", &limit.to_string())
+            .replace("$3", &format!("ARRAY[{}]::text[]", types.join(", ")))
+            .replace("$2", &cursor.to_string())
+            .replace("$1", &quote_literal(&self.snapshot));
+        Ok(format!("COPY ({sql}) TO STDOUT (FORMAT binary)"))
+    }
+
+    /// Reads a batch like [`PassQuery::read`] through a binary `COPY`, the
+    /// fastest way rows leave PostgreSQL; decode with
+    /// [`EventBatch::decode_copy`]. Returns the data, its row count and the
+    /// last position.
+    ///
+    /// # Errors
+    /// Database errors; malformed `COPY` data.
+    pub async fn read_copy(
+        &self,
+        client: &tokio_postgres::Client,
+        cursor: i64,
+        limit: i64,
+    ) -> Result<(Vec<u8>, usize, Option<i64>)> {
+        let stream = client.copy_out(&self.copy_sql(cursor, limit)?).await?;
+        futures_util::pin_mut!(stream);
+        let mut data = Vec::new();
+        while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+            data.extend_from_slice(&chunk?);
+        }
+        let mut last = None;
+        let rows = walk_copy(&data, |fields| {
+            last = Some(field::<i64>(fields, 0, &Type::INT8)?);
+            Ok(())
+        })?;
+        Ok((data, rows, last))
     }
 
     /// Counts the events the pass still has to apply after `cursor`.
@@ -314,17 +377,6 @@ impl PassQuery {
             .await?;
         Ok(row.first().map(|r| r.try_get(0)).transpose()?.unwrap_or(0))
     }
-}
-
-/// Events read by a pass, with, for each, its `xact_id` (as text) when it
-/// is at or above the pass snapshot's xmin and so must be recorded in
-/// `coord.applied_ahead` once applied.
-#[derive(Clone, Debug, Default)]
-pub struct EventBatch {
-    /// The events, in position order.
-    pub events: Vec<Event>,
-    /// `xacts[i]` belongs to `events[i]`.
-    pub xacts: Vec<Option<String>>,
 }
 
 const PENDING: &str = "SELECT count(*) FROM {events} e \

@@ -5,6 +5,7 @@
 //! decides policy: callers (replay, activation) do.
 
 pub mod checkpoint;
+pub mod events;
 pub mod history;
 pub mod parked;
 pub mod states;

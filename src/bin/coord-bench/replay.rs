@@ -24,7 +24,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1_000_000)]
     events: i64,
     /// Events per replay batch.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 50_000)]
     batch_size: usize,
     /// Server to create the benchmark database on.
     #[arg(
@@ -63,7 +63,8 @@ fn sql_config(name: &str) -> String {
 name = "{name}"
 version = "1.0.0"
 tables = """
-CREATE TABLE balances (account text PRIMARY KEY, amount bigint NOT NULL DEFAULT 0);
+CREATE TABLE balances (account text PRIMARY KEY, amount bigint NOT NULL DEFAULT 0)
+  WITH (fillfactor = 50);
 """
 
 [projector.handlers]

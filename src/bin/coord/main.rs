@@ -48,6 +48,12 @@ enum Command {
     Run,
     /// HTTP: /ready (200 only while this configuration may publish), /status JSON, /metrics.
     Serve(commands::serve::ServeArgs),
+    /// Replay (or resume) the configuration's new versions without activating them.
+    Replay(commands::replay::ReplayArgs),
+    /// Catch replaying versions up with the event store.
+    CatchUp(commands::catch_up::CatchUpArgs),
+    /// Drop a replay in progress; the active version is untouched.
+    Abort(commands::abort::AbortArgs),
 }
 
 fn main() -> ExitCode {
@@ -95,6 +101,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Wait(args) => commands::activate::wait(&ctx, args).await,
         Command::Run => commands::run::run(&ctx).await,
         Command::Serve(args) => commands::serve::run(&ctx, args).await,
+        Command::Replay(args) => commands::replay::run(&ctx, &args).await,
+        Command::CatchUp(args) => commands::catch_up::run(&ctx, &args).await,
+        Command::Abort(args) => commands::abort::run(&ctx, &args).await,
     }
 }
 
@@ -112,6 +121,9 @@ fn command_name(command: &Command) -> &'static str {
         Command::Wait(_) => "wait",
         Command::Run => "run",
         Command::Serve(_) => "serve",
+        Command::Replay(_) => "replay",
+        Command::CatchUp(_) => "catch-up",
+        Command::Abort(_) => "abort",
     }
 }
 

@@ -1,10 +1,13 @@
 //! One module per subcommand: each turns its arguments into library calls.
 
+pub mod abort;
 pub mod activate;
+pub mod catch_up;
 pub mod check;
 pub mod migrate;
 pub mod plan;
 pub mod publish;
+pub mod replay;
 pub mod run;
 pub mod serve;
 pub mod status;

@@ -1,0 +1,46 @@
+//! `coord abort`: drop replays in progress; active versions are untouched.
+
+use coord::store::states;
+
+use crate::context::Context;
+use crate::output;
+
+/// Arguments of `coord abort`.
+#[derive(Debug, clap::Args)]
+pub struct AbortArgs {
+    /// Abort only this projector's replay (default: every replay in progress).
+    #[arg(long, value_name = "NAME")]
+    pub projector: Option<String>,
+}
+
+pub async fn run(ctx: &Context, args: &AbortArgs) -> anyhow::Result<()> {
+    let config = ctx.optional_config()?;
+    let mut client = ctx.connect(config.as_ref()).await?;
+    coord::store::ensure_migrated(&client).await?;
+    let names: Vec<String> = match &args.projector {
+        Some(name) => vec![name.clone()],
+        None => states::list(&client)
+            .await?
+            .into_iter()
+            .filter(|s| s.replaying_version.is_some())
+            .map(|s| s.name)
+            .collect(),
+    };
+    let mut reports = Vec::new();
+    for name in &names {
+        reports.push(coord::abort(&mut client, name, &ctx.actor).await?);
+    }
+    if ctx.json() {
+        return output::json(&serde_json::json!({ "aborted": reports }));
+    }
+    if reports.is_empty() {
+        println!("nothing to abort: no replay in progress");
+    }
+    for r in &reports {
+        println!(
+            "aborted the replay of {}@{}: dropped schema {}; the active version is untouched",
+            r.projector, r.version, r.schema
+        );
+    }
+    Ok(())
+}
