@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use futures_util::future::{join, join3};
+use futures_util::future::join;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 
@@ -79,14 +79,20 @@ impl Default for RetryPolicy {
     }
 }
 
-const APPEND: &str = "WITH cur AS ( \
-        SELECT coalesce(max(stream_version), 0) AS v FROM coord.events WHERE stream_id = $1) \
+/// The gate and the append in one statement: the materialised `gate` CTE
+/// runs first (its locks are held until commit, and it reads the states with
+/// a snapshot taken after them), then the rows are inserted; a refusal aborts
+/// the statement. It also returns the inline projectors and the caller's
+/// `search_path`, so a publish costs one statement before the handlers.
+const APPEND: &str = "WITH gate AS MATERIALIZED ( \
+        SELECT CASE WHEN $6::bool THEN coord.gate($7::jsonb, $8::text[]) END AS inline), \
+    cur AS (SELECT coalesce(max(stream_version), 0) AS v FROM coord.events WHERE stream_id = $1) \
     INSERT INTO coord.events (stream_id, stream_version, event_type, data, metadata) \
     SELECT $1, cur.v + e.ord, e.t, e.d, e.m \
-    FROM cur, unnest($2::text[], $3::jsonb[], $4::jsonb[]) WITH ORDINALITY AS e(t, d, m, ord) \
+    FROM gate, cur, unnest($2::text[], $3::jsonb[], $4::jsonb[]) WITH ORDINALITY AS e(t, d, m, ord) \
     WHERE $5::bigint IS NULL OR cur.v = $5 \
     ORDER BY e.ord \
-    RETURNING position, stream_version, recorded_at";
+    RETURNING position, stream_version, recorded_at, (SELECT inline FROM gate), current_setting('search_path')";
 
 const STREAM_VERSION: &str =
     "SELECT coalesce(max(stream_version), 0) FROM coord.events WHERE stream_id = $1";
@@ -168,46 +174,20 @@ impl Publisher {
             .collect();
         let expected_param = expected.as_param();
 
-        // One round trip: the gate and the append are pipelined; if the gate
-        // refuses, the append fails with the aborted transaction and the
-        // gate's error is reported.
-        // Typed statements go out in one flight each, so the server runs
-        // them in the order they are sent: gate, append, search_path.
-        let params: [(&(dyn ToSql + Sync), Type); 5] = [
+        let params: [(&(dyn ToSql + Sync), Type); 8] = [
             (&stream_id, Type::TEXT),
             (&event_types, Type::TEXT_ARRAY),
             (&data, Type::JSONB_ARRAY),
             (&metadata, Type::JSONB_ARRAY),
             (&expected_param, Type::INT8),
+            (&self.gate, Type::BOOL),
+            (&self.versions, Type::JSONB),
+            (&types, Type::TEXT_ARRAY),
         ];
-        let append = tx.query_typed(APPEND, &params);
-        let search_path = tx.query_typed("SELECT current_setting('search_path')", &[]);
-        let (inline, rows, search_path) = if self.gate {
-            let gate = crate::gate::check(tx, &self.versions, Some(&types));
-            let (gate, appended, search_path) = join3(gate, append, search_path).await;
-            let inline = gate?;
-            (
-                inline,
-                appended.map_err(|e| append_error(e, stream_id, expected))?,
-                search_path?,
-            )
-        } else {
-            let all = self
-                .projectors
-                .iter()
-                .map(|p| p.name().to_string())
-                .collect();
-            let (appended, search_path) = join(append, search_path).await;
-            (
-                all,
-                appended.map_err(|e| append_error(e, stream_id, expected))?,
-                search_path?,
-            )
-        };
-        let search_path: String = search_path
-            .first()
-            .ok_or_else(|| Error::Failed("current_setting returned no row".into()))?
-            .try_get(0)?;
+        let rows = tx
+            .query_typed(APPEND, &params)
+            .await
+            .map_err(|e| append_error(e, stream_id, expected))?;
         if rows.len() != events.len() {
             let actual: i64 = tx
                 .query_one(STREAM_VERSION, &[&stream_id])
@@ -219,6 +199,17 @@ impl Publisher {
                 actual,
             });
         }
+        let inline: Vec<String> = if self.gate {
+            rows[0]
+                .try_get::<_, Option<Vec<String>>>(3)?
+                .unwrap_or_default()
+        } else {
+            self.projectors
+                .iter()
+                .map(|p| p.name().to_string())
+                .collect()
+        };
+        let search_path: String = rows[0].try_get(4)?;
         let mut stored = Vec::with_capacity(events.len());
         for (event, row) in events.iter().zip(&rows) {
             stored.push(Event {

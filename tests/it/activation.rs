@@ -617,20 +617,13 @@ async fn kill_9_during_activation_then_rerun_completes() {
         .unwrap();
 
     db.write_config("v2.toml", &balances_toml("2.0.0"));
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_coord"))
-        .current_dir(db.dir.path())
-        .env("DATABASE_URL", &db.url)
-        .args([
-            "activate-current-config",
-            "--config",
-            "v2.toml",
-            "--lock-deadline",
-            "600",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = db.spawn_coord(&[
+        "activate-current-config",
+        "--config",
+        "v2.toml",
+        "--lock-deadline",
+        "600",
+    ]);
     eventually(
         Duration::from_secs(60),
         "the version to be marked activating",
@@ -681,20 +674,13 @@ async fn kill_9_during_the_replay_of_an_activation_then_rerun_completes() {
     let client = db.client().await;
     import(&client, 100, 100).await;
     db.write_config("v1.toml", &balances_toml("1.0.0"));
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_coord"))
-        .current_dir(db.dir.path())
-        .env("DATABASE_URL", &db.url)
-        .args([
-            "activate-current-config",
-            "--config",
-            "v1.toml",
-            "--batch-size",
-            "100",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = db.spawn_coord(&[
+        "activate-current-config",
+        "--config",
+        "v1.toml",
+        "--batch-size",
+        "100",
+    ]);
     eventually(Duration::from_secs(60), "the replay to commit a batch", || {
         let client = &client;
         async move {

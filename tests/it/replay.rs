@@ -736,15 +736,7 @@ async fn replay_survives_kill_9_and_a_rerun_applies_every_event_exactly_once() {
     let client = db.client().await;
     append(&client, 0, 4000, 40).await;
     db.write_config("coord.toml", &balances_toml("2.0.0"));
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_coord"))
-        .current_dir(db.dir.path())
-        .args(["replay", "--batch-size", "10"])
-        .env("DATABASE_URL", &db.url)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = db.spawn_coord(&["replay", "--batch-size", "10"]);
     eventually(
         Duration::from_secs(30),
         "the replay to commit a batch",
@@ -834,15 +826,7 @@ async fn ctrl_c_stops_coord_replay_at_a_batch_boundary_with_the_checkpoint_saved
     let client = db.client().await;
     append(&client, 0, 4000, 40).await;
     db.write_config("coord.toml", &balances_toml("2.0.0"));
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_coord"))
-        .current_dir(db.dir.path())
-        .args(["replay", "--batch-size", "10"])
-        .env("DATABASE_URL", &db.url)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = db.spawn_coord(&["replay", "--batch-size", "10"]);
     eventually(
         Duration::from_secs(30),
         "the replay to commit a batch",
@@ -878,15 +862,7 @@ async fn abort_during_a_running_replay_stops_it_without_applying_into_a_dropped_
     let client = db.client().await;
     append(&client, 0, 4000, 40).await;
     db.write_config("coord.toml", &balances_toml("2.0.0"));
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_coord"))
-        .current_dir(db.dir.path())
-        .args(["replay", "--batch-size", "10"])
-        .env("DATABASE_URL", &db.url)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = db.spawn_coord(&["replay", "--batch-size", "10"]);
     eventually(
         Duration::from_secs(30),
         "the replay to commit a batch",

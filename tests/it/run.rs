@@ -2,7 +2,7 @@
 //! events with one leader per version, hands over when the leader dies, and
 //! stops when a newer version is active.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use crate::support::{assert_exit, balances_toml, eventually, stderr, TestDb};
@@ -15,14 +15,7 @@ fn async_toml(version: &str) -> String {
 }
 
 fn spawn_run(db: &TestDb, config: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_coord"))
-        .current_dir(db.dir.path())
-        .env("DATABASE_URL", &db.url)
-        .args(["run", "--config", config])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    db.spawn_coord(&["run", "--config", config])
 }
 
 async fn amount(db: &TestDb, schema: &str, account: &str) -> Option<i64> {

@@ -104,6 +104,20 @@ impl TestDb {
         run_coord(self.dir.path(), &[("DATABASE_URL", &self.url)], args)
     }
 
+    /// Starts the built `coord` binary in the background in this test's
+    /// directory, with `DATABASE_URL` set to this database.
+    pub fn spawn_coord(&self, args: &[&str]) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_coord"))
+            .current_dir(self.dir.path())
+            .args(args)
+            .env("DATABASE_URL", &self.url)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start coord")
+    }
+
     /// Everything coord could have written: schemas, and the row counts of
     /// every table outside the system schemas. Equal before and after a
     /// refused command means the command changed nothing.
