@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::types::Type;
 use tokio_postgres::{GenericClient, Transaction};
 
+use crate::names::quote_literal;
 use crate::{Error, Result};
 
 /// Runs the gate for configuration `projectors` (`{"name": "version"}`)
@@ -43,9 +44,17 @@ pub async fn check(
 /// The gate statement the publisher pipelines with its append.
 const GATE: &str = "SELECT coord.gate($1::jsonb, $2::text[])";
 
-const LOCK_TYPES_EXCLUSIVE: &str = "SELECT count(pg_advisory_xact_lock(1668247410, h)) \
-    FROM (SELECT DISTINCT hashtext(t) AS h FROM unnest($1::text[]) AS t ORDER BY 1) AS keys";
-const LOCK_WILDCARD_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock(1668247411, 1)";
+/// The exclusive keys of activation, in the gate's order: event types by
+/// hash, then the wildcard key.
+fn hold_back_sql(event_types: &[String]) -> String {
+    let types: Vec<String> = event_types.iter().map(|t| quote_literal(t)).collect();
+    format!(
+        "SELECT count(pg_advisory_xact_lock(1668247410, h)) FROM (SELECT DISTINCT hashtext(t) AS h \
+         FROM unnest(ARRAY[{}]::text[]) AS t ORDER BY 1) AS keys; \
+         SELECT pg_advisory_xact_lock(1668247411, 1)",
+        types.join(", ")
+    )
+}
 const LOCK_GLOBAL_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock(1668247411, 0)";
 
 /// How long each lock wait may last before it is abandoned and retried, and
@@ -82,15 +91,12 @@ pub async fn hold_back_publishers(
     event_types: &[String],
     policy: LockPolicy,
 ) -> Result<()> {
-    let types = event_types.to_vec();
-    with_bounded_waits(tx, policy, "publishers of these event types", move |t| {
-        let types = types.clone();
-        Box::pin(async move {
-            t.query_one(LOCK_TYPES_EXCLUSIVE, &[&types]).await?;
-            t.query_one(LOCK_WILDCARD_EXCLUSIVE, &[]).await?;
-            Ok(())
-        })
-    })
+    with_bounded_waits(
+        tx,
+        policy,
+        "publishers of these event types",
+        &hold_back_sql(event_types),
+    )
     .await
 }
 
@@ -101,44 +107,29 @@ pub async fn hold_back_publishers(
 /// # Errors
 /// [`Error::Busy`] when the deadline passes; database errors.
 pub async fn drain_all_publishers(tx: &mut Transaction<'_>, policy: LockPolicy) -> Result<()> {
-    with_bounded_waits(tx, policy, "all publishers", |t| {
-        Box::pin(async move {
-            t.query_one(LOCK_GLOBAL_EXCLUSIVE, &[]).await?;
-            Ok(())
-        })
-    })
-    .await
+    with_bounded_waits(tx, policy, "all publishers", LOCK_GLOBAL_EXCLUSIVE).await
 }
 
-type LockFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
-
-/// Runs `acquire` inside a savepoint with a short `lock_timeout`, retrying
-/// until the deadline. Locks taken before stay held across retries.
-async fn with_bounded_waits<F>(
+/// Runs `lock_sql` inside a savepoint with a short `lock_timeout`, retrying
+/// until the deadline. Each attempt is one round trip (a simple-query batch);
+/// locks taken before stay held across retries.
+async fn with_bounded_waits(
     tx: &mut Transaction<'_>,
     policy: LockPolicy,
     what: &str,
-    acquire: F,
-) -> Result<()>
-where
-    F: for<'a> Fn(&'a Transaction<'a>) -> LockFuture<'a>,
-{
+    lock_sql: &str,
+) -> Result<()> {
     let started = Instant::now();
-    let timeout_ms = policy.attempt_timeout.as_millis().max(1) as i64;
+    let timeout_ms = policy.attempt_timeout.as_millis().max(1);
+    let attempt = format!(
+        "SAVEPOINT coord_lock; SET LOCAL lock_timeout = '{timeout_ms}ms'; {lock_sql}; \
+         SET LOCAL lock_timeout = 0; RELEASE SAVEPOINT coord_lock"
+    );
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        let sp = tx.savepoint("coord_lock").await?;
-        sp.query_one(
-            "SELECT set_config('lock_timeout', $1, true)",
-            &[&format!("{timeout_ms}ms")],
-        )
-        .await?;
-        match acquire(&sp).await {
+        match tx.batch_execute(&attempt).await {
             Ok(()) => {
-                sp.query_one("SELECT set_config('lock_timeout', '0', true)", &[])
-                    .await?;
-                sp.commit().await?;
                 if attempts > 1 {
                     tracing::debug!(
                         attempts,
@@ -149,8 +140,9 @@ where
                 }
                 return Ok(());
             }
-            Err(Error::Db(e)) if e.code().map(|c| c.code()) == Some("55P03") => {
-                sp.rollback().await?;
+            Err(e) if e.code().map(|c| c.code()) == Some("55P03") => {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT coord_lock; RELEASE SAVEPOINT coord_lock")
+                    .await?;
                 if started.elapsed() >= policy.deadline {
                     return Err(Error::Busy(format!(
                         "could not hold back {what} within {:?} ({attempts} attempts): a long-running \
@@ -160,7 +152,7 @@ where
                 }
                 tokio::time::sleep(policy.pause).await;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
 }

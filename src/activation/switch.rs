@@ -94,14 +94,14 @@ pub async fn activate_version(
             )
             .await?;
         }
+        let old = match &state.active_version {
+            Some(old) => versions::get(&tx, name, old).await?,
+            None => None,
+        };
         tx.commit().await?;
-        state.active_version
+        (state.active_version, old)
     };
-
-    let old = match &from {
-        Some(old) => versions::get(&*client, name, old).await?,
-        None => None,
-    };
+    let (from, old) = from;
     let critical = Instant::now();
     let result = {
         let mut tx = client.transaction().await?;
