@@ -43,7 +43,7 @@ $bank --app-version 1 activate-current-config
 step "v1 instances publish; v2 instances start and wait for readiness"
 $bank --app-version 1 publish --publishers 4 --seconds 120 --out "$work/v1.json" &
 pids+=($!)
-$bank --app-version 2 publish --publishers 2 --seconds 25 --out "$work/v2.json" &
+$bank --app-version 2 publish --publishers 2 --seconds 15 --out "$work/v2.json" &
 pids+=($!)
 sleep 3
 $coord status
@@ -51,7 +51,7 @@ $coord status
 step "deploying v2: replay balances@2.0.0 beside v1, verify, activate (coord's activate-current-config, embedded in the app)"
 $bank --app-version 2 activate-current-config 2>&1 | tee "$work/activate.txt"
 
-step "waiting for the publishers (v1 stops at its first refusal; v2 runs its 25 s)"
+step "waiting for the publishers (v1 stops at its first refusal; v2 runs its 15 s)"
 for pid in "${pids[@]}"; do wait "$pid"; done
 pids=()
 
