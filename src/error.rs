@@ -79,13 +79,14 @@ pub enum Error {
 
     /// The stream's version is not the one the publisher expected.
     /// Retryable after reloading the stream; exit code 1.
-    #[error("stream {stream} is at version {actual}, not {expected}: reload it and retry")]
+    #[error("{}", conflict_message(stream, *expected, *actual))]
     StreamVersionConflict {
         /// The stream.
         stream: String,
         /// The version the publisher expected the stream to be at.
         expected: i64,
-        /// The version it is at.
+        /// The version it is at; `-1` when a concurrent publisher appended
+        /// to it first (its new version is unknown to this transaction).
         actual: i64,
     },
 
@@ -129,6 +130,14 @@ pub enum Error {
     /// A migration failed. Not retryable; exit code 1.
     #[error(transparent)]
     Migration(#[from] refinery::Error),
+}
+
+fn conflict_message(stream: &str, expected: i64, actual: i64) -> String {
+    if actual < 0 {
+        format!("stream {stream} was appended to by a concurrent publisher: reload it and retry")
+    } else {
+        format!("stream {stream} is at version {actual}, not {expected}: reload it and retry")
+    }
 }
 
 /// A convenient alias.

@@ -118,8 +118,8 @@ impl Publisher {
         }
     }
 
-    /// Turns the gate off (`false`) or on. Without the gate, every projector
-    /// of the set runs inline and nothing protects against stale code: this
+    /// Turns the gate off (`false`) or on. Without the gate, every inline
+    /// projector of the set runs and nothing protects against stale code: this
     /// exists to measure what the gate costs, never for production.
     pub fn with_gate(mut self, enabled: bool) -> Self {
         self.gate = enabled;

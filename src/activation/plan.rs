@@ -216,8 +216,8 @@ fn decide(
         return Action::Refuse {
             reason: format!(
                 "{} is activating {other}, not {v}: run `coord activate-current-config` with the configuration of {other} to finish it, or `coord abort --projector {}`",
-                label.split('@').next().unwrap_or(label),
-                label.split('@').next().unwrap_or(label)
+                record_name(label),
+                record_name(label)
             ),
         };
     }
@@ -252,6 +252,11 @@ fn decide(
         return Action::ResumeReplay;
     }
     Action::Bootstrap
+}
+
+/// The projector name of a `name@version` label.
+fn record_name(label: &str) -> &str {
+    label.split_once('@').map_or(label, |(name, _)| name)
 }
 
 fn short(fingerprint: &str) -> &str {

@@ -62,7 +62,7 @@ pub async fn activate_version(
     // Step 1, committed on its own: publishers of this projector's events
     // now get the retryable ProjectorIsActivating instead of queueing.
     let held_since = Instant::now();
-    let from = {
+    let (from, old) = {
         let tx = client.transaction().await?;
         let state = states::get(&tx, name, true)
             .await?
@@ -101,7 +101,6 @@ pub async fn activate_version(
         tx.commit().await?;
         (state.active_version, old)
     };
-    let (from, old) = from;
     let critical = Instant::now();
     let result = {
         let mut tx = client.transaction().await?;

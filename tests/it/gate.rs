@@ -897,3 +897,55 @@ async fn no_stale_event_commits_after_the_flip() {
     );
     assert!(after > started, "publishers ran");
 }
+
+/// Two publishers race for the same stream version: the loser gets a
+/// retryable conflict saying a concurrent publisher appended first.
+#[tokio::test]
+async fn a_concurrent_append_to_the_same_stream_is_a_retryable_conflict() {
+    let db = TestDb::migrated().await;
+    let observer = db.client().await;
+    let mut first_client = db.client().await;
+    let first = first_client.transaction().await.unwrap();
+    publisher("1.0.0")
+        .publish(
+            &first,
+            "s",
+            ExpectedVersion::Any,
+            &[NewEvent::new("A", json!({}))],
+        )
+        .await
+        .unwrap();
+
+    let mut second_client = db.client().await;
+    let second_pid = backend_pid(&second_client).await;
+    let second = tokio::spawn(async move {
+        let tx = second_client.transaction().await.unwrap();
+        let result = publisher("1.0.0")
+            .publish(
+                &tx,
+                "s",
+                ExpectedVersion::Any,
+                &[NewEvent::new("B", json!({}))],
+            )
+            .await;
+        tx.rollback().await.unwrap();
+        result
+    });
+    eventually(
+        Duration::from_secs(30),
+        "the second append to wait on the first",
+        || waiting_on_lock(&observer, second_pid),
+    )
+    .await;
+    first.commit().await.unwrap();
+    let err = second.await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, Error::StreamVersionConflict { actual: -1, .. }),
+        "{err:?}"
+    );
+    assert!(err.is_retryable());
+    assert_eq!(
+        err.to_string(),
+        "stream s was appended to by a concurrent publisher: reload it and retry"
+    );
+}
