@@ -25,7 +25,13 @@
 //! # Ok(()) }
 //! ```
 
+extern crate self as coord;
+
 pub mod activation;
+pub mod cli;
+// The CLI's modules name each other `crate::context`, `crate::output`, ...
+// (they were the `coord` binary's modules); keep those paths working.
+use cli::{commands, context, output, progress};
 pub mod config;
 mod db;
 mod error;

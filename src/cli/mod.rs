@@ -1,9 +1,9 @@
 //! The `coord` command line: a thin layer over the library's public API.
 
-mod commands;
-mod context;
-mod output;
-mod progress;
+pub(crate) mod commands;
+pub(crate) mod context;
+pub(crate) mod output;
+pub(crate) mod progress;
 
 use std::process::ExitCode;
 
@@ -56,7 +56,8 @@ enum Command {
     Abort(commands::abort::AbortArgs),
 }
 
-fn main() -> ExitCode {
+/// Runs the `coord` command line with the process's arguments.
+pub fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
