@@ -10,18 +10,27 @@ use tokio_postgres::{Client, NoTls};
 use crate::config::DatabaseUrl;
 use crate::{Error, Result};
 
-/// Connects once, retrying a refused or reset connection with backoff for up
-/// to `deadline`. The connection task runs on the current tokio runtime.
+/// Connects once, retrying a refused or reset connection with backoff, and
+/// gives up when `deadline` has passed since the first attempt (DNS lookup,
+/// TCP connect and login included). The connection task runs on the current
+/// tokio runtime.
 ///
 /// # Errors
-/// [`Error::Db`] when the server refuses the login or the deadline passes.
+/// [`Error::Db`] when the server answers with an error (a refused login, a
+/// database that does not exist); [`Error::Failed`] naming the host and port
+/// when no server accepted a connection within `deadline`.
 pub async fn connect(url: &DatabaseUrl, deadline: Duration) -> Result<Client> {
     let config = url.pg_config();
     let started = std::time::Instant::now();
     let mut backoff = Duration::from_millis(50);
+    let mut last_error: Option<tokio_postgres::Error> = None;
     loop {
-        match config.connect(NoTls).await {
-            Ok((client, connection)) => {
+        let left = deadline.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Err(unreachable(url, deadline, last_error.as_ref()));
+        }
+        match tokio::time::timeout(left, config.connect(NoTls)).await {
+            Ok(Ok((client, connection))) => {
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
                         tracing::debug!(error = %e, "connection closed");
@@ -29,18 +38,135 @@ pub async fn connect(url: &DatabaseUrl, deadline: Duration) -> Result<Client> {
                 });
                 return Ok(client);
             }
-            Err(e) if e.as_db_error().is_none() && started.elapsed() + backoff < deadline => {
+            Ok(Err(e)) if e.as_db_error().is_some() => return Err(Error::Db(e)),
+            Ok(Err(e)) if started.elapsed() + backoff < deadline => {
                 tracing::debug!(error = %e, "connect failed; retrying");
+                last_error = Some(e);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
-            Err(e) => return Err(Error::Db(e)),
+            Ok(Err(e)) => return Err(unreachable(url, deadline, Some(&e))),
+            Err(_) => return Err(unreachable(url, deadline, last_error.as_ref())),
         }
     }
 }
 
+/// One connection attempt with `config` (the settings of `url`, perhaps
+/// adjusted), bounded by about twice the URL's `connect_timeout` when it has
+/// one (the TCP connect, then TLS and login). For connections outside a pool
+/// that must not retry, such as the activation lock's.
+///
+/// # Errors
+/// [`Error::Db`] when the server answers with an error; [`Error::Failed`]
+/// naming the host and port otherwise.
+pub(crate) async fn connect_with(
+    url: &DatabaseUrl,
+    config: tokio_postgres::Config,
+) -> Result<Client> {
+    let bound = config
+        .get_connect_timeout()
+        .map(|t| *t * 2 + Duration::from_secs(1));
+    let attempt = config.connect(NoTls);
+    let result = match bound {
+        Some(bound) => match tokio::time::timeout(bound, attempt).await {
+            Ok(result) => result,
+            Err(_) => return Err(unreachable(url, bound, None)),
+        },
+        None => attempt.await,
+    };
+    match result {
+        Ok((client, connection)) => {
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "connection closed");
+                }
+            });
+            Ok(client)
+        }
+        Err(e) if e.as_db_error().is_some() => Err(Error::Db(e)),
+        Err(e) => Err(unreachable(url, bound.unwrap_or_default(), Some(&e))),
+    }
+}
+
+/// The error for a server that did not accept a connection in time.
+fn unreachable(
+    url: &DatabaseUrl,
+    deadline: Duration,
+    cause: Option<&tokio_postgres::Error>,
+) -> Error {
+    let cause = cause.map_or_else(
+        || "no answer".to_owned(),
+        |e| match std::error::Error::source(e) {
+            Some(source) => format!("{e}: {source}"),
+            None => e.to_string(),
+        },
+    );
+    Error::Failed(format!(
+        "cannot connect to {url}: no PostgreSQL server at {} accepted a connection within {:.1} s ({cause}); {}",
+        endpoints(url),
+        deadline.as_secs_f64(),
+        WHAT_TO_CHECK
+    ))
+}
+
+/// What to check when a server cannot be reached.
+pub(crate) const WHAT_TO_CHECK: &str = "check that the server is running, that the host name and port are right and reachable from here, or raise --connect-timeout";
+
+/// The `host:port` pairs (or socket directories) `url` names, for messages.
+pub(crate) fn endpoints(url: &DatabaseUrl) -> String {
+    let config = url.pg_config();
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports
+                .get(i)
+                .or_else(|| ports.first())
+                .copied()
+                .unwrap_or(5432);
+            match host {
+                tokio_postgres::config::Host::Tcp(name) => format!("{name}:{port}"),
+                #[cfg(unix)]
+                tokio_postgres::config::Host::Unix(dir) => {
+                    format!("{}/.s.PGSQL.{port}", dir.display())
+                }
+            }
+        })
+        .collect();
+    if hosts.is_empty() {
+        "localhost:5432".to_owned()
+    } else {
+        hosts.join(", ")
+    }
+}
+
+/// `url` with `connect_timeout` set to `timeout` (whole seconds, rounded up)
+/// unless it already has one, so that every connection made from it, single
+/// or pooled, gives up on an unreachable server in time.
+///
+/// # Errors
+/// [`Error::InvalidInput`] when the result does not parse (it always should).
+pub fn with_connect_timeout(url: &DatabaseUrl, timeout: Duration) -> Result<DatabaseUrl> {
+    if url.pg_config().get_connect_timeout().is_some() {
+        return Ok(url.clone());
+    }
+    let seconds = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
+    let seconds = seconds.max(1);
+    let raw = url.expose();
+    let with = if raw.contains("://") {
+        let separator = if raw.contains('?') { '&' } else { '?' };
+        format!("{raw}{separator}connect_timeout={seconds}")
+    } else {
+        format!("{raw} connect_timeout={seconds}")
+    };
+    DatabaseUrl::parse(&with).map_err(Error::InvalidInput)
+}
+
 /// A pool of up to `size` connections. Nothing connects until a connection
-/// is asked for.
+/// is asked for. When `url` has a `connect_timeout`, making a connection gives
+/// up after about twice that ([`with_connect_timeout`]).
 ///
 /// # Errors
 /// [`Error::InvalidInput`] when the pool cannot be built.
@@ -52,8 +178,15 @@ pub fn pool(url: &DatabaseUrl, size: usize) -> Result<Pool> {
             recycling_method: RecyclingMethod::Fast,
         },
     );
+    // A connection that cannot be made within the URL's `connect_timeout`
+    // (plus the login) fails instead of waiting for the operating system.
+    let create_timeout = url
+        .pg_config()
+        .get_connect_timeout()
+        .map(|t| *t * 2 + Duration::from_secs(1));
     Pool::builder(manager)
         .max_size(size)
+        .create_timeout(create_timeout)
         .runtime(Runtime::Tokio1)
         .build()
         .map_err(|e| Error::InvalidInput(format!("cannot build a connection pool: {e}")))

@@ -28,9 +28,11 @@
 extern crate self as coord;
 
 pub mod activation;
+#[cfg(feature = "cli")]
 pub mod cli;
 // The CLI's modules name each other `crate::context`, `crate::output`, ...
 // (they were the `coord` binary's modules); keep those paths working.
+#[cfg(feature = "cli")]
 use cli::{commands, context, output, progress};
 pub mod config;
 mod db;
@@ -42,12 +44,13 @@ pub mod projector;
 mod publisher;
 pub mod replay;
 mod runner;
+#[cfg(feature = "serve")]
 pub mod serve;
 mod status;
 pub mod store;
 
 pub use config::{resolve_database_url, Config, DatabaseUrl, Mode, OnError, ProjectorConfig};
-pub use db::{connect, pool};
+pub use db::{connect, pool, with_connect_timeout};
 pub use error::{ConfigError, Error, Result};
 pub use migrate::{migrate, MigrationReport};
 pub use names::{quote_ident, quote_literal, schema_name, ProjectorName, RelationName};

@@ -37,15 +37,7 @@ impl ActivationLock {
     pub async fn acquire(url: &DatabaseUrl, actor: &Actor, wait: Duration) -> Result<Self> {
         let mut config = url.pg_config();
         config.application_name(format!("{} on {}", actor.command, actor.host));
-        let (client, connection) = config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(Error::Db)?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "activation lock connection closed");
-            }
-        });
+        let client = crate::db::connect_with(url, config).await?;
         let started = Instant::now();
         loop {
             let got: bool = client.query_one(TRY_LOCK, &[]).await?.try_get(0)?;

@@ -1,5 +1,5 @@
-//! The `coord` command line (see `coord::cli`).
+//! The `coord` command line: [`coord::cli::run`] with no Rust projectors.
 
 fn main() -> std::process::ExitCode {
-    coord::cli::main()
+    coord::cli::run(coord::ProjectorSet::default())
 }

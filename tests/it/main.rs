@@ -3,7 +3,9 @@
 
 mod activation;
 mod cli;
+mod cli_tools;
 mod config;
+mod connect;
 mod gate;
 mod migrate;
 mod replay;
