@@ -4,7 +4,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
-use std::str::FromStr;
 
 use semver::Version;
 use serde::{Deserialize, Serialize};
@@ -62,7 +61,7 @@ impl DatabaseUrl {
     /// # Errors
     /// A message (without the password) when PostgreSQL's client cannot parse it.
     pub fn parse(url: &str) -> Result<Self, String> {
-        tokio_postgres::Config::from_str(url)
+        crate::db::parse_pg_config(url)
             .map_err(|e| format!("invalid database URL {}: {e}", redact(url)))?;
         Ok(Self(url.to_owned()))
     }
@@ -74,7 +73,7 @@ impl DatabaseUrl {
 
     /// The connection settings.
     pub fn pg_config(&self) -> tokio_postgres::Config {
-        tokio_postgres::Config::from_str(&self.0).expect("validated in DatabaseUrl::parse")
+        crate::db::parse_pg_config(&self.0).expect("validated in DatabaseUrl::parse")
     }
 }
 

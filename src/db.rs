@@ -1,11 +1,12 @@
 //! Connections, made only when the caller asks: a single client, or a pool
-//! the caller owns. No TLS (coord talks to a local or private-network server;
-//! see docs/decisions/0004-no-tls.md).
+//! the caller owns; TLS as the URL's `sslmode` and `sslrootcert` say, with
+//! libpq's meanings ([`crate::tls`], docs/decisions/0022-tls.md).
 
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::DatabaseUrl;
 use crate::{Error, Result};
@@ -21,6 +22,7 @@ use crate::{Error, Result};
 /// when no server accepted a connection within `deadline`.
 pub async fn connect(url: &DatabaseUrl, deadline: Duration) -> Result<Client> {
     let config = url.pg_config();
+    let tls = tls_connector(url)?;
     let started = std::time::Instant::now();
     let mut backoff = Duration::from_millis(50);
     let mut last_error: Option<tokio_postgres::Error> = None;
@@ -29,7 +31,7 @@ pub async fn connect(url: &DatabaseUrl, deadline: Duration) -> Result<Client> {
         if left.is_zero() {
             return Err(unreachable(url, deadline, last_error.as_ref()));
         }
-        match tokio::time::timeout(left, config.connect(NoTls)).await {
+        match tokio::time::timeout(left, config.connect(tls.clone())).await {
             Ok(Ok((client, connection))) => {
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
@@ -39,6 +41,7 @@ pub async fn connect(url: &DatabaseUrl, deadline: Duration) -> Result<Client> {
                 return Ok(client);
             }
             Ok(Err(e)) if e.as_db_error().is_some() => return Err(Error::Db(e)),
+            Ok(Err(e)) if is_tls_failure(&e) => return Err(tls_failure(url, &e)),
             Ok(Err(e)) if started.elapsed() + backoff < deadline => {
                 tracing::debug!(error = %e, "connect failed; retrying");
                 last_error = Some(e);
@@ -66,7 +69,8 @@ pub(crate) async fn connect_with(
     let bound = config
         .get_connect_timeout()
         .map(|t| *t * 2 + Duration::from_secs(1));
-    let attempt = config.connect(NoTls);
+    let tls = tls_connector(url)?;
+    let attempt = config.connect(tls);
     let result = match bound {
         Some(bound) => match tokio::time::timeout(bound, attempt).await {
             Ok(result) => result,
@@ -84,7 +88,48 @@ pub(crate) async fn connect_with(
             Ok(client)
         }
         Err(e) if e.as_db_error().is_some() => Err(Error::Db(e)),
+        Err(e) if is_tls_failure(&e) => Err(tls_failure(url, &e)),
         Err(e) => Err(unreachable(url, bound.unwrap_or_default(), Some(&e))),
+    }
+}
+
+/// The settings tokio-postgres uses for a connection string: everything it
+/// parses, with `sslmode` and `sslrootcert` taken out and applied as libpq
+/// means them.
+///
+/// # Errors
+/// The parser's message (without the URL).
+pub(crate) fn parse_pg_config(url: &str) -> std::result::Result<tokio_postgres::Config, String> {
+    let (rest, tls) = crate::tls::split(url)?;
+    let mut config: tokio_postgres::Config = rest.parse().map_err(|e| format!("{e}"))?;
+    config.ssl_mode(tls.pg_mode());
+    Ok(config)
+}
+
+/// The TLS connector for `url`'s `sslmode` and `sslrootcert`.
+fn tls_connector(url: &DatabaseUrl) -> Result<MakeRustlsConnect> {
+    let (_, tls) = crate::tls::split(url.expose()).map_err(Error::InvalidInput)?;
+    tls.connector().map_err(Error::InvalidInput)
+}
+
+/// Whether the TLS handshake failed (a certificate refused, a server without
+/// TLS under `sslmode=require`): retrying cannot help.
+fn is_tls_failure(e: &tokio_postgres::Error) -> bool {
+    e.to_string().starts_with("error performing TLS handshake")
+}
+
+fn tls_failure(url: &DatabaseUrl, e: &tokio_postgres::Error) -> Error {
+    Error::Failed(format!(
+        "cannot connect to {url}: the TLS handshake with {} failed ({}); check the URL's sslmode and sslrootcert",
+        endpoints(url),
+        with_source(e)
+    ))
+}
+
+fn with_source(e: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(source) => format!("{e}: {source}"),
+        None => e.to_string(),
     }
 }
 
@@ -94,13 +139,7 @@ fn unreachable(
     deadline: Duration,
     cause: Option<&tokio_postgres::Error>,
 ) -> Error {
-    let cause = cause.map_or_else(
-        || "no answer".to_owned(),
-        |e| match std::error::Error::source(e) {
-            Some(source) => format!("{e}: {source}"),
-            None => e.to_string(),
-        },
-    );
+    let cause = cause.map_or_else(|| "no answer".to_owned(), with_source);
     Error::Failed(format!(
         "cannot connect to {url}: no PostgreSQL server at {} accepted a connection within {:.1} s ({cause}); {}",
         endpoints(url),
@@ -173,7 +212,7 @@ pub fn with_connect_timeout(url: &DatabaseUrl, timeout: Duration) -> Result<Data
 pub fn pool(url: &DatabaseUrl, size: usize) -> Result<Pool> {
     let manager = Manager::from_config(
         url.pg_config(),
-        NoTls,
+        tls_connector(url)?,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

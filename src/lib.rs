@@ -48,6 +48,7 @@ mod runner;
 pub mod serve;
 mod status;
 pub mod store;
+mod tls;
 
 pub use config::{resolve_database_url, Config, DatabaseUrl, Mode, OnError, ProjectorConfig};
 pub use db::{connect, pool, with_connect_timeout};

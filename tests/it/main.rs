@@ -12,3 +12,4 @@ mod replay;
 mod run;
 mod serve;
 mod support;
+mod tls;
