@@ -123,6 +123,13 @@ async fn ready_is_503_with_co001_when_a_newer_version_is_active() {
     let body = reply.json();
     assert_eq!(body["ready"], false);
     assert_eq!(body["sqlstate"], "CO001");
+    assert!(
+        body["cause"]
+            .as_str()
+            .unwrap()
+            .starts_with("NewerProjectorIsActive: projector balances 1.0.0"),
+        "{body}"
+    );
     assert_eq!(body["exit_code"], 3);
     assert_eq!(body["retryable"], false);
     let error = body["error"].as_str().unwrap();
@@ -160,8 +167,17 @@ async fn ready_is_503_when_the_database_is_unreachable() {
     assert_eq!(body["exit_code"], 1);
     assert!(!body["error"].as_str().unwrap().is_empty());
 
+    assert_eq!(body["cause"], "database unreachable", "{body}");
+
+    // Still a scrape Prometheus can read: coord_up 0, not HTTP 500.
     let metrics = get(server.addr, "/metrics").await;
-    assert_eq!(metrics.status, 500, "{}", metrics.body);
+    assert_eq!(metrics.status, 200, "{}", metrics.body);
+    assert!(metrics.body.contains("\ncoord_up 0\n"), "{}", metrics.body);
+    assert!(
+        metrics.body.contains("\ncoord_ready 0\n"),
+        "{}",
+        metrics.body
+    );
     server.stop().await;
 }
 
@@ -203,6 +219,17 @@ async fn status_is_500_when_the_schema_is_not_migrated() {
     let reply = get(server.addr, "/status").await;
     assert_eq!(reply.status, 500, "{}", reply.body);
     assert!(reply.json()["error"].is_string());
+    let ready = get(server.addr, "/ready").await;
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert_eq!(
+        ready.json()["cause"],
+        "coord schema missing: run coord migrate",
+        "{}",
+        ready.body
+    );
+    let metrics = get(server.addr, "/metrics").await;
+    assert_eq!(metrics.status, 200, "{}", metrics.body);
+    assert!(metrics.body.contains("\ncoord_up 0\n"), "{}", metrics.body);
     server.stop().await;
 }
 
@@ -218,6 +245,7 @@ async fn metrics_report_readiness_head_position_and_per_version_gauges() {
     let text = reply.body;
     let lines: Vec<&str> = text.lines().collect();
     for expected in [
+        "coord_up 1",
         "coord_ready 1",
         "coord_event_store_head_position 1",
         r#"coord_projector_events_processed{projector="balances",version="1.0.0",status="active"} 0"#,
