@@ -27,6 +27,11 @@
 
 extern crate self as coord;
 
+// The README's Rust examples compile as doc tests, exactly as printed.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub mod activation;
 #[cfg(feature = "cli")]
 pub mod cli;
