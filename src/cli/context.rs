@@ -8,6 +8,10 @@ use clap::{Args, ValueEnum};
 use coord::store::Actor;
 use coord::{Config, DatabaseUrl, ProjectorSet};
 
+/// The default of every command's `--batch-size`: the library's
+/// (`ReplayOptions::default().batch_size`, checked by a test).
+pub const BATCH_SIZE: u32 = 50_000;
+
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
@@ -187,5 +191,16 @@ impl Context {
             )),
             Err(_) => err,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_batch_size_default_is_the_librarys() {
+        assert_eq!(
+            super::BATCH_SIZE as usize,
+            coord::ReplayOptions::default().batch_size
+        );
     }
 }
