@@ -221,7 +221,8 @@ impl Config {
             problems,
         };
         let raw: RawConfig =
-            toml::from_str(text).map_err(|e| fail(vec![one_line(&e.to_string())]))?;
+            // The parser's message keeps its line, column and caret.
+            toml::from_str(text).map_err(|e| fail(vec![e.to_string().trim_end().to_owned()]))?;
         let mut problems = Vec::new();
 
         let database_url = raw.database_url.as_deref().and_then(|url| {

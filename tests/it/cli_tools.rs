@@ -142,3 +142,22 @@ async fn prune_without_a_terminal_lists_what_it_would_drop_before_refusing() {
     assert!(err.contains("balances_v1_0_0 (balances@1.0.0"), "{err}");
     assert!(err.contains("nothing dropped: confirm with --yes"), "{err}");
 }
+
+#[test]
+fn a_toml_syntax_error_keeps_its_line_and_caret() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("coord.toml"),
+        "[[projector]]\nname = \"balances\"\nversion = 1.0.0\"\n",
+    )
+    .unwrap();
+    let out = run_coord(dir.path(), &[], &["plan"]);
+    assert_exit(&out, 2);
+    let err = stderr(&out);
+    assert!(err.contains("line 3"), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.trim_start().starts_with('|') && l.contains('^')),
+        "{err}"
+    );
+}
