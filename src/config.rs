@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
 use crate::names::{ProjectorName, RelationName};
+use crate::sql_check::{self, Expect};
 
 /// How a projector's active version is kept up to date.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -357,19 +358,28 @@ fn parse_projector(table: toml::Table) -> Result<ProjectorConfig, Vec<String>> {
         );
     }
     for (event_type, sql) in &handlers {
-        if event_type.trim().is_empty() {
-            problems.push("field `handlers`: an event type is empty".into());
+        if let Err(e) = crate::names::check_event_type(event_type) {
+            problems.push(format!("field `handlers`: {e}"));
         }
         if sql.trim().is_empty() {
             problems.push(format!(
                 "field `handlers.{event_type}`: the SQL statement is empty"
             ));
+        } else if let Err(e) = sql_check::check(sql, Expect::One) {
+            problems.push(format!("field `handlers.{event_type}`: the SQL {e}"));
+        }
+    }
+    if !tables.is_empty() {
+        if let Err(e) = sql_check::check(&tables, Expect::Several) {
+            problems.push(format!("field `tables`: the DDL {e}"));
         }
     }
     let verify = raw.verify.unwrap_or_default();
     for (i, sql) in verify.iter().enumerate() {
         if sql.trim().is_empty() {
             problems.push(format!("field `verify[{i}]`: the assertion is empty"));
+        } else if let Err(e) = sql_check::check(sql, Expect::One) {
+            problems.push(format!("field `verify[{i}]`: the assertion {e}"));
         }
     }
     match (name, version) {

@@ -197,6 +197,9 @@ pub struct PruneArgs {
     /// Do not ask for confirmation.
     #[arg(long)]
     pub yes: bool,
+    /// Also drop objects outside coord's schemas that depend on them (a view over a retired version's table).
+    #[arg(long)]
+    pub cascade: bool,
 }
 
 pub async fn prune(ctx: &Context, args: PruneArgs) -> anyhow::Result<()> {
@@ -241,7 +244,12 @@ pub async fn prune(ctx: &Context, args: PruneArgs) -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    let pruned = coord::activation::prune(&pool, &ctx.actor).await?;
+    let pruned = coord::activation::prune(
+        &pool,
+        &ctx.actor,
+        coord::Dependents::cascade_if(args.cascade),
+    )
+    .await?;
     if ctx.json() {
         return output::json(&serde_json::json!({ "pruned": pruned }));
     }
@@ -298,12 +306,16 @@ pub async fn wait(ctx: &Context, args: WaitArgs) -> anyhow::Result<()> {
 pub struct RebuildArgs {
     /// The projector whose active version to rebuild.
     pub projector: String,
+    /// Also drop objects outside coord's schemas that depend on the replaced tables.
+    #[arg(long)]
+    pub cascade: bool,
     #[command(flatten)]
     pub tuning: ActivationArgs,
 }
 
 pub async fn rebuild(ctx: &Context, args: RebuildArgs) -> anyhow::Result<()> {
-    let one = one_projector(ctx, &args.projector, &args.tuning)?;
+    let mut one = one_projector(ctx, &args.projector, &args.tuning)?;
+    one.options.dependents = coord::Dependents::cascade_if(args.cascade);
     let report = activation::rebuild(
         &one.pool,
         &one.url,
