@@ -27,12 +27,17 @@ pub struct MigrationReport {
 /// several processes at once.
 ///
 /// # Errors
+/// [`crate::Error::Refused`] (exit code 2) when the schema was migrated by a
+/// newer coord (a migration this binary does not know was applied);
 /// [`crate::Error::Migration`] or [`crate::Error::Db`] when a migration fails;
 /// refinery's checksums refuse an edited, already applied migration.
 #[tracing::instrument(skip_all, err(level = "debug"))]
 pub async fn migrate(client: &mut Client) -> Result<MigrationReport> {
     client.batch_execute(MIGRATE_LOCK).await?;
-    let outcome = run(client).await;
+    let outcome = match refuse_if_newer(&*client).await {
+        Ok(()) => run(client).await,
+        Err(e) => Err(e),
+    };
     let unlocked = client.batch_execute(MIGRATE_UNLOCK).await;
     let report = outcome?;
     unlocked?;
@@ -127,14 +132,19 @@ pub(crate) async fn warn_if_newer(client: &impl GenericClient) -> Result<()> {
 /// [`Error::Refused`] (exit code 2) naming both schema versions;
 /// [`Error::Failed`] when `coord migrate` has not run; database errors.
 pub async fn ensure_writable(client: &impl GenericClient) -> Result<()> {
-    if let Some(newer) = newer_schema(client).await? {
-        return Err(Error::Refused(format!(
+    refuse_if_newer(client).await?;
+    crate::store::ensure_migrated(client).await
+}
+
+async fn refuse_if_newer(client: &impl GenericClient) -> Result<()> {
+    match newer_schema(client).await? {
+        None => Ok(()),
+        Some(newer) => Err(Error::Refused(format!(
             "the coord schema in this database is at V{}, newer than this coord {} knows (up to V{}): \
              refusing to write; upgrade coord (read-only commands such as status still work)",
             newer.database,
             env!("CARGO_PKG_VERSION"),
             newer.binary
-        )));
+        ))),
     }
-    crate::store::ensure_migrated(client).await
 }

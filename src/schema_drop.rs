@@ -69,10 +69,10 @@ WITH doomed AS (
     FROM pg_depend d JOIN inside i ON d.refclassid = i.classid AND d.refobjid = i.oid
     WHERE d.deptype IN ('n', 'a')
 ), placed AS (
-    SELECT CASE WHEN relid IS NOT NULL
-            THEN pg_describe_object('pg_class'::regclass, relid, 0)
-            ELSE pg_describe_object(classid, objid, objsubid)
-        END AS what,
+    SELECT (SELECT o.type || ' ' || o.identity FROM pg_identify_object(
+            CASE WHEN relid IS NOT NULL THEN 'pg_class'::regclass ELSE classid END,
+            coalesce(relid, objid),
+            CASE WHEN relid IS NOT NULL THEN 0 ELSE objsubid END) AS o) AS what,
         CASE
             WHEN relid IS NOT NULL THEN (SELECT relnamespace FROM pg_class WHERE oid = relid)
             WHEN classid = 'pg_class'::regclass THEN (SELECT relnamespace FROM pg_class WHERE oid = objid)
@@ -88,7 +88,7 @@ WHERE namespace IS NULL OR namespace NOT IN (SELECT oid FROM doomed)
 ORDER BY what";
 
 /// The objects outside `schemas` that depend on objects inside them, as
-/// PostgreSQL describes them (`view public.report`).
+/// PostgreSQL identifies them, schema-qualified (`view public.report`).
 ///
 /// # Errors
 /// Database errors.

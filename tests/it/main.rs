@@ -2,11 +2,14 @@
 //! `DATABASE_URL` (default the local one), so they run in parallel.
 
 mod activation;
+mod bad_input;
 mod cli;
 mod config;
+mod contents;
 mod gate;
 mod migrate;
 mod replay;
 mod run;
+mod schema_drop;
 mod serve;
 mod support;

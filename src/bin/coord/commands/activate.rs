@@ -208,6 +208,7 @@ pub async fn prune(ctx: &Context, args: PruneArgs) -> anyhow::Result<()> {
     let pool = coord::pool(&url, 2)?;
     let candidates = {
         let client = pool.get().await?;
+        coord::ensure_writable(&**client).await?;
         coord::activation::prunable(&**client).await?
     };
     if candidates.is_empty() {
