@@ -8,6 +8,7 @@ mod config;
 mod contents;
 mod gate;
 mod migrate;
+mod properties;
 mod replay;
 mod run;
 mod schema_drop;
