@@ -123,7 +123,7 @@ pub async fn activate_current_config(
     for step in plan.steps.iter().filter(|s| s.abandons_replay_of.is_some()) {
         let mut pooled = pool.get().await?;
         let client: &mut tokio_postgres::Client = &mut pooled;
-        let report = replay::abort(client, &step.projector, actor).await?;
+        let report = replay::abort_with(client, &step.projector, actor, options.dependents).await?;
         tracing::info!(projector = %step.projector, version = %report.version, "abandoned replay");
     }
 
