@@ -10,7 +10,7 @@ use coord::activation::{self, ActivateOptions};
 use coord::store::Actor;
 use coord::{Config, Error, ExpectedVersion, NewEvent, ProjectorSet, Publisher, RelationName};
 
-use crate::contents::digest;
+use crate::contents::{digest, refused_and_unchanged};
 use crate::support::{assert_exit, balances_toml, stderr, TestDb};
 
 fn actor() -> Actor {
@@ -30,16 +30,6 @@ async fn import_events(db: &TestDb) {
         )
         .await
         .unwrap();
-}
-
-/// Runs `args` with `--config file`, expecting exit 2 with `needle` on
-/// stderr and an unchanged database.
-async fn refused_and_unchanged(db: &TestDb, args: &[&str], needle: &str) {
-    let before = digest(db).await;
-    let out = db.coord(args);
-    assert_exit(&out, 2);
-    assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
-    assert_eq!(before, digest(db).await, "{args:?} changed the database");
 }
 
 #[tokio::test]

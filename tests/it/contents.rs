@@ -2,7 +2,7 @@
 //! relation (with its kind), function, and the rows of every table outside
 //! the system schemas. Counts would miss an UPDATE; this does not.
 
-use crate::support::TestDb;
+use crate::support::{assert_exit, stderr, TestDb};
 
 const OBJECTS: &str = "
 SELECT 'schema ' || nspname FROM pg_namespace
@@ -59,4 +59,14 @@ pub async fn digest(db: &TestDb) -> String {
         out.push(format!("rows {table} {hash}"));
     }
     out.join("\n")
+}
+
+/// Runs `coord args`, expecting exit 2 with `needle` on stderr and the
+/// database's contents unchanged.
+pub async fn refused_and_unchanged(db: &TestDb, args: &[&str], needle: &str) {
+    let before = digest(db).await;
+    let out = db.coord(args);
+    assert_exit(&out, 2);
+    assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+    assert_eq!(before, digest(db).await, "{args:?} changed the database");
 }

@@ -7,8 +7,8 @@ use coord::schema_drop::outside_dependents;
 use coord::store::Actor;
 use coord::{Config, Dependents, Error, ProjectorSet};
 
-use crate::contents::digest;
-use crate::support::{assert_exit, balances_toml, stderr, stdout, TestDb};
+use crate::contents::{digest, refused_and_unchanged};
+use crate::support::{assert_exit, balances_toml, stdout, TestDb};
 
 const REPORT_VIEW: &str =
     "CREATE VIEW public.report AS SELECT account, amount FROM balances_v1_0_0.balances";
@@ -44,15 +44,22 @@ async fn schema_exists(db: &TestDb, schema: &str) -> bool {
         .get(0)
 }
 
+/// What a refusal says: the operation, the schema and the user's view.
+fn refusal(operation: &str) -> String {
+    format!(
+        "{operation} would drop schema balances_v1_0_0 but objects outside it depend on it: \
+         view public.report; drop or change them first, or pass --cascade to drop them too"
+    )
+}
+
 #[track_caller]
-fn assert_lists_the_view(out: &std::process::Output) {
-    assert_exit(out, 2);
-    let err = stderr(out);
+fn assert_refused(result: Result<impl std::fmt::Debug, Error>, operation: &str) {
+    let err = result.unwrap_err();
     assert!(
-        err.contains("objects outside it depend on it: view public.report")
-            && err.contains("--cascade"),
+        matches!(&err, Error::Refused(m) if *m == refusal(operation)),
         "{err}"
     );
+    assert_eq!(err.exit_code(), 2);
 }
 
 #[tokio::test]
@@ -62,24 +69,14 @@ async fn prune_refuses_to_drop_a_users_view_unless_cascade() {
     activate(&db, "2.0.0");
     db.client().await.batch_execute(REPORT_VIEW).await.unwrap();
 
-    let before = digest(&db).await;
-    assert_lists_the_view(&db.coord(&["prune", "--yes"]));
-    assert_eq!(
-        before,
-        digest(&db).await,
-        "a refused prune changed the database"
-    );
-
+    refused_and_unchanged(&db, &["prune", "--yes"], &refusal("coord prune")).await;
     // The library refuses the same way.
+    let before = digest(&db).await;
     let pool = coord::pool(&db.database_url(), 2).unwrap();
-    let err = activation::prune(&pool, &actor(), Dependents::Refuse)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, Error::Refused(m) if m.contains("view public.report")),
-        "{err}"
+    assert_refused(
+        activation::prune(&pool, &actor(), Dependents::Refuse).await,
+        "coord prune",
     );
-    assert_eq!(err.exit_code(), 2);
     assert_eq!(before, digest(&db).await);
 
     let out = db.coord(&["prune", "--yes", "--cascade"]);
@@ -122,27 +119,18 @@ async fn abort_refuses_to_drop_a_users_view_unless_cascade() {
     assert_exit(&db.coord(&["replay"]), 0);
     db.client().await.batch_execute(REPORT_VIEW).await.unwrap();
 
+    let operation = "aborting the replay of balances@1.0.0";
+    refused_and_unchanged(
+        &db,
+        &["abort", "--projector", "balances"],
+        &refusal(operation),
+    )
+    .await;
     let before = digest(&db).await;
-    let out = db.coord(&["abort", "--projector", "balances"]);
-    assert_lists_the_view(&out);
-    assert!(
-        stderr(&out).contains("aborting the replay of balances@1.0.0"),
-        "{}",
-        stderr(&out)
-    );
-    assert_eq!(
-        before,
-        digest(&db).await,
-        "a refused abort changed the database"
-    );
-
     let mut client = db.client().await;
-    let err = coord::abort(&mut client, "balances", &actor())
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, Error::Refused(m) if m.contains("view public.report")),
-        "{err}"
+    assert_refused(
+        coord::abort(&mut client, "balances", &actor()).await,
+        operation,
     );
     assert_eq!(before, digest(&db).await);
 
@@ -160,24 +148,18 @@ async fn rebuild_refuses_up_front_when_a_view_reads_the_live_tables() {
     activate(&db, "1.0.0");
     db.client().await.batch_execute(REPORT_VIEW).await.unwrap();
 
+    let operation = "rebuilding balances@1.0.0";
+    refused_and_unchanged(
+        &db,
+        &["rebuild", "balances", "--config", "v1.0.0.toml"],
+        &refusal(operation),
+    )
+    .await;
     let before = digest(&db).await;
-    let out = db.coord(&["rebuild", "balances", "--config", "v1.0.0.toml"]);
-    assert_lists_the_view(&out);
-    assert!(
-        stderr(&out).contains("rebuilding balances@1.0.0"),
-        "{}",
-        stderr(&out)
-    );
-    assert_eq!(
-        before,
-        digest(&db).await,
-        "a refused rebuild changed the database"
-    );
-
     let pool = coord::pool(&db.database_url(), 4).unwrap();
     let set =
         ProjectorSet::from_config(&Config::parse(&balances_toml("1.0.0"), "coord.toml").unwrap());
-    let err = activation::rebuild(
+    let result = activation::rebuild(
         &pool,
         &db.database_url(),
         set.get("balances").unwrap(),
@@ -186,12 +168,8 @@ async fn rebuild_refuses_up_front_when_a_view_reads_the_live_tables() {
         &actor(),
         &Default::default(),
     )
-    .await
-    .unwrap_err();
-    assert!(
-        matches!(&err, Error::Refused(m) if m.contains("view public.report")),
-        "{err}"
-    );
+    .await;
+    assert_refused(result, operation);
     assert_eq!(before, digest(&db).await);
 
     let out = db.coord(&[
