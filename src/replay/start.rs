@@ -147,10 +147,12 @@ pub async fn start_replay_in(
         }
         Some(record) if record.status == VersionStatus::Aborted => {
             checkpoint::reset(tx, name, &version, &fingerprint, &event_types, mode).await?;
-            tx.batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS {} CASCADE",
-                quote_ident(&record.schema_name)
-            ))
+            drop_schemas(
+                tx,
+                &[record.schema_name.as_str()],
+                Dependents::Refuse,
+                &format!("restarting the aborted replay of {label}"),
+            )
             .await?;
             create_tables(tx, projector, &schema).await?;
             (StartOutcome::Restarted, Some("aborted"))

@@ -70,6 +70,8 @@ async fn prune_refuses_to_drop_a_users_view_unless_cascade() {
     db.client().await.batch_execute(REPORT_VIEW).await.unwrap();
 
     refused_and_unchanged(&db, &["prune", "--yes"], &refusal("coord prune")).await;
+    // Without --yes it refuses before asking.
+    refused_and_unchanged(&db, &["prune"], &refusal("coord prune")).await;
     // The library refuses the same way.
     let before = digest(&db).await;
     let pool = coord::pool(&db.database_url(), 2).unwrap();

@@ -206,10 +206,16 @@ pub async fn prune(ctx: &Context, args: PruneArgs) -> anyhow::Result<()> {
     let config = ctx.optional_config()?;
     let url = ctx.database_url(config.as_ref())?;
     let pool = coord::pool(&url, 2)?;
+    let dependents = coord::Dependents::cascade_if(args.cascade);
     let candidates = {
         let client = pool.get().await?;
         coord::ensure_writable(&**client).await?;
-        coord::activation::prunable(&**client).await?
+        let candidates = coord::activation::prunable(&**client).await?;
+        // Refuse before asking for a confirmation that could not be honoured.
+        let schemas: Vec<&str> = candidates.iter().map(|v| v.schema_name.as_str()).collect();
+        coord::schema_drop::ensure_droppable(&**client, &schemas, dependents, "coord prune")
+            .await?;
+        candidates
     };
     if candidates.is_empty() {
         if ctx.json() {
