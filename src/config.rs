@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ConfigError;
 use crate::names::{ProjectorName, RelationName};
 use crate::sql_check::{self, Expect};
+use crate::url_redact::redact;
 
 /// How a projector's active version is kept up to date.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -63,8 +64,9 @@ impl DatabaseUrl {
     /// # Errors
     /// A message (without the password) when PostgreSQL's client cannot parse it.
     pub fn parse(url: &str) -> Result<Self, String> {
-        tokio_postgres::Config::from_str(url)
-            .map_err(|e| format!("invalid database URL {}: {e}", redact(url)))?;
+        tokio_postgres::Config::from_str(url).map_err(|e| {
+            format!("invalid database URL (not shown: it may hold a password): {e}")
+        })?;
         Ok(Self(url.to_owned()))
     }
 
@@ -89,36 +91,6 @@ impl fmt::Display for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&redact(&self.0))
     }
-}
-
-/// Replaces the password of a `postgres://user:password@host` URL (or a
-/// `password=...` setting) with `***`.
-fn redact(url: &str) -> String {
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@') {
-            if let Some(colon) = rest[..at].find(':') {
-                return format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &rest[..colon],
-                    &rest[at..]
-                );
-            }
-        }
-        return url.to_owned();
-    }
-    url.split_whitespace()
-        .map(|kv| {
-            if kv.starts_with("password=") {
-                "password=***"
-            } else {
-                kv
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// Picks the database URL: `--database-url` or `DATABASE_URL` (the caller

@@ -42,6 +42,7 @@ pub mod serve;
 mod sql_check;
 mod status;
 pub mod store;
+mod url_redact;
 
 pub use config::{resolve_database_url, Config, DatabaseUrl, Mode, OnError, ProjectorConfig};
 pub use db::{connect, pool};

@@ -3,7 +3,7 @@
 //! 63 bytes, distinct versions never share a schema. A failure prints the
 //! minimal failing input; `PROPTEST_CASES` raises the number of cases.
 
-use coord::{schema_name, Config, ProjectorName};
+use coord::{schema_name, Config, DatabaseUrl, ProjectorName};
 use proptest::prelude::*;
 use semver::{BuildMetadata, Prerelease, Version};
 
@@ -190,6 +190,33 @@ proptest! {
                     prop_assert_ne!(sa, sb, "{} vs {}", va, vb);
                 }
             }
+        }
+    }
+
+    /// Whatever the password holds (`/`, `?`, `@`, `:`, spaces, quotes,
+    /// backslashes), a URL or `key=value` string never shows the password
+    /// the client would use, in `Debug`, `Display` or a parse error.
+    #[test]
+    fn database_urls_never_show_their_password(
+        tail in "[ -~]{1,24}",
+        form in 0..4u8,
+    ) {
+        let secret = format!("Zx9{tail}");
+        let quoted = secret.replace('\\', "\\\\").replace('\'', "\\'");
+        let text = match form {
+            0 => format!("postgres://app:{secret}@db.example:5432/bank"),
+            1 => format!("postgresql://db.example/bank?user=app&password={secret}&sslmode=disable"),
+            2 => format!("host=db.example password='{quoted}' user=app"),
+            _ => format!("host=db.example password={} user=app", quoted.replace(' ', "\\ ")),
+        };
+        match DatabaseUrl::parse(&text) {
+            Ok(url) => {
+                if url.pg_config().get_password() == Some(secret.as_bytes()) {
+                    let shown = format!("{url:?} {url}");
+                    prop_assert!(!shown.contains(&secret), "{text:?} shown as {shown:?}");
+                }
+            }
+            Err(message) => prop_assert!(!message.contains(&secret), "{message}"),
         }
     }
 }
