@@ -228,3 +228,49 @@ async fn outside_dependents_of_every_kind_are_listed() {
         .unwrap()
         .is_empty());
 }
+
+/// The dependents are checked under the drop's own locks: a view created by
+/// a transaction that was still reading the old tables when prune started
+/// is seen (prune waits for that transaction, then refuses) instead of being
+/// dropped by a check made too early.
+#[tokio::test]
+async fn a_view_created_while_prune_waits_for_a_reader_is_not_dropped() {
+    let db = TestDb::migrated().await;
+    activate(&db, "1.0.0");
+    activate(&db, "2.0.0");
+    let mut reader = db.client().await;
+    let tx = reader.transaction().await.unwrap();
+    tx.query_one("SELECT count(*) FROM balances_v1_0_0.balances", &[])
+        .await
+        .unwrap();
+
+    let pool = coord::pool(&db.database_url(), 2).unwrap();
+    let prune =
+        tokio::spawn(async move { activation::prune(&pool, &actor(), Dependents::Refuse).await });
+    let observer = db.client().await;
+    crate::support::eventually(
+        std::time::Duration::from_secs(30),
+        "prune to wait for the reader's lock",
+        || {
+            let observer = &observer;
+            async move {
+                observer
+                    .query_one(
+                        "SELECT count(*) > 0 FROM pg_locks \
+                         WHERE NOT granted AND relation = 'balances_v1_0_0.balances'::regclass",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0)
+            }
+        },
+    )
+    .await;
+    tx.batch_execute(REPORT_VIEW).await.unwrap();
+    tx.commit().await.unwrap();
+
+    assert_refused(prune.await.unwrap(), "coord prune");
+    assert!(exists(&db, "public.report").await);
+    assert!(schema_exists(&db, "balances_v1_0_0").await);
+}
