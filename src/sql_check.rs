@@ -3,13 +3,18 @@
 //! runs handlers, verify assertions and table DDL inside its own
 //! transactions (a handler's writes commit with the checkpoint), so a
 //! `COMMIT` in them would break exactly-once. Uses sqlparser's PostgreSQL
-//! dialect (see `docs/decisions/0027-sql-checks-with-sqlparser.md`); never
-//! touches the database and never rewrites the SQL.
+//! dialect (see `docs/decisions/0027-sql-checks-with-sqlparser.md`). Rust
+//! projectors are checked the same way when they are registered
+//! ([`check_definition`]). Never touches the database and never rewrites
+//! the SQL.
 
 use sqlparser::ast::{Set, Statement};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Token, Tokenizer, Word};
+
+use crate::projector::{Projector, ProjectorExt};
+use crate::{Error, Result};
 
 /// How many statements a piece of SQL may hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,7 +40,7 @@ pub(crate) enum Expect {
 /// # Errors
 /// A message naming the problem (the statement's number and its leading
 /// words), without the field: the caller adds it.
-pub(crate) fn check(sql: &str, expect: Expect) -> Result<(), String> {
+pub(crate) fn check(sql: &str, expect: Expect) -> std::result::Result<(), String> {
     let statements = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
         Ok(parsed) => parsed.iter().map(transaction_control).collect(),
         Err(_) => by_tokens(sql)?,
@@ -67,6 +72,31 @@ pub(crate) fn check(sql: &str, expect: Expect) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a projector's definition before it is registered, whatever its
+/// origin (a Rust projector has no configuration load): its `tables` DDL,
+/// its `verify` assertions ([`check`]) and its event types
+/// ([`crate::names::check_event_type`]).
+///
+/// # Errors
+/// [`Error::InvalidInput`] (exit code 2) naming the projector and the problem.
+pub(crate) fn check_definition(projector: &dyn Projector) -> Result<()> {
+    let invalid = |what: String| {
+        Error::InvalidInput(format!(
+            "projector {}: {what}; fix its definition",
+            projector.label()
+        ))
+    };
+    check(projector.tables(), Expect::Several)
+        .map_err(|e| invalid(format!("the tables DDL {e}")))?;
+    for (i, sql) in projector.verify().iter().enumerate() {
+        check(sql, Expect::One).map_err(|e| invalid(format!("verify assertion {} {e}", i + 1)))?;
+    }
+    for event_type in projector.event_types() {
+        crate::names::check_event_type(&event_type).map_err(invalid)?;
+    }
+    Ok(())
+}
+
 /// The statement's kind when it is transaction control, from the AST.
 fn transaction_control(statement: &Statement) -> Option<String> {
     let kind = match statement {
@@ -86,7 +116,7 @@ fn transaction_control(statement: &Statement) -> Option<String> {
 /// Splits `sql` into statements with sqlparser's tokenizer and classifies
 /// each by its leading words. Semicolons inside a `BEGIN ATOMIC ... END`
 /// function body do not end a statement.
-fn by_tokens(sql: &str) -> Result<Vec<Option<String>>, String> {
+fn by_tokens(sql: &str) -> std::result::Result<Vec<Option<String>>, String> {
     let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql)
         .tokenize()
         .map_err(|e| format!("cannot be read as SQL: {e}"))?;

@@ -93,6 +93,7 @@ pub async fn start_replay_in(
         outcome,
     };
 
+    crate::sql_check::check_definition(projector)?;
     let state = states::get(tx, name, true).await?;
     let active = state.as_ref().and_then(|s| s.active_version.clone());
     if active.as_deref() == Some(version.as_str()) {

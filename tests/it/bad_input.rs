@@ -351,3 +351,98 @@ async fn event_types_and_handler_keys_follow_one_rule() {
     assert_eq!(before, digest(&db).await);
     let _ = RelationName::default();
 }
+
+/// A Rust projector whose definition only differs from a good one by what
+/// the test gives it.
+struct RustProjector {
+    name: coord::ProjectorName,
+    version: semver::Version,
+    tables: &'static str,
+    event_types: Vec<String>,
+}
+
+#[async_trait::async_trait]
+impl coord::Projector for RustProjector {
+    fn name(&self) -> &coord::ProjectorName {
+        &self.name
+    }
+    fn version(&self) -> &semver::Version {
+        &self.version
+    }
+    fn event_types(&self) -> Vec<String> {
+        self.event_types.clone()
+    }
+    fn tables(&self) -> &str {
+        self.tables
+    }
+    async fn apply(
+        &self,
+        _tx: &tokio_postgres::Transaction<'_>,
+        _events: &[coord::Event],
+        _ctx: &coord::ApplyContext,
+    ) -> Result<(), coord::HandlerError> {
+        Ok(())
+    }
+}
+
+/// Rust projectors have no configuration load: their definition is checked
+/// when they are registered, before anything is written.
+#[tokio::test]
+async fn a_rust_projector_with_transaction_control_or_a_bad_event_type_changes_nothing() {
+    let db = TestDb::migrated().await;
+    import_events(&db).await;
+    let good = || RustProjector {
+        name: coord::ProjectorName::new("rusty").unwrap(),
+        version: semver::Version::new(1, 0, 0),
+        tables: "CREATE TABLE t (x int);",
+        event_types: vec!["AccountOpened".into()],
+    };
+    let cases = [
+        (
+            RustProjector {
+                tables: "CREATE TABLE t (x int); COMMIT; CREATE TABLE u (y int);",
+                ..good()
+            },
+            "projector rusty@1.0.0: the tables DDL statement 2 is transaction control (COMMIT)",
+        ),
+        (
+            RustProjector {
+                event_types: vec![" AccountOpened".into()],
+                ..good()
+            },
+            "projector rusty@1.0.0: invalid event type \" AccountOpened\"",
+        ),
+    ];
+    let before = digest(&db).await;
+    let pool = coord::pool(&db.database_url(), 4).unwrap();
+    let mut client = db.client().await;
+    for (projector, needle) in cases {
+        let err = coord::start_replay(&mut client, &projector, &actor())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidInput(m) if m.contains(needle)),
+            "{err}"
+        );
+        let set = ProjectorSet::new(vec![Arc::new(projector)]).unwrap();
+        let err = activation::activate_current_config(
+            &pool,
+            &db.database_url(),
+            &set,
+            &RelationName::default(),
+            &ActivateOptions::default(),
+            &actor(),
+            &Default::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidInput(m) if m.contains(needle)),
+            "{err}"
+        );
+        assert_eq!(before, digest(&db).await, "{needle}");
+    }
+    coord::start_replay(&mut client, &good(), &actor())
+        .await
+        .unwrap();
+}
