@@ -32,6 +32,33 @@ async fn import_events(db: &TestDb) {
         .unwrap();
 }
 
+/// `activate_current_config` through the library fails with
+/// [`Error::InvalidInput`] (exit code 2) whose message holds `needle`.
+async fn invalid_activation(
+    pool: &deadpool_postgres::Pool,
+    db: &TestDb,
+    projectors: &ProjectorSet,
+    event_store: &RelationName,
+    needle: &str,
+) {
+    let err = activation::activate_current_config(
+        pool,
+        &db.database_url(),
+        projectors,
+        event_store,
+        &ActivateOptions::default(),
+        &actor(),
+        &Default::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidInput(m) if m.contains(needle)),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), 2);
+}
+
 #[tokio::test]
 async fn transaction_control_and_extra_statements_are_refused_at_config_load() {
     let good = balances_toml("1.0.0");
@@ -128,22 +155,7 @@ async fn a_missing_or_incomplete_event_store_relation_changes_nothing() {
 
     // The library refuses the same way, before writing.
     let before = digest(&db).await;
-    let err = activation::activate_current_config(
-        &pool,
-        &db.database_url(),
-        &projectors,
-        &config.event_store,
-        &ActivateOptions::default(),
-        &actor(),
-        &Default::default(),
-    )
-    .await
-    .unwrap_err();
-    assert!(
-        matches!(&err, Error::InvalidInput(m) if m.contains(lacking)),
-        "{err}"
-    );
-    assert_eq!(err.exit_code(), 2);
+    invalid_activation(&pool, &db, &projectors, &config.event_store, lacking).await;
     let all: Vec<_> = projectors.iter().cloned().collect();
     let outcomes = coord::replay_many(
         &pool,
@@ -425,21 +437,7 @@ async fn a_rust_projector_with_transaction_control_or_a_bad_event_type_changes_n
             "{err}"
         );
         let set = ProjectorSet::new(vec![Arc::new(projector)]).unwrap();
-        let err = activation::activate_current_config(
-            &pool,
-            &db.database_url(),
-            &set,
-            &RelationName::default(),
-            &ActivateOptions::default(),
-            &actor(),
-            &Default::default(),
-        )
-        .await
-        .unwrap_err();
-        assert!(
-            matches!(&err, Error::InvalidInput(m) if m.contains(needle)),
-            "{err}"
-        );
+        invalid_activation(&pool, &db, &set, &RelationName::default(), needle).await;
         assert_eq!(before, digest(&db).await, "{needle}");
     }
     coord::start_replay(&mut client, &good(), &actor())
