@@ -79,6 +79,11 @@ pub async fn run_async_projectors(
                 .into(),
         ));
     }
+    {
+        let client = pool.get().await?;
+        crate::migrate::ensure_writable(&**client).await?;
+        crate::event_relation::check_event_store(&**client, event_store).await?;
+    }
     let runs = async_ones
         .iter()
         .map(|p| run_one(pool, url, p.as_ref(), event_store, options, cancel));

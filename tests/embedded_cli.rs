@@ -16,6 +16,10 @@ use semver::Version;
 
 #[path = "it/support/mod.rs"]
 mod support;
+// The support module's snapshots use it.
+#[allow(dead_code)]
+#[path = "it/contents.rs"]
+mod contents;
 
 use support::{assert_exit, stderr, stdout, TestDb};
 

@@ -2,14 +2,18 @@
 //! `DATABASE_URL` (default the local one), so they run in parallel.
 
 mod activation;
+mod bad_input;
 mod cli;
 mod cli_tools;
 mod config;
 mod connect;
+mod contents;
 mod gate;
 mod migrate;
+mod properties;
 mod replay;
 mod run;
+mod schema_drop;
 mod serve;
 mod support;
 mod tls;

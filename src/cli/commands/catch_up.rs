@@ -28,7 +28,8 @@ pub async fn run(ctx: &Context, args: &CatchUpArgs) -> anyhow::Result<()> {
     let mut replaying = Vec::new();
     {
         let client = pool.get().await.map_err(coord::Error::from)?;
-        coord::store::ensure_migrated(&**client).await?;
+        coord::ensure_writable(&**client).await?;
+        coord::check_event_store(&**client, &config.event_store).await?;
         for p in selected {
             let state = states::get(&**client, p.name().as_str(), false).await?;
             let version = p.version().to_string();
