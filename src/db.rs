@@ -114,7 +114,7 @@ fn tls_connector(url: &DatabaseUrl) -> Result<MakeRustlsConnect> {
 
 /// Whether the TLS handshake failed (a certificate refused, a server without
 /// TLS under `sslmode=require`): retrying cannot help.
-fn is_tls_failure(e: &tokio_postgres::Error) -> bool {
+pub(crate) fn is_tls_failure(e: &tokio_postgres::Error) -> bool {
     e.to_string().starts_with("error performing TLS handshake")
 }
 

@@ -166,28 +166,27 @@ impl Context {
     /// `err` with the host and port named when it is a pooled connection that
     /// could not be made (the pool's own message names neither).
     pub fn explain_connection_failure(&self, err: anyhow::Error) -> anyhow::Error {
-        let pool_failure = err.chain().any(|cause| {
-            matches!(
-                cause.downcast_ref::<coord::Error>(),
-                Some(coord::Error::Pool(
-                    deadpool_postgres::PoolError::Timeout(_)
-                        | deadpool_postgres::PoolError::Backend(_)
-                ))
-            ) && !matches!(
-                cause.downcast_ref::<coord::Error>(),
-                Some(coord::Error::Pool(deadpool_postgres::PoolError::Backend(e)))
-                    if e.as_db_error().is_some()
-            )
+        let failure = err.chain().find_map(|cause| match cause.downcast_ref() {
+            Some(coord::Error::Pool(p)) => Some(p),
+            _ => None,
         });
-        if !pool_failure {
-            return err;
-        }
+        let tls = match failure {
+            Some(deadpool_postgres::PoolError::Backend(e)) if e.as_db_error().is_none() => {
+                crate::db::is_tls_failure(e)
+            }
+            Some(deadpool_postgres::PoolError::Timeout(_)) => false,
+            _ => return err,
+        };
+        let what = if tls {
+            "the TLS handshake failed: check the URL's sslmode and sslrootcert"
+        } else {
+            crate::db::WHAT_TO_CHECK
+        };
         let config = self.optional_config().ok().flatten();
         match self.database_url(config.as_ref()) {
             Ok(url) => err.context(format!(
-                "cannot connect to {url} at {}; {}",
-                crate::db::endpoints(&url),
-                crate::db::WHAT_TO_CHECK
+                "cannot connect to {url} at {}; {what}",
+                crate::db::endpoints(&url)
             )),
             Err(_) => err,
         }

@@ -321,7 +321,12 @@ async fn sslmode_and_sslrootcert_have_libpqs_meanings() {
         "127.0.0.1",
         &format!("sslmode=verify-full&sslrootcert={other}"),
     );
-    let out = run_coord(dir.path(), &[("DATABASE_URL", &wrong)], &["status"]);
-    assert_exit(&out, 1);
-    assert!(stderr(&out).contains("UnknownIssuer"), "{}", stderr(&out));
+    // A single connection and a pooled one both say what failed and what to check.
+    for command in ["status", "activate-current-config"] {
+        let out = run_coord(dir.path(), &[("DATABASE_URL", &wrong)], &[command]);
+        assert_exit(&out, 1);
+        let err = stderr(&out);
+        assert!(err.contains("UnknownIssuer"), "{command}: {err}");
+        assert!(err.contains("sslrootcert"), "{command}: {err}");
+    }
 }
