@@ -345,3 +345,60 @@ async fn coord_serve_reports_an_address_in_use_with_exit_1() {
     assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
     assert!(err.to_lowercase().contains("in use"), "{err}");
 }
+
+#[tokio::test]
+async fn coord_serve_logs_why_ready_is_503_once_per_change() {
+    // Not migrated: the cause is the missing schema.
+    let db = TestDb::new().await;
+    db.write_config("coord.toml", &balances_toml("1.0.0"));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_coord"))
+        .current_dir(db.dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
+        .await
+        .expect("coord serve prints its address within 30s")
+        .unwrap()
+        .expect("a line on stdout");
+    let addr: SocketAddr = line
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    for _ in 0..3 {
+        let reply = get(addr, "/ready").await;
+        assert_eq!(reply.status, 503, "{}", reply.body);
+    }
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("coord serve stops within 30s of SIGTERM")
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    let logged: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("/ready answers 503"))
+        .collect();
+    assert_eq!(
+        logged.len(),
+        1,
+        "one line for three probes with one cause:\n{log}"
+    );
+    assert!(
+        logged[0].contains("coord schema missing: run coord migrate"),
+        "{log}"
+    );
+}
