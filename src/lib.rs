@@ -28,7 +28,7 @@
 extern crate self as coord;
 
 // The README's Rust examples compile as doc tests, exactly as printed.
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "cli"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
