@@ -42,7 +42,7 @@ pub async fn check(
 }
 
 /// The gate statement the publisher pipelines with its append.
-const GATE: &str = "SELECT coord.gate($1::jsonb, $2::text[])";
+const GATE: &str = "SELECT coord.gate_inline($1::jsonb, $2::text[])";
 
 /// The exclusive keys of activation, in the gate's order: event types by
 /// hash, then the wildcard key.

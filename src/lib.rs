@@ -53,5 +53,5 @@ pub use replay::{
     abort, catch_up, checkpoint_through_current_snapshot, pass_in_transaction, replay_many,
     run_pass, start_replay, ReplayOptions,
 };
-pub use runner::{run_async_projectors, RunOptions, RunnerExit};
+pub use runner::{run_async_projectors, run_projectors, RunOptions, RunnerExit};
 pub use status::{status, ProjectorStatus, StatusReport, VersionStatusReport};

@@ -79,20 +79,32 @@ impl Default for RetryPolicy {
     }
 }
 
-/// The gate and the append in one statement: the materialised `gate` CTE
-/// runs first (its locks are held until commit, and it reads the states with
-/// a snapshot taken after them), then the rows are inserted; a refusal aborts
-/// the statement. It also returns the inline projectors and the caller's
+/// The gate, the append and the record of inline application in one
+/// statement. The materialised `gate` CTE runs first (its locks are held
+/// until commit, and it reads the states with a snapshot taken after them);
+/// `run` picks the inline versions that may apply these events now (their
+/// last event of the stream is applied, see `coord.inline_runnable`); the
+/// rows are inserted, and one `coord.applied_ahead` row per event and
+/// version that will apply it records the inline application in the same
+/// transaction, so a follower never applies it again. A refusal aborts the
+/// statement. It also returns the versions to run and the caller's
 /// `search_path`, so a publish costs one statement before the handlers.
 const APPEND: &str = "WITH gate AS MATERIALIZED ( \
-        SELECT CASE WHEN $6::bool THEN coord.gate($7::jsonb, $8::text[]) END AS inline), \
-    cur AS (SELECT coalesce(max(stream_version), 0) AS v FROM coord.events WHERE stream_id = $1) \
-    INSERT INTO coord.events (stream_id, stream_version, event_type, data, metadata) \
-    SELECT $1, cur.v + e.ord, e.t, e.d, e.m \
-    FROM gate, cur, unnest($2::text[], $3::jsonb[], $4::jsonb[]) WITH ORDINALITY AS e(t, d, m, ord) \
-    WHERE $5::bigint IS NULL OR cur.v = $5 \
-    ORDER BY e.ord \
-    RETURNING position, stream_version, recorded_at, (SELECT inline FROM gate), current_setting('search_path')";
+        SELECT CASE WHEN $6::bool THEN coord.gate_inline($7::jsonb, $8::text[]) END AS inline), \
+    run AS MATERIALIZED (SELECT r.name, r.version, r.event_types \
+        FROM gate, coord.inline_runnable($7::jsonb, gate.inline, $1) AS r WHERE cardinality(gate.inline) > 0), \
+    cur AS (SELECT coalesce(max(stream_version), 0) AS v FROM coord.events WHERE stream_id = $1), \
+    ins AS (INSERT INTO coord.events (stream_id, stream_version, event_type, data, metadata) \
+        SELECT $1, cur.v + e.ord, e.t, e.d, e.m \
+        FROM gate, cur, unnest($2::text[], $3::jsonb[], $4::jsonb[]) WITH ORDINALITY AS e(t, d, m, ord) \
+        WHERE $5::bigint IS NULL OR cur.v = $5 \
+        ORDER BY e.ord \
+        RETURNING position, stream_version, recorded_at, event_type, xact_id), \
+    ahead AS (INSERT INTO coord.applied_ahead (name, version, position, xact_id, inline) \
+        SELECT run.name, run.version, ins.position, ins.xact_id, true FROM run, ins \
+        WHERE ins.event_type = ANY(run.event_types)) \
+    SELECT ins.position, ins.stream_version, ins.recorded_at, (SELECT array_agg(run.name) FROM run), \
+        current_setting('search_path') FROM ins ORDER BY ins.position";
 
 const STREAM_VERSION: &str =
     "SELECT coalesce(max(stream_version), 0) FROM coord.events WHERE stream_id = $1";
@@ -110,7 +122,7 @@ pub struct Publisher {
 impl Publisher {
     /// A publisher running `projectors` (its configuration `C`).
     pub fn new(projectors: ProjectorSet) -> Self {
-        let versions = projectors.versions_json();
+        let versions = gate_json(&projectors);
         Self {
             projectors,
             versions,
@@ -206,6 +218,7 @@ impl Publisher {
         } else {
             self.projectors
                 .iter()
+                .filter(|p| p.mode() == Mode::Inline)
                 .map(|p| p.name().to_string())
                 .collect()
         };
@@ -235,12 +248,11 @@ impl Publisher {
     ) -> Result<()> {
         let mut changed = false;
         for name in inline {
+            // The statement returned only inline versions this
+            // configuration runs, and recorded them as applied.
             let Some(projector) = self.projectors.get(name) else {
                 continue;
             };
-            if projector.mode() != Mode::Inline {
-                continue; // `coord run` applies the events of async projectors
-            }
             let handled: Vec<Event> = events
                 .iter()
                 .filter(|e| projector.handles(&e.event_type))
@@ -315,6 +327,25 @@ impl Publisher {
             }
         }
     }
+}
+
+/// The `projectors` argument of the gate for `set`: each name mapped to its
+/// version and fingerprint (`{"balances": {"version": "1.0.0", "fingerprint":
+/// "..."}}`), so the gate also refuses a changed definition.
+pub(crate) fn gate_json(set: &ProjectorSet) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = set
+        .iter()
+        .map(|p| {
+            (
+                p.name().to_string(),
+                serde_json::json!({
+                    "version": p.version().to_string(),
+                    "fingerprint": p.fingerprint(),
+                }),
+            )
+        })
+        .collect();
+    serde_json::Value::Object(map)
 }
 
 fn append_error(e: tokio_postgres::Error, stream_id: &str, expected: ExpectedVersion) -> Error {
