@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod gate;
 mod migrate;
+mod publish_paths;
 mod replay;
 mod run;
 mod serve;
