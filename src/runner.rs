@@ -147,7 +147,9 @@ async fn run_one(
                         }
                         // A `coord catch-up` or an activation is passing over
                         // this version right now: try again at the next poll.
-                        Err(Error::Busy(e)) => tracing::debug!(projector = %label, error = %e, "pass busy"),
+                        Err(Error::Busy(e)) => {
+                            tracing::debug!(projector = %label, error = %e, "pass busy")
+                        }
                         Err(e) => return Err(e),
                     }
                 }

@@ -238,7 +238,11 @@ pub fn render_metrics(report: &StatusReport, ready: bool) -> String {
             line(&mut out, "coord_projector_lag", &labels(v), lag);
         }
     }
-    let per_version: [(&str, &str, fn(&crate::status::VersionStatusReport) -> Option<f64>); 5] = [
+    let per_version: [(
+        &str,
+        &str,
+        fn(&crate::status::VersionStatusReport) -> Option<f64>,
+    ); 5] = [
         (
             "coord_projector_lag_events",
             "Committed events a followed projector version has not applied yet.",

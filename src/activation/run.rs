@@ -134,9 +134,14 @@ pub async fn activate_current_config(
                     continue;
                 };
                 let started = Instant::now();
-                let caught =
-                    replay::catch_up(pool, projector.as_ref(), event_store, &options.replay, cancel)
-                        .await?;
+                let caught = replay::catch_up(
+                    pool,
+                    projector.as_ref(),
+                    event_store,
+                    &options.replay,
+                    cancel,
+                )
+                .await?;
                 if caught.applied == 0 && caught.parked == 0 {
                     continue;
                 }

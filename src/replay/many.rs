@@ -11,10 +11,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::names::RelationName;
 use crate::projector::Projector;
+use crate::projector::{ProjectorExt, ProjectorSet};
 use crate::replay::options::{CatchUpReport, ReplayOptions};
 use crate::replay::pass::catch_up;
 use crate::replay::start::{start_replay, ReplayStart, StartOutcome};
-use crate::projector::{ProjectorExt, ProjectorSet};
 use crate::store::{states, Actor};
 use crate::Result;
 

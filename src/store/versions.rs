@@ -240,7 +240,9 @@ pub async fn insert(client: &impl GenericClient, v: &NewVersion<'_>) -> Result<(
 /// `{"handlers": {"EventType": "SQL", ...}}`, or `None` for a projector
 /// without handler SQL (a Rust projector). An object, so that later
 /// versions can add keys.
-pub fn definition_of(handlers: Option<&std::collections::BTreeMap<String, String>>) -> Option<serde_json::Value> {
+pub fn definition_of(
+    handlers: Option<&std::collections::BTreeMap<String, String>>,
+) -> Option<serde_json::Value> {
     handlers.map(|h| serde_json::json!({ "handlers": h }))
 }
 

@@ -201,7 +201,8 @@ async fn publish(
 /// each stream in stream-version order, and the totals equal to those of a
 /// replay of every event.
 async fn assert_exact(client: &Client, schema: &str, seed: u64) {
-    let q = |sql: String| async move { client.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) };
+    let q =
+        |sql: String| async move { client.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) };
     let events = q("SELECT count(*) FROM coord.events WHERE event_type = 'Deposited'".into()).await;
     assert!(events > 0, "seed {seed}: nothing was published");
     let missing_or_twice = q(format!(
@@ -227,7 +228,10 @@ async fn assert_exact(client: &Client, schema: &str, seed: u64) {
                      FROM coord.events WHERE event_type = 'Deposited' GROUP BY stream_id)) d"
     ))
     .await;
-    assert_eq!(differing, 0, "seed {seed}: {schema}.totals differ from a replay");
+    assert_eq!(
+        differing, 0,
+        "seed {seed}: {schema}.totals differ from a replay"
+    );
 }
 
 async fn catch_up_all(db: &TestDb, set: &ProjectorSet) -> u64 {
@@ -293,10 +297,7 @@ async fn wait_for_commits(counts: &Counts, at_least: u64) {
     .await;
 }
 
-async fn finish(
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-) {
+async fn finish(stop: Arc<AtomicBool>, tasks: Vec<tokio::task::JoinHandle<()>>) {
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap();
@@ -317,7 +318,10 @@ async fn every_publishing_path_reaches_an_active_inline_version_exactly_once_in_
     let client = db.client().await;
     let applied = catch_up_all(&db, &set_of("1.0.0")).await;
     let total: i64 = client
-        .query_one("SELECT count(*) FROM coord.events WHERE event_type = 'Deposited'", &[])
+        .query_one(
+            "SELECT count(*) FROM coord.events WHERE event_type = 'Deposited'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -355,22 +359,28 @@ async fn every_publishing_path_survives_an_activation_exactly_once_in_order() {
     let (stop, counts, tasks) = spawn_workload(&db, seed, 6, ("1.0.0", Some("2.0.0")));
     wait_for_commits(&counts, 5).await;
     activate(&db, "2.0.0").await;
-    eventually(Duration::from_secs(60), "publishers to move to 2.0.0", || async {
-        counts.refused.load(Ordering::Relaxed) > 0
-    })
+    eventually(
+        Duration::from_secs(60),
+        "publishers to move to 2.0.0",
+        || async { counts.refused.load(Ordering::Relaxed) > 0 },
+    )
     .await;
     let before: Vec<u64> = counts
         .committed
         .iter()
         .map(|c| c.load(Ordering::Relaxed))
         .collect();
-    eventually(Duration::from_secs(60), "2.0.0 publishers to commit", || async {
-        counts
-            .committed
-            .iter()
-            .zip(&before)
-            .all(|(c, b)| c.load(Ordering::Relaxed) >= b + 3)
-    })
+    eventually(
+        Duration::from_secs(60),
+        "2.0.0 publishers to commit",
+        || async {
+            counts
+                .committed
+                .iter()
+                .zip(&before)
+                .all(|(c, b)| c.load(Ordering::Relaxed) >= b + 3)
+        },
+    )
     .await;
     finish(stop, tasks).await;
 
@@ -426,7 +436,10 @@ async fn coord_publish_appends_and_runs_config_handlers_in_the_callers_transacti
     let db = TestDb::migrated().await;
     activate(&db, "1.0.0").await;
     let client = db.client().await;
-    client.batch_execute("SET search_path = public").await.unwrap();
+    client
+        .batch_execute("SET search_path = public")
+        .await
+        .unwrap();
     let row = client
         .query_one(
             "SELECT coord.publish('{\"ledger\": \"1.0.0\"}', 'acc-1', 0, \
@@ -443,7 +456,10 @@ async fn coord_publish_appends_and_runs_config_handlers_in_the_callers_transacti
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
     assert_eq!(path, "public");
     let total: i64 = client
-        .query_one("SELECT amount FROM ledger_v1_0_0.totals WHERE stream_id = 'acc-1'", &[])
+        .query_one(
+            "SELECT amount FROM ledger_v1_0_0.totals WHERE stream_id = 'acc-1'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -475,7 +491,11 @@ async fn coord_publish_appends_and_runs_config_handlers_in_the_callers_transacti
     );
     assert!(matches!(
         coord::Error::from(err),
-        coord::Error::StreamVersionConflict { expected: 1, actual: 3, .. }
+        coord::Error::StreamVersionConflict {
+            expected: 1,
+            actual: 3,
+            ..
+        }
     ));
     // Malformed events are refused, naming the problem.
     let err = client
@@ -487,7 +507,11 @@ async fn coord_publish_appends_and_runs_config_handlers_in_the_callers_transacti
         .unwrap_err();
     assert_eq!(err.code().unwrap().code(), "22023");
     assert!(err.as_db_error().unwrap().message().contains("\"type\""));
-    assert_eq!(db.snapshot().await, before, "a refused publish changed something");
+    assert_eq!(
+        db.snapshot().await,
+        before,
+        "a refused publish changed something"
+    );
 
     // Nothing left for a follower: the inline application was recorded.
     assert_eq!(catch_up_all(&db, &set_of("1.0.0")).await, 0);
@@ -499,7 +523,8 @@ async fn coord_publish_appends_and_runs_config_handlers_in_the_callers_transacti
 async fn a_changed_definition_under_the_active_version_is_refused_everywhere() {
     let db = TestDb::migrated().await;
     activate(&db, "1.0.0").await;
-    let changed = ledger_toml("1.0.0").replace("amount + excluded.amount", "amount + 2 * excluded.amount");
+    let changed =
+        ledger_toml("1.0.0").replace("amount + excluded.amount", "amount + 2 * excluded.amount");
     let changed_set = ProjectorSet::from_config(&Config::parse(&changed, "coord.toml").unwrap());
     let fingerprint = coord::Projector::fingerprint(changed_set.get("ledger").unwrap().as_ref());
     let mut client = db.client().await;
@@ -526,8 +551,9 @@ async fn a_changed_definition_under_the_active_version_is_refused_everywhere() {
     assert_eq!(err.sqlstate(), Some("CO005"));
     assert!(!err.is_retryable());
     assert!(
-        err.to_string()
-            .starts_with("ProjectorDefinitionMismatch (CO005): projector ledger 1.0.0 has another definition"),
+        err.to_string().starts_with(
+            "ProjectorDefinitionMismatch (CO005): projector ledger 1.0.0 has another definition"
+        ),
         "{err}"
     );
     assert!(err.to_string().ends_with("bump the version"), "{err}");
@@ -555,16 +581,33 @@ async fn a_changed_definition_under_the_active_version_is_refused_everywhere() {
 
     // CLI: publish, check (and so /ready, which runs the same check).
     db.write_config("coord.toml", &changed);
-    let out = db.coord(&["publish", "--stream", "s", "--type", "Deposited", "--data", "{\"amount\": 1}"]);
+    let out = db.coord(&[
+        "publish",
+        "--stream",
+        "s",
+        "--type",
+        "Deposited",
+        "--data",
+        "{\"amount\": 1}",
+    ]);
     assert_exit(&out, 9);
     assert!(
-        stderr(&out).starts_with("coord: ProjectorDefinitionMismatch (CO005): projector ledger 1.0.0"),
+        stderr(&out)
+            .starts_with("coord: ProjectorDefinitionMismatch (CO005): projector ledger 1.0.0"),
         "{}",
         stderr(&out)
     );
     let out = db.coord(&["check", "--output", "json"]);
     assert_exit(&out, 9);
-    assert_eq!(db.snapshot().await, before, "a refused publish changed something");
+    assert_exit(
+        &db.coord(&["wait", "--until", "active", "--timeout", "5"]),
+        9,
+    );
+    assert_eq!(
+        db.snapshot().await,
+        before,
+        "a refused publish changed something"
+    );
 }
 
 /// A version activating with event types coord does not know holds back
@@ -598,7 +641,8 @@ async fn an_activating_version_with_unknown_types_holds_back_every_event_type() 
     );
     assert!(err.is_retryable());
     assert!(
-        err.to_string().starts_with("ProjectorIsActivating (CO003): projector ledger is activating 9.0.0"),
+        err.to_string()
+            .starts_with("ProjectorIsActivating (CO003): projector ledger is activating 9.0.0"),
         "{err}"
     );
     for sql in [
@@ -615,7 +659,15 @@ async fn an_activating_version_with_unknown_types_holds_back_every_event_type() 
     }
     db.write_config("coord.toml", &ledger_toml("1.0.0"));
     let out = db.coord(&[
-        "publish", "--stream", "s", "--type", "SomeType", "--data", "{}", "--retry-for", "0",
+        "publish",
+        "--stream",
+        "s",
+        "--type",
+        "SomeType",
+        "--data",
+        "{}",
+        "--retry-for",
+        "0",
     ]);
     assert_exit(&out, 5);
     assert!(
@@ -624,7 +676,11 @@ async fn an_activating_version_with_unknown_types_holds_back_every_event_type() 
         stderr(&out)
     );
     assert_exit(&db.coord(&["check", "--event-type", "SomeType"]), 5);
-    assert_eq!(db.snapshot().await, before, "a held-back publish changed something");
+    assert_eq!(
+        db.snapshot().await,
+        before,
+        "a held-back publish changed something"
+    );
 }
 
 /// `coord check` lists only inline projectors as running inline; `coord
@@ -635,8 +691,7 @@ async fn check_lists_inline_projectors_only_and_catch_up_reports_active_versions
     let both = format!(
         "{}{}",
         ledger_toml("1.0.0"),
-        ledger_toml("1.0.0")
-            .replace("name = \"ledger\"", "name = \"audit\"\nmode = \"async\"")
+        ledger_toml("1.0.0").replace("name = \"ledger\"", "name = \"audit\"\nmode = \"async\"")
     );
     db.write_config("coord.toml", &both);
     assert_exit(&db.coord(&["activate-current-config"]), 0);
@@ -659,6 +714,10 @@ async fn check_lists_inline_projectors_only_and_catch_up_reports_active_versions
     assert!(text.contains("ledger@1.0.0: 2 events applied"), "{text}");
     assert!(text.contains("audit@1.0.0: 2 events applied"), "{text}");
     let out = db.coord(&["catch-up"]);
-    assert!(stdout(&out).contains("ledger@1.0.0: 0 events applied"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("ledger@1.0.0: 0 events applied"),
+        "{}",
+        stdout(&out)
+    );
     assert_exact(&db.client().await, "ledger_v1_0_0", 0).await;
 }
