@@ -11,6 +11,12 @@ ALTER TABLE coord.projector_versions ADD COLUMN definition jsonb;
 ALTER TABLE coord.projector_versions ADD COLUMN events_inline bigint NOT NULL DEFAULT 0;
 -- Whether a publisher applied the event (true) or a pass did (false).
 ALTER TABLE coord.applied_ahead ADD COLUMN inline boolean NOT NULL DEFAULT false;
+-- Publishers now insert here on every publish. The foreign key made each of
+-- them take FOR KEY SHARE on the same projector_versions row, which turns
+-- concurrent publishers into shared multixact lockers of one row (measured:
+-- half the publishing throughput). Rows are deleted with their version by
+-- coord itself (store::versions::delete), so the key is dropped.
+ALTER TABLE coord.applied_ahead DROP CONSTRAINT applied_ahead_name_version_fkey;
 
 -- The text of a refusal: its name and SQLSTATE first, so users find it.
 CREATE FUNCTION coord.refuse(code text, message text, detail jsonb) RETURNS void
@@ -164,21 +170,54 @@ $$;
 -- horizon, or in applied_ahead). Applied events of a stream always form a
 -- prefix of it, so the new events then come next in stream order; otherwise
 -- they are left to the follower, which applies the whole stream in order.
+-- Procedural on purpose: each lookup is one index probe with a cached plan
+-- (as one SQL statement the planner hashed all of applied_ahead instead).
 CREATE FUNCTION coord.inline_runnable(projectors jsonb, names text[], stream text)
-RETURNS TABLE (name text, version text, event_types text[], schema_name text, handlers jsonb)
-LANGUAGE sql STABLE AS $$
-    SELECT v.name, v.version, v.event_types, v.schema_name, v.definition -> 'handlers'
-    FROM coord.projector_versions AS v
-    WHERE v.name = ANY(names)
-      AND v.version = coalesce(projectors -> v.name ->> 'version', projectors ->> v.name)
-      AND NOT EXISTS (
-          SELECT 1
-          FROM (SELECT e.position, e.xact_id FROM coord.events AS e
-                WHERE e.stream_id = stream AND e.event_type = ANY(v.event_types)
-                ORDER BY e.stream_version DESC LIMIT 1) AS last
-          WHERE last.xact_id >= v.horizon
-            AND NOT EXISTS (SELECT 1 FROM coord.applied_ahead AS a
-                            WHERE a.name = v.name AND a.version = v.version AND a.position = last.position))
+RETURNS text[]
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v record;
+    last_position bigint;
+    last_xact xid8;
+    runnable text[] := '{}';
+BEGIN
+    FOR v IN
+        SELECT pv.name, pv.version, pv.event_types, pv.horizon
+        FROM coord.projector_versions AS pv
+        WHERE pv.name = ANY(names)
+          AND pv.version = coalesce(projectors -> pv.name ->> 'version', projectors ->> pv.name)
+        ORDER BY pv.name
+    LOOP
+        SELECT e.position, e.xact_id INTO last_position, last_xact
+        FROM coord.events AS e
+        WHERE e.stream_id = stream AND e.event_type = ANY(v.event_types)
+        ORDER BY e.stream_version DESC LIMIT 1;
+        IF NOT FOUND OR last_xact < v.horizon OR EXISTS (
+            SELECT 1 FROM coord.applied_ahead AS a
+            WHERE a.name = v.name AND a.version = v.version AND a.position = last_position)
+        THEN
+            runnable := runnable || v.name;
+        END IF;
+    END LOOP;
+    RETURN runnable;
+END
+$$;
+
+-- The gate for a publisher that applies inline projectors itself (the Rust
+-- publisher): coord.gate_inline, then the versions that may run on new
+-- events of `stream` now (coord.inline_runnable).
+CREATE FUNCTION coord.gate_run(projectors jsonb, event_types text[], stream text)
+RETURNS text[]
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    names text[];
+BEGIN
+    names := coord.gate_inline(projectors, event_types);
+    IF cardinality(names) = 0 THEN
+        RETURN names;
+    END IF;
+    RETURN coord.inline_runnable(projectors, names, stream);
+END
 $$;
 
 -- The whole publish for any language, inside the caller's READ COMMITTED
@@ -248,8 +287,7 @@ BEGIN
     -- (config-defined ones with stored handlers; Rust-coded ones are left to
     -- the follower).
     IF cardinality(inline) > 0 THEN
-        runnable := ARRAY(SELECT r.name FROM coord.inline_runnable(projectors, inline, stream_id) AS r
-                          WHERE r.handlers IS NOT NULL);
+        runnable := coord.inline_runnable(projectors, inline, stream_id);
     END IF;
 
     WITH ins AS (
@@ -278,6 +316,7 @@ BEGIN
             FROM coord.projector_versions AS v
             WHERE v.name = ANY(runnable)
               AND v.version = coalesce(projectors -> v.name ->> 'version', projectors ->> v.name)
+              AND v.definition ? 'handlers'
             ORDER BY v.name
         LOOP
             PERFORM set_config('search_path', quote_ident(p.schema_name), true);

@@ -81,18 +81,18 @@ impl Default for RetryPolicy {
 
 /// The gate, the append and the record of inline application in one
 /// statement. The materialised `gate` CTE runs first (its locks are held
-/// until commit, and it reads the states with a snapshot taken after them);
-/// `run` picks the inline versions that may apply these events now (their
-/// last event of the stream is applied, see `coord.inline_runnable`); the
-/// rows are inserted, and one `coord.applied_ahead` row per event and
-/// version that will apply it records the inline application in the same
-/// transaction, so a follower never applies it again. A refusal aborts the
-/// statement. It also returns the versions to run and the caller's
-/// `search_path`, so a publish costs one statement before the handlers.
+/// until commit, and it reads the states with a snapshot taken after them)
+/// and returns the inline versions that may apply these events now (the
+/// stream's last handled event is applied, see `coord.inline_runnable`);
+/// the rows are inserted, and one `coord.applied_ahead` row per event and
+/// version that handles it (`$9`, `name/type` pairs of this configuration)
+/// records the inline application in the same transaction, so a follower
+/// never applies it again. A refusal aborts the statement. It also returns
+/// the versions to run and the caller's `search_path`, so a publish costs
+/// one statement before the handlers. The lookups live in plpgsql, whose
+/// plans are cached: this statement is planned on every call.
 const APPEND: &str = "WITH gate AS MATERIALIZED ( \
-        SELECT CASE WHEN $6::bool THEN coord.gate_inline($7::jsonb, $8::text[]) END AS inline), \
-    run AS MATERIALIZED (SELECT r.name, r.version, r.event_types \
-        FROM gate, coord.inline_runnable($7::jsonb, gate.inline, $1) AS r WHERE cardinality(gate.inline) > 0), \
+        SELECT CASE WHEN $6::bool THEN coord.gate_run($7::jsonb, $8::text[], $1) END AS run), \
     cur AS (SELECT coalesce(max(stream_version), 0) AS v FROM coord.events WHERE stream_id = $1), \
     ins AS (INSERT INTO coord.events (stream_id, stream_version, event_type, data, metadata) \
         SELECT $1, cur.v + e.ord, e.t, e.d, e.m \
@@ -101,9 +101,10 @@ const APPEND: &str = "WITH gate AS MATERIALIZED ( \
         ORDER BY e.ord \
         RETURNING position, stream_version, recorded_at, event_type, xact_id), \
     ahead AS (INSERT INTO coord.applied_ahead (name, version, position, xact_id, inline) \
-        SELECT run.name, run.version, ins.position, ins.xact_id, true FROM run, ins \
-        WHERE ins.event_type = ANY(run.event_types)) \
-    SELECT ins.position, ins.stream_version, ins.recorded_at, (SELECT array_agg(run.name) FROM run), \
+        SELECT r.name, $7::jsonb -> r.name ->> 'version', ins.position, ins.xact_id, true \
+        FROM gate, unnest(gate.run) AS r(name), ins \
+        WHERE r.name || '/' || ins.event_type = ANY($9::text[])) \
+    SELECT ins.position, ins.stream_version, ins.recorded_at, (SELECT run FROM gate), \
         current_setting('search_path') FROM ins ORDER BY ins.position";
 
 const STREAM_VERSION: &str =
@@ -116,6 +117,8 @@ const SEARCH_PATH: &str = "SELECT set_config('search_path', $1, true)";
 pub struct Publisher {
     projectors: ProjectorSet,
     versions: serde_json::Value,
+    /// `name/type` for every projector and event type it handles.
+    handled: Vec<String>,
     gate: bool,
 }
 
@@ -123,9 +126,19 @@ impl Publisher {
     /// A publisher running `projectors` (its configuration `C`).
     pub fn new(projectors: ProjectorSet) -> Self {
         let versions = gate_json(&projectors);
+        let handled = projectors
+            .iter()
+            .flat_map(|p| {
+                let name = p.name().to_string();
+                p.event_types()
+                    .into_iter()
+                    .map(move |t| format!("{name}/{t}"))
+            })
+            .collect();
         Self {
             projectors,
             versions,
+            handled,
             gate: true,
         }
     }
@@ -186,7 +199,7 @@ impl Publisher {
             .collect();
         let expected_param = expected.as_param();
 
-        let params: [(&(dyn ToSql + Sync), Type); 8] = [
+        let params: [(&(dyn ToSql + Sync), Type); 9] = [
             (&stream_id, Type::TEXT),
             (&event_types, Type::TEXT_ARRAY),
             (&data, Type::JSONB_ARRAY),
@@ -195,6 +208,7 @@ impl Publisher {
             (&self.gate, Type::BOOL),
             (&self.versions, Type::JSONB),
             (&types, Type::TEXT_ARRAY),
+            (&self.handled, Type::TEXT_ARRAY),
         ];
         let rows = tx
             .query_typed(APPEND, &params)

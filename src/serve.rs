@@ -238,11 +238,7 @@ pub fn render_metrics(report: &StatusReport, ready: bool) -> String {
             line(&mut out, "coord_projector_lag", &labels(v), lag);
         }
     }
-    let per_version: [(
-        &str,
-        &str,
-        fn(&crate::status::VersionStatusReport) -> Option<f64>,
-    ); 5] = [
+    let per_version: [(&str, &str, VersionGauge); 5] = [
         (
             "coord_projector_lag_events",
             "Committed events a followed projector version has not applied yet.",
@@ -310,6 +306,9 @@ pub fn render_metrics(report: &StatusReport, ready: bool) -> String {
     }
     out
 }
+
+/// How a per-version gauge reads its value (`None`: no sample).
+type VersionGauge = fn(&crate::status::VersionStatusReport) -> Option<f64>;
 
 fn gauge(out: &mut String, name: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");

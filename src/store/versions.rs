@@ -317,6 +317,13 @@ pub async fn set_last_error(
 /// # Errors
 /// Database errors.
 pub async fn delete(client: &impl GenericClient, name: &str, version: &str) -> Result<()> {
+    // No foreign key since V4 (publishers insert here): delete by hand.
+    client
+        .execute(
+            "DELETE FROM coord.applied_ahead WHERE name = $1 AND version = $2",
+            &[&name, &version],
+        )
+        .await?;
     client
         .execute(
             "DELETE FROM coord.projector_versions WHERE name = $1 AND version = $2",
