@@ -187,6 +187,9 @@ impl Publisher {
         if events.is_empty() {
             return Ok(Vec::new());
         }
+        for event in events {
+            crate::names::check_event_type(&event.event_type).map_err(Error::InvalidInput)?;
+        }
         let mut types: Vec<String> = events.iter().map(|e| e.event_type.clone()).collect();
         types.sort();
         types.dedup();

@@ -79,6 +79,11 @@ pub async fn run_projectors(
             "this configuration has no projector: nothing for coord run to do".into(),
         ));
     }
+    {
+        let client = pool.get().await?;
+        crate::migrate::ensure_writable(&**client).await?;
+        crate::event_relation::check_event_store(&**client, event_store).await?;
+    }
     let runs = all
         .iter()
         .map(|p| run_one(pool, url, p.as_ref(), event_store, options, cancel));

@@ -76,6 +76,7 @@ pub async fn status(
     event_store: &RelationName,
 ) -> Result<StatusReport> {
     store::ensure_migrated(client).await?;
+    crate::event_relation::check_event_store(client, event_store).await?;
     let head_position: i64 = client
         .query_one(
             &format!(

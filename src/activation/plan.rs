@@ -111,6 +111,7 @@ pub async fn plan(
     event_store: &RelationName,
 ) -> Result<Plan> {
     store::ensure_migrated(client).await?;
+    crate::event_relation::check_event_store(client, event_store).await?;
     let all_states = states::list(client).await?;
     let all_versions = versions::list(client).await?;
     let mut steps = Vec::new();

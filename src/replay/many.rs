@@ -77,6 +77,8 @@ async fn replay_one(
 ) -> Result<ReplayDone> {
     let start = {
         let mut client = pool.get().await?;
+        crate::migrate::ensure_writable(&**client).await?;
+        crate::event_relation::check_event_store(&**client, event_store).await?;
         start_replay(&mut client, projector, actor).await?
     };
     if start.outcome == StartOutcome::AlreadyActive {

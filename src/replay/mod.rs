@@ -41,6 +41,7 @@ pub use options::{CatchUpReport, PassReport, Progress, ProgressFn, ReplayOptions
 pub use pass::{catch_up, checkpoint_through_current_snapshot, pass_in_transaction, run_pass};
 pub use reference::BalancesProjector;
 pub use start::{
-    abort, abort_in, start_replay, start_replay_in, AbortReport, ReplayStart, StartOutcome,
+    abort, abort_in, abort_with, start_replay, start_replay_in, AbortReport, ReplayStart,
+    StartOutcome,
 };
 pub use tokio_util::sync::CancellationToken;

@@ -2,12 +2,16 @@
 //! `DATABASE_URL` (default the local one), so they run in parallel.
 
 mod activation;
+mod bad_input;
 mod cli;
 mod config;
+mod contents;
 mod gate;
 mod migrate;
+mod properties;
 mod publish_paths;
 mod replay;
 mod run;
+mod schema_drop;
 mod serve;
 mod support;

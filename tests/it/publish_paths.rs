@@ -721,3 +721,30 @@ async fn check_lists_inline_projectors_only_and_catch_up_reports_active_versions
     );
     assert_exact(&db.client().await, "ledger_v1_0_0", 0).await;
 }
+
+/// `activate-current-config` brings an unchanged active version up to date
+/// with what bypassed its publishers (a `catch_up` step), and a run with
+/// nothing pending still writes nothing.
+#[tokio::test]
+async fn activate_current_config_catches_up_an_unchanged_active_version() {
+    let db = TestDb::migrated().await;
+    activate(&db, "1.0.0").await;
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO coord.events (stream_id, stream_version, event_type, data) \
+             VALUES ('bulk', 1, 'Deposited', '{\"amount\": 3}'), ('bulk', 2, 'Noted', '{}')",
+        )
+        .await
+        .unwrap();
+    let out = db.coord(&["activate-current-config", "--output", "json"]);
+    assert_exit(&out, 0);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["steps"][0]["action"], "catch_up", "{report}");
+    assert_eq!(report["steps"][0]["replayed_events"], 1, "{report}");
+    assert_exact(&db.client().await, "ledger_v1_0_0", 0).await;
+
+    let before = db.snapshot().await;
+    assert_exit(&db.coord(&["activate-current-config"]), 0);
+    assert_eq!(db.snapshot().await, before);
+}
