@@ -169,10 +169,14 @@ impl Publisher {
         crate::gate::check(tx, &self.versions, event_types).await
     }
 
-    /// Appends `events` to `stream_id` in `tx`: checks the gate, appends
-    /// (refusing if the stream is not at `expected`), then runs this
-    /// configuration's active inline projectors on them. Returns the events
-    /// as stored. On error the caller must roll `tx` back.
+    /// Appends `events` to `stream_id` in `tx`: checks the gate (versions
+    /// and definitions), appends (refusing if the stream is not at
+    /// `expected`), records in `coord.applied_ahead` which active inline
+    /// projectors apply them, then runs those projectors on them. A
+    /// projector whose version has not applied the stream's earlier events
+    /// yet (they reached the store another way) is left to the follower,
+    /// to keep stream order. Returns the events as stored. On error the
+    /// caller must roll `tx` back.
     ///
     /// # Errors
     /// The gate refusals, [`Error::StreamVersionConflict`], a handler's

@@ -748,3 +748,30 @@ async fn activate_current_config_catches_up_an_unchanged_active_version() {
     assert_exit(&db.coord(&["activate-current-config"]), 0);
     assert_eq!(db.snapshot().await, before);
 }
+
+/// Publishers built before V4 call `coord.gate` and apply what it returns
+/// without recording it: it still refuses, but returns no projector, so
+/// their events go to the follower instead of being applied twice.
+#[tokio::test]
+async fn the_pre_v4_gate_still_refuses_but_runs_nothing_inline() {
+    let db = TestDb::migrated().await;
+    activate(&db, "1.0.0").await;
+    let client = db.client().await;
+    let inline: Vec<String> = client
+        .query_one("SELECT coord.gate('{\"ledger\": \"1.0.0\"}')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(inline.is_empty(), "{inline:?}");
+    let current: Vec<String> = client
+        .query_one("SELECT coord.gate_inline('{\"ledger\": \"1.0.0\"}')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(current, ["ledger"]);
+    let err = client
+        .query_one("SELECT coord.gate('{\"ledger\": \"0.9.0\"}')", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "CO001");
+}

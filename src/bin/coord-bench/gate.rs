@@ -12,15 +12,16 @@ use serde::Serialize;
 use crate::support::BenchDb;
 use crate::OutputFormat;
 
-/// Arguments of `coord-bench gate`.
+/// Arguments of `coord-bench gate` (and `sql-publish`, which compares two
+/// publishing paths the same way).
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Concurrent publishers, each on its own connection.
     #[arg(long, default_value_t = 16)]
-    publishers: usize,
+    pub publishers: usize,
     /// Seconds of publishing per mode (split into two rounds each, alternating).
     #[arg(long, default_value_t = 10.0)]
-    seconds: f64,
+    pub seconds: f64,
     /// Server to create the benchmark database on.
     #[arg(
         long,
@@ -28,10 +29,10 @@ pub struct Args {
         hide_env_values = true,
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
-    database_url: String,
+    pub database_url: String,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
-    output: OutputFormat,
+    pub output: OutputFormat,
 }
 
 /// The figures.

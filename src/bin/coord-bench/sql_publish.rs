@@ -9,31 +9,10 @@ use std::time::{Duration, Instant};
 use coord::Publisher;
 use serde::Serialize;
 
+pub use crate::gate::Args;
 use crate::gate::{activate_balances, publish_for};
 use crate::support::BenchDb;
 use crate::OutputFormat;
-
-/// Arguments of `coord-bench sql-publish`.
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    /// Concurrent publishers, each on its own connection.
-    #[arg(long, default_value_t = 16)]
-    publishers: usize,
-    /// Seconds of publishing per path (split into two rounds each, alternating).
-    #[arg(long, default_value_t = 10.0)]
-    seconds: f64,
-    /// Server to create the benchmark database on.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        hide_env_values = true,
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
-    output: OutputFormat,
-}
 
 /// The figures.
 #[derive(Debug, Serialize)]
