@@ -340,8 +340,10 @@ $$;
 -- Versions active inline before V4 applied their events in publishing
 -- transactions without recording them. Record them now, exactly as of one
 -- snapshot, with every publisher held back (the gate's global key,
--- exclusively), so that a follower applies only what comes after.
-DO $$
+-- exclusively), so that a follower applies only what comes after. A
+-- function so that the step is tested; only this migration calls it.
+CREATE FUNCTION coord.v4_record_inline_applied() RETURNS void
+LANGUAGE plpgsql AS $$
 DECLARE
     snap pg_snapshot;
 BEGIN
@@ -362,3 +364,4 @@ BEGIN
     WHERE status = 'active' AND mode = 'inline';
 END
 $$;
+SELECT coord.v4_record_inline_applied();

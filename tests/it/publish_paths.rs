@@ -775,3 +775,40 @@ async fn the_pre_v4_gate_still_refuses_but_runs_nothing_inline() {
         .unwrap_err();
     assert_eq!(err.code().unwrap().code(), "CO001");
 }
+
+/// Upgrading: a version active inline before V4 applied its events without
+/// recording them. The migration's step records them as applied once, so a
+/// follower applies only what comes after, not everything again.
+#[tokio::test]
+async fn the_v4_upgrade_records_what_pre_v4_inline_versions_applied() {
+    let db = TestDb::migrated().await;
+    activate(&db, "1.0.0").await;
+    let client = db.client().await;
+    // As before V4: events applied inline (here: by hand) and not recorded.
+    client
+        .batch_execute(
+            "INSERT INTO coord.events (stream_id, stream_version, event_type, data) \
+             VALUES ('old', 1, 'Deposited', '{\"amount\": 2}'), ('old', 2, 'Deposited', '{\"amount\": 3}');
+             INSERT INTO ledger_v1_0_0.applied (position, stream_id, stream_version)
+               SELECT position, stream_id, stream_version FROM coord.events ORDER BY position;
+             INSERT INTO ledger_v1_0_0.totals VALUES ('old', 5, 2);
+             UPDATE coord.projector_versions SET horizon = '1';
+             DELETE FROM coord.applied_ahead;",
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("SELECT coord.v4_record_inline_applied()")
+        .await
+        .unwrap();
+    // After the upgrade, a bulk insert: only it is left to apply.
+    client
+        .batch_execute(
+            "INSERT INTO coord.events (stream_id, stream_version, event_type, data) \
+             VALUES ('old', 3, 'Deposited', '{\"amount\": 4}')",
+        )
+        .await
+        .unwrap();
+    assert_eq!(catch_up_all(&db, &set_of("1.0.0")).await, 1);
+    assert_exact(&client, "ledger_v1_0_0", 0).await;
+}
