@@ -737,6 +737,10 @@ async fn activate_current_config_catches_up_an_unchanged_active_version() {
         )
         .await
         .unwrap();
+    let plan = db.coord(&["plan", "--output", "json"]);
+    assert_exit(&plan, 0);
+    let plan: serde_json::Value = serde_json::from_str(&stdout(&plan)).unwrap();
+    assert_eq!(plan["steps"][0]["events_to_process"], 1, "{plan}");
     let out = db.coord(&["activate-current-config", "--output", "json"]);
     assert_exit(&out, 0);
     let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
