@@ -90,22 +90,6 @@ pub async fn run_projectors(
     join_all(runs).await.into_iter().collect()
 }
 
-/// The former name of [`run_projectors`], which now follows inline versions
-/// too (for what bypassed their publishers).
-///
-/// # Errors
-/// As [`run_projectors`].
-pub async fn run_async_projectors(
-    pool: &Pool,
-    url: &DatabaseUrl,
-    projectors: &ProjectorSet,
-    event_store: &RelationName,
-    options: &RunOptions,
-    cancel: &CancellationToken,
-) -> Result<Vec<RunnerExit>> {
-    run_projectors(pool, url, projectors, event_store, options, cancel).await
-}
-
 async fn run_one(
     pool: &Pool,
     url: &DatabaseUrl,

@@ -156,6 +156,13 @@ pub async fn publish_for(
             anyhow::Ok(n)
         }));
     }
+    sum_of(tasks).await
+}
+
+/// The events the publisher tasks committed, or the first task's error.
+pub async fn sum_of(
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<u64>>>,
+) -> anyhow::Result<u64> {
     let mut total = 0;
     for task in tasks {
         total += task.await??;

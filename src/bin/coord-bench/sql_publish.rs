@@ -10,7 +10,7 @@ use coord::Publisher;
 use serde::Serialize;
 
 pub use crate::gate::Args;
-use crate::gate::{activate_balances, publish_for};
+use crate::gate::{activate_balances, publish_for, sum_of};
 use crate::support::BenchDb;
 use crate::OutputFormat;
 
@@ -109,9 +109,5 @@ async fn publish_sql_for(
             anyhow::Ok(n as u64)
         }));
     }
-    let mut total = 0;
-    for task in tasks {
-        total += task.await??;
-    }
-    Ok(total)
+    sum_of(tasks).await
 }
