@@ -75,6 +75,9 @@ pub use replay::{
     abort, abort_with, catch_up, checkpoint_through_current_snapshot, pass_in_transaction,
     replay_many, run_pass, start_replay, ReplayOptions,
 };
-pub use runner::{run_async_projectors, RunOptions, RunnerExit};
+/// The former name of [`run_projectors`], which now follows inline versions
+/// too (for what bypassed their publishers).
+pub use runner::run_projectors as run_async_projectors;
+pub use runner::{run_projectors, RunOptions, RunnerExit};
 pub use schema_drop::Dependents;
 pub use status::{status, ProjectorStatus, StatusReport, VersionStatusReport};

@@ -121,6 +121,14 @@ pub trait Projector: Send + Sync {
             types.join("\0")
         ))
     }
+    /// The handler SQL per event type, when the projector is defined by SQL
+    /// statements taking `$1..$7` (config projectors). Stored with the
+    /// version at registration so that `coord.publish` can run it inline;
+    /// `None` (the default, Rust projectors) leaves SQL publishers' events to
+    /// the follower.
+    fn handler_sql(&self) -> Option<BTreeMap<String, String>> {
+        None
+    }
     /// Applies `events` in the caller's transaction.
     ///
     /// # Errors
@@ -218,6 +226,9 @@ impl Projector for SqlProjector {
     }
     fn verify(&self) -> Vec<String> {
         self.config.verify.clone()
+    }
+    fn handler_sql(&self) -> Option<BTreeMap<String, String>> {
+        Some(self.config.handlers.clone())
     }
     fn fingerprint(&self) -> String {
         let handlers: Vec<String> = self

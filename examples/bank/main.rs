@@ -230,9 +230,8 @@ async fn publish(
                         // Stale instance: fail fast; the load balancer takes it out.
                         summary.refused_newer_active += 1;
                         summary.max_publish_ms = summary.max_publish_ms.max(ms);
-                        summary.first_refusal.get_or_insert_with(|| {
-                            format!("NewerProjectorIsActive (SQLSTATE CO001): {e}")
-                        });
+                        // Its text starts with the error's name and SQLSTATE.
+                        summary.first_refusal.get_or_insert_with(|| e.to_string());
                         break;
                     }
                     Err(e) => return Err(anyhow::Error::from(e)),

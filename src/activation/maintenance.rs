@@ -68,7 +68,9 @@ pub async fn prune(
 /// version, polling every `poll`.
 ///
 /// # Errors
-/// [`Error::Timeout`] (exit code 8) naming what is not active yet; database errors.
+/// [`Error::Timeout`] (exit code 8) naming what is not active yet;
+/// [`Error::ProjectorDefinitionMismatch`] (exit code 9) when a version is
+/// active with another definition than this configuration's; database errors.
 pub async fn wait_until_active(
     client: &impl GenericClient,
     projectors: &ProjectorSet,
@@ -97,7 +99,7 @@ pub async fn wait_until_active(
             })
             .collect();
         if pending.is_empty() {
-            return Ok(());
+            return crate::gate::ensure_same_definitions(client, projectors).await;
         }
         if started.elapsed() >= timeout {
             return Err(Error::Timeout(format!(

@@ -75,7 +75,8 @@ pub struct ActivationReport {
 /// Carries out the plan for `projectors`: replays (resuming any replay in
 /// progress) or catches up what must be, runs each version's `verify`
 /// assertions, activates, and retires active projectors the configuration no
-/// longer has. Idempotent: a second run does nothing. Holds the activation
+/// longer has. Unchanged active versions are caught up with the events
+/// that bypassed their publishers (a `catch_up` step when there were any). Idempotent: a second run does nothing. Holds the activation
 /// lock throughout, so a concurrent run fails with [`Error::Busy`] (or waits
 /// `options.lock_wait`).
 ///
@@ -129,7 +130,49 @@ pub async fn activate_current_config(
 
     for step in &plan.steps {
         let report = match &step.action {
-            Action::NoChange | Action::Refuse { .. } => continue,
+            Action::Refuse { .. } => continue,
+            Action::NoChange => {
+                // The active version may still lack events that bypassed
+                // its publishers (SQL inserts, bulk imports): bring it up to date.
+                let Some(projector) = projectors.get(&step.projector) else {
+                    continue;
+                };
+                // Nothing pending: write nothing, so a second run stays a no-op.
+                let pending = {
+                    let client = pool.get().await?;
+                    crate::store::checkpoint::pending(
+                        &**client,
+                        projector.name().as_str(),
+                        &projector.version().to_string(),
+                        &projector.event_types(),
+                        event_store,
+                    )
+                    .await?
+                };
+                if pending == 0 {
+                    continue;
+                }
+                let started = Instant::now();
+                let caught = replay::catch_up(
+                    pool,
+                    projector.as_ref(),
+                    event_store,
+                    &options.replay,
+                    cancel,
+                )
+                .await?;
+                if caught.applied == 0 && caught.parked == 0 {
+                    continue;
+                }
+                StepReport {
+                    projector: step.projector.clone(),
+                    version: step.version.clone(),
+                    action: "catch_up".into(),
+                    replayed_events: caught.applied,
+                    replay_seconds: started.elapsed().as_secs_f64(),
+                    switch: None,
+                }
+            }
             Action::Retire { .. } => StepReport {
                 projector: step.projector.clone(),
                 version: None,

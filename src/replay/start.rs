@@ -86,6 +86,7 @@ pub async fn start_replay_in(
     let mut event_types = projector.event_types();
     event_types.sort();
     let mode = projector.mode().as_str();
+    let definition = versions::definition_of(projector.handler_sql().as_ref());
     let done = |outcome| ReplayStart {
         projector: name.to_owned(),
         version: version.clone(),
@@ -103,6 +104,9 @@ pub async fn start_replay_in(
                 "projector {label} was built with a different definition; bump the version"
             )));
         }
+        // Same fingerprint, so the same handlers: store them for
+        // coord.publish if the version was registered before coord did.
+        versions::set_definition(tx, name, &version, definition.as_ref()).await?;
         return Ok(done(StartOutcome::AlreadyActive));
     }
     if let Some(activating) = state.as_ref().and_then(|s| s.activating_version.as_deref()) {
@@ -140,6 +144,7 @@ pub async fn start_replay_in(
                     event_types: &event_types,
                     mode,
                     status: VersionStatus::Replaying,
+                    definition: definition.as_ref(),
                 },
             )
             .await?;
@@ -148,6 +153,7 @@ pub async fn start_replay_in(
         }
         Some(record) if record.status == VersionStatus::Aborted => {
             checkpoint::reset(tx, name, &version, &fingerprint, &event_types, mode).await?;
+            versions::set_definition(tx, name, &version, definition.as_ref()).await?;
             drop_schemas(
                 tx,
                 &[record.schema_name.as_str()],
@@ -164,6 +170,7 @@ pub async fn start_replay_in(
             )));
         }
         Some(record) if record.status == VersionStatus::Replaying => {
+            versions::set_definition(tx, name, &version, definition.as_ref()).await?;
             if replaying.as_deref() == Some(version.as_str()) {
                 return Ok(done(StartOutcome::Resumed));
             }

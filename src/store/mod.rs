@@ -35,7 +35,7 @@ impl Actor {
 }
 
 const IS_MIGRATED: &str = "SELECT to_regclass('coord.projector_versions') IS NOT NULL \
-    AND to_regprocedure('coord.gate(jsonb,text[])') IS NOT NULL";
+    AND to_regprocedure('coord.publish(jsonb,text,bigint,jsonb)') IS NOT NULL";
 
 /// Fails with a clear message when `coord migrate` has not been run.
 ///

@@ -11,6 +11,7 @@ mod contents;
 mod gate;
 mod migrate;
 mod properties;
+mod publish_paths;
 mod replay;
 mod run;
 mod schema_drop;

@@ -5,6 +5,7 @@
 mod activation;
 mod gate;
 mod replay;
+mod sql_publish;
 mod support;
 
 use std::process::ExitCode;
@@ -25,6 +26,8 @@ enum Bench {
     Replay(replay::Args),
     /// Publishing throughput with the gate on versus off.
     Gate(gate::Args),
+    /// Publishing throughput through `coord.publish` beside the Rust publisher.
+    SqlPublish(sql_publish::Args),
     /// Blocked window, refusals, lost and doubled events of an activation under publishing.
     Activation(activation::Args),
 }
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
             Bench::Replay(args) => replay::run(args).await,
             Bench::Gate(args) => gate::run(args).await,
             Bench::Activation(args) => activation::run(args).await,
+            Bench::SqlPublish(args) => sql_publish::run(args).await,
         }
     });
     match result {
