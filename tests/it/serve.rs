@@ -293,39 +293,14 @@ async fn unknown_paths_are_404() {
 async fn coord_serve_prints_the_bound_address_answers_and_stops_on_sigterm() {
     let db = TestDb::migrated().await;
     db.write_config("coord.toml", &balances_toml("1.0.0"));
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_coord"))
-        .current_dir(db.dir.path())
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("DATABASE_URL", &db.url)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
-        .await
-        .expect("coord serve prints its address within 30s")
-        .unwrap()
-        .expect("a line on stdout");
-    let addr: SocketAddr = line
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .unwrap();
+    let (mut child, addr) = spawn_serve(&db).await;
     assert_ne!(addr.port(), 0, "the printed address is the bound one");
 
     let reply = get(addr, "/ready").await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.json()["ready"], true);
 
-    let pid = child.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    sigterm(&child);
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
         .expect("coord serve stops within 30s of SIGTERM")
@@ -360,6 +335,35 @@ async fn coord_serve_logs_why_ready_is_503_once_per_change() {
     // Not migrated: the cause is the missing schema.
     let db = TestDb::new().await;
     db.write_config("coord.toml", &balances_toml("1.0.0"));
+    let (child, addr) = spawn_serve(&db).await;
+    for _ in 0..3 {
+        let reply = get(addr, "/ready").await;
+        assert_eq!(reply.status, 503, "{}", reply.body);
+    }
+    sigterm(&child);
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("coord serve stops within 30s of SIGTERM")
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    let logged: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("/ready answers 503"))
+        .collect();
+    assert_eq!(
+        logged.len(),
+        1,
+        "one line for three probes with one cause:\n{log}"
+    );
+    assert!(
+        logged[0].contains("coord schema missing: run coord migrate"),
+        "{log}"
+    );
+}
+
+/// Starts `coord serve` on a free port in `db`'s directory; returns the
+/// child and the address it printed.
+async fn spawn_serve(db: &TestDb) -> (tokio::process::Child, SocketAddr) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_coord"))
         .current_dir(db.dir.path())
         .args(["serve", "--listen", "127.0.0.1:0"])
@@ -382,32 +386,15 @@ async fn coord_serve_logs_why_ready_is_503_once_per_change() {
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .parse()
         .unwrap();
-    for _ in 0..3 {
-        let reply = get(addr, "/ready").await;
-        assert_eq!(reply.status, 503, "{}", reply.body);
-    }
+    (child, addr)
+}
+
+/// Sends SIGTERM to that child's own pid.
+fn sigterm(child: &tokio::process::Child) {
     let pid = child.id().unwrap().to_string();
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .unwrap();
     assert!(killed.success());
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .expect("coord serve stops within 30s of SIGTERM")
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    let logged: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("/ready answers 503"))
-        .collect();
-    assert_eq!(
-        logged.len(),
-        1,
-        "one line for three probes with one cause:\n{log}"
-    );
-    assert!(
-        logged[0].contains("coord schema missing: run coord migrate"),
-        "{log}"
-    );
 }
