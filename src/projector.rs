@@ -17,6 +17,11 @@ use crate::config::{Config, Mode, OnError, ProjectorConfig};
 use crate::names::{schema_name, sha256_hex, ProjectorName};
 use crate::{Error, Result};
 
+mod batch_sql;
+
+use batch_sql::PreparedBatchHandler;
+pub use batch_sql::BATCH_RELATION;
+
 /// What a handler may fail with.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -166,16 +171,31 @@ const HANDLER_PARAM_TYPES: [Type; 7] = [
 /// less); larger ones prepare each handler once.
 const UNPREPARED_MAX_EVENTS: usize = 4;
 
-/// A projector defined in `coord.toml`: one SQL statement per event type.
+/// A projector defined in `coord.toml`: one SQL statement per event type,
+/// run either once per event (`handlers`) or once per batch over the
+/// relation [`BATCH_RELATION`] (`batch_handlers`).
+///
+/// Within one call of [`Projector::apply`], the per-event statements run
+/// first, in position order, then each batch statement once, in the order
+/// of `batch_handlers`, over the call's events of its type.
 #[derive(Clone, Debug)]
 pub struct SqlProjector {
     config: ProjectorConfig,
+    batch_handlers: Vec<PreparedBatchHandler>,
 }
 
 impl SqlProjector {
     /// Wraps a validated configuration entry.
     pub fn new(config: ProjectorConfig) -> Self {
-        Self { config }
+        let batch_handlers = config
+            .batch_handlers
+            .iter()
+            .map(PreparedBatchHandler::new)
+            .collect();
+        Self {
+            config,
+            batch_handlers,
+        }
     }
 
     /// The configuration entry.
@@ -205,7 +225,8 @@ impl Projector for SqlProjector {
         &self.config.version
     }
     fn event_types(&self) -> Vec<String> {
-        self.config.handlers.keys().cloned().collect()
+        let batch = self.config.batch_handlers.iter().map(|h| &h.event_type);
+        self.config.handlers.keys().chain(batch).cloned().collect()
     }
     fn tables(&self) -> &str {
         &self.config.tables
@@ -226,11 +247,23 @@ impl Projector for SqlProjector {
             .iter()
             .map(|(t, sql)| format!("{t}\0{sql}"))
             .collect();
-        sha256_hex(&format!(
+        let mut definition = format!(
             "tables\0{}\0handlers\0{}",
             self.config.tables,
             handlers.join("\0")
-        ))
+        );
+        // Only when present, so definitions without them keep their fingerprint.
+        if !self.config.batch_handlers.is_empty() {
+            let batch: Vec<String> = self
+                .config
+                .batch_handlers
+                .iter()
+                .map(|h| format!("{}\0{}", h.event_type, h.sql))
+                .collect();
+            definition.push_str("\0batch_handlers\0");
+            definition.push_str(&batch.join("\0"));
+        }
+        sha256_hex(&definition)
     }
 
     async fn apply(
@@ -239,8 +272,29 @@ impl Projector for SqlProjector {
         events: &[Event],
         _ctx: &ApplyContext,
     ) -> Result<(), HandlerError> {
+        let (per_event, batch): (Vec<&Event>, Vec<&Event>) = events
+            .iter()
+            .partition(|e| self.config.handlers.contains_key(&e.event_type));
+        if !per_event.is_empty() {
+            self.apply_per_event(tx, &per_event).await?;
+        }
+        if !batch.is_empty() {
+            batch_sql::run(tx, &self.batch_handlers, &batch).await?;
+        }
+        Ok(())
+    }
+}
+
+impl SqlProjector {
+    /// Runs the per-event handlers of `events`, pipelined, in position order.
+    async fn apply_per_event(
+        &self,
+        tx: &Transaction<'_>,
+        events: &[&Event],
+    ) -> Result<(), HandlerError> {
         let handled = events
             .iter()
+            .copied()
             .filter_map(|e| self.config.handlers.get(&e.event_type).map(|sql| (e, sql)));
         if events.len() <= UNPREPARED_MAX_EVENTS {
             let calls = handled.map(|(event, sql)| {
