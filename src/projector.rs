@@ -25,6 +25,36 @@ pub use batch_sql::BATCH_RELATION;
 /// What a handler may fail with.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A handler error that names the event it failed on. A projector that
+/// returns it (boxed, as its [`HandlerError`]) lets a replay park that event,
+/// or stop just before it, without searching the batch for it; any other
+/// error makes the replay bisect the batch to find the failing events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventError {
+    /// Position of the failing event.
+    pub position: i64,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl EventError {
+    /// The event at `position` failed with `message`.
+    pub fn new(position: i64, message: impl Into<String>) -> Self {
+        Self {
+            position,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for EventError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for EventError {}
+
 /// One event of the event store, as handlers see it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Event {

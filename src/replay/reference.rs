@@ -11,7 +11,7 @@ use semver::Version;
 use tokio_postgres::Transaction;
 
 use crate::names::{sha256_hex, ProjectorName};
-use crate::projector::{ApplyContext, Event, HandlerError, Projector};
+use crate::projector::{ApplyContext, Event, EventError, HandlerError, Projector};
 
 // Every batch updates most rows: free space on each page keeps those
 // updates HOT (no index entries, no page splits).
@@ -52,9 +52,13 @@ fn amount(event: &Event) -> Result<i64, HandlerError> {
         .get("amount")
         .and_then(serde_json::Value::as_i64)
         .ok_or_else(|| {
-            format!(
-                "event at position {} ({}) has no integer data.amount",
-                event.position, event.event_type
+            // Naming the event lets a replay park it without bisecting.
+            EventError::new(
+                event.position,
+                format!(
+                    "event at position {} ({}) has no integer data.amount",
+                    event.position, event.event_type
+                ),
             )
             .into()
         })

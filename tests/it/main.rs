@@ -7,6 +7,7 @@ mod cli;
 mod config;
 mod gate;
 mod migrate;
+mod parking;
 mod replay;
 mod run;
 mod serve;

@@ -56,6 +56,35 @@ const EXPECTED: &str = "SELECT stream_id AS account, sum(CASE event_type \
       WHEN 'MoneyWithdrawn' THEN -(data->>'amount')::bigint ELSE 0 END)::bigint AS amount \
     FROM coord.events GROUP BY stream_id";
 
+/// The bank projector as set-based config SQL: one statement per event type
+/// and batch.
+fn sql_batch_config(name: &str) -> String {
+    format!(
+        r#"
+[[projector]]
+name = "{name}"
+version = "1.0.0"
+tables = """
+CREATE TABLE balances (account text PRIMARY KEY, amount bigint NOT NULL DEFAULT 0)
+  WITH (fillfactor = 50);
+"""
+
+[projector.batch_handlers]
+AccountOpened  = "INSERT INTO balances (account) SELECT stream_id FROM batch_events"
+MoneyDeposited = """
+UPDATE balances b SET amount = b.amount + d.delta
+FROM (SELECT stream_id, sum((data->>'amount')::bigint) AS delta FROM batch_events GROUP BY stream_id) d
+WHERE b.account = d.stream_id
+"""
+MoneyWithdrawn = """
+UPDATE balances b SET amount = b.amount - d.delta
+FROM (SELECT stream_id, sum((data->>'amount')::bigint) AS delta FROM batch_events GROUP BY stream_id) d
+WHERE b.account = d.stream_id
+"""
+"#
+    )
+}
+
 fn sql_config(name: &str) -> String {
     format!(
         r#"
@@ -123,9 +152,13 @@ struct Figures {
     replay_events_per_s: f64,
     sql_replay_s: f64,
     sql_replay_events_per_s: f64,
+    sql_batch_replay_s: f64,
+    sql_batch_events_per_s: f64,
     ratio: f64,
     sql_ratio: f64,
+    sql_batch_ratio: f64,
     results_equal: bool,
+    peak_rss_mb: f64,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -174,9 +207,14 @@ fn print_text(f: &Figures) {
         f.sql_replay_s, f.sql_replay_events_per_s, f.sql_ratio
     );
     println!(
+        "replay, set-based config SQL projector:  {:.2} s, {:.0} events/s, ratio {:.2}",
+        f.sql_batch_replay_s, f.sql_batch_events_per_s, f.sql_batch_ratio
+    );
+    println!(
         "results equal to a from-scratch SQL computation: {}",
         f.results_equal
     );
+    println!("peak RSS of coord-bench: {:.0} MB", f.peak_rss_mb);
 }
 
 async fn bench(args: &Args, url: &DatabaseUrl) -> anyhow::Result<Figures> {
@@ -235,8 +273,21 @@ async fn bench(args: &Args, url: &DatabaseUrl) -> anyhow::Result<Figures> {
     )
     .await?;
 
+    let config =
+        Config::parse(&sql_batch_config("bench_sql_batch"), "bench").map_err(coord::Error::from)?;
+    let sql_batch: Arc<dyn Projector> = Arc::new(SqlProjector::new(config.projectors[0].clone()));
+    let sql_batch_replay_s = replay(
+        &pool,
+        &mut client,
+        sql_batch.as_ref(),
+        &relation,
+        &options,
+        &actor,
+    )
+    .await?;
+
     let mut results_equal = true;
-    for projector in [&rust, &sql] {
+    for projector in [&rust, &sql, &sql_batch] {
         let table = format!(
             "{}.balances",
             coord::quote_ident(&projector_schema(projector))
@@ -267,9 +318,13 @@ async fn bench(args: &Args, url: &DatabaseUrl) -> anyhow::Result<Figures> {
         replay_events_per_s: n / replay_s,
         sql_replay_s,
         sql_replay_events_per_s: n / sql_replay_s,
+        sql_batch_replay_s,
+        sql_batch_events_per_s: n / sql_batch_replay_s,
         ratio: raw_read_s / replay_s,
         sql_ratio: raw_read_s / sql_replay_s,
+        sql_batch_ratio: raw_read_s / sql_batch_replay_s,
         results_equal,
+        peak_rss_mb: crate::support::peak_rss_mb(),
     })
 }
 

@@ -61,3 +61,23 @@ fn with_database(url: &str, db: &str) -> String {
     };
     format!("{base}/{db}{query}")
 }
+
+/// The process's peak resident set size so far (`VmHWM`), in MB; 0 where
+/// `/proc` is not available.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Resets the peak resident set size (Linux `clear_refs` 5), so that
+/// [`peak_rss_mb`] measures from here; does nothing where unsupported.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
