@@ -14,7 +14,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, Statement, Transaction};
 
 use crate::config::{Config, Mode, OnError, ProjectorConfig};
-use crate::names::{schema_name, sha256_hex, ProjectorName};
+use crate::names::{schema_name, sha256_hex, ProjectorName, RelationName};
 use crate::{Error, Result};
 
 mod batch_sql;
@@ -215,12 +215,19 @@ pub struct SqlProjector {
 }
 
 impl SqlProjector {
-    /// Wraps a validated configuration entry.
+    /// Wraps a validated configuration entry whose events are read from the
+    /// bundled store `coord.events`.
     pub fn new(config: ProjectorConfig) -> Self {
+        Self::with_event_store(config, &RelationName::default())
+    }
+
+    /// Wraps a validated configuration entry whose events a replay reads
+    /// from `event_store` (batch handlers read a replayed batch back from it).
+    pub fn with_event_store(config: ProjectorConfig, event_store: &RelationName) -> Self {
         let batch_handlers = config
             .batch_handlers
             .iter()
-            .map(PreparedBatchHandler::new)
+            .map(|h| PreparedBatchHandler::new(h, event_store))
             .collect();
         Self {
             config,
@@ -300,7 +307,7 @@ impl Projector for SqlProjector {
         &self,
         tx: &Transaction<'_>,
         events: &[Event],
-        _ctx: &ApplyContext,
+        ctx: &ApplyContext,
     ) -> Result<(), HandlerError> {
         let (per_event, batch): (Vec<&Event>, Vec<&Event>) = events
             .iter()
@@ -309,7 +316,7 @@ impl Projector for SqlProjector {
             self.apply_per_event(tx, &per_event).await?;
         }
         if !batch.is_empty() {
-            batch_sql::run(tx, &self.batch_handlers, &batch).await?;
+            batch_sql::run(tx, &self.batch_handlers, &batch, ctx.phase).await?;
         }
         Ok(())
     }
@@ -407,7 +414,10 @@ impl ProjectorSet {
         let projectors = config
             .projectors
             .iter()
-            .map(|p| Arc::new(SqlProjector::new(p.clone())) as Arc<dyn Projector>)
+            .map(|p| {
+                Arc::new(SqlProjector::with_event_store(p.clone(), &config.event_store))
+                    as Arc<dyn Projector>
+            })
             .collect();
         Self { projectors }
     }

@@ -1,17 +1,21 @@
 //! Set-based config handlers (`[projector.batch_handlers]`,
 //! docs/decisions/0015-set-based-batch-handlers.md): each statement runs
 //! once per batch over the relation `batch_events`, which holds the batch's
-//! events of its type. The relation is a CTE over `unnest` of seven array
-//! parameters, put in front of the user's statement (merged into its own
-//! `WITH` when it has one), so a batch costs one statement per event type and
-//! leaves nothing behind in the session. Never commits.
+//! events of its type. The relation is a CTE put in front of the user's
+//! statement (merged into its own `WITH` when it has one), so a batch costs
+//! one statement per event type and leaves nothing behind in the session.
+//! In a replay the CTE reads the batch's events back from the event store
+//! by position (they are committed; nothing is sent but positions); inline,
+//! where they may live only in the publisher's transaction, it is an
+//! `unnest` of seven array parameters. Never commits.
 
 use futures_util::future::try_join_all;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Transaction;
 
 use crate::config::BatchHandler;
-use crate::projector::Event;
+use crate::names::RelationName;
+use crate::projector::{Event, Phase};
 
 /// The name under which a batch statement reads its events.
 pub const BATCH_RELATION: &str = "batch_events";
@@ -19,6 +23,10 @@ pub const BATCH_RELATION: &str = "batch_events";
 const RELATION: &str = "batch_events AS (SELECT * FROM unnest($1::text[], $2::bigint[], \
     $3::bigint[], $4::text[], $5::jsonb[], $6::jsonb[], $7::timestamptz[]) \
     AS e(stream_id, stream_version, position, event_type, data, metadata, recorded_at))";
+
+const BY_POSITION: &str = "batch_events AS (SELECT e.stream_id, e.stream_version, e.position, \
+    e.event_type, e.data, e.metadata, e.recorded_at FROM {events} e \
+    WHERE e.position BETWEEN $2::bigint AND $3::bigint AND e.position = ANY($1::bigint[]))";
 
 const PARAM_TYPES: [Type; 7] = [
     Type::TEXT_ARRAY,
@@ -35,31 +43,36 @@ const PARAM_TYPES: [Type; 7] = [
 #[derive(Clone, Debug)]
 pub(crate) struct PreparedBatchHandler {
     event_type: String,
+    /// Over the events as array parameters (inline).
     sql: String,
+    /// Over the events read back from the event store by position (replay).
+    sql_by_position: String,
 }
 
 impl PreparedBatchHandler {
-    pub(crate) fn new(handler: &BatchHandler) -> Self {
+    pub(crate) fn new(handler: &BatchHandler, event_store: &RelationName) -> Self {
+        let by_position = BY_POSITION.replace("{events}", &event_store.quoted());
         Self {
             event_type: handler.event_type.clone(),
-            sql: with_relation(&handler.sql),
+            sql: with_relation(RELATION, &handler.sql),
+            sql_by_position: with_relation(&by_position, &handler.sql),
         }
     }
 }
 
-/// `sql` with the `batch_events` CTE in front; a statement that starts with
+/// `sql` with the CTE `relation` in front; a statement that starts with
 /// its own `WITH [RECURSIVE]` gets the CTE as its first entry.
-pub(crate) fn with_relation(sql: &str) -> String {
+pub(crate) fn with_relation(relation: &str, sql: &str) -> String {
     let rest = skip_space_and_comments(sql);
     if let Some(after_with) = keyword(rest, "with") {
         let after = skip_space_and_comments(after_with);
         if let Some(after_recursive) = keyword(after, "recursive") {
             let after_recursive = skip_space_and_comments(after_recursive);
-            return format!("WITH RECURSIVE {RELATION}, {after_recursive}");
+            return format!("WITH RECURSIVE {relation}, {after_recursive}");
         }
-        return format!("WITH {RELATION}, {after}");
+        return format!("WITH {relation}, {after}");
     }
-    format!("WITH {RELATION} {rest}")
+    format!("WITH {relation} {rest}")
 }
 
 fn skip_space_and_comments(mut sql: &str) -> &str {
@@ -105,6 +118,7 @@ pub(crate) async fn run(
     tx: &Transaction<'_>,
     handlers: &[PreparedBatchHandler],
     events: &[&Event],
+    phase: Phase,
 ) -> Result<(), tokio_postgres::Error> {
     let calls = handlers.iter().filter_map(|handler| {
         let of_type: Vec<&Event> = events
@@ -115,10 +129,23 @@ pub(crate) async fn run(
         if of_type.is_empty() {
             return None;
         }
-        let columns = Columns::new(&of_type);
         Some(async move {
-            let params = columns.params();
-            tx.execute_typed(&handler.sql, &params).await
+            match phase {
+                Phase::Inline => {
+                    let columns = Columns::new(&of_type);
+                    tx.execute_typed(&handler.sql, &columns.params()).await
+                }
+                Phase::Replay => {
+                    let positions: Vec<i64> = of_type.iter().map(|e| e.position).collect();
+                    let (first, last) = (positions[0], positions[positions.len() - 1]);
+                    let params: [(&(dyn ToSql + Sync), Type); 3] = [
+                        (&positions, Type::INT8_ARRAY),
+                        (&first, Type::INT8),
+                        (&last, Type::INT8),
+                    ];
+                    tx.execute_typed(&handler.sql_by_position, &params).await
+                }
+            }
         })
     });
     try_join_all(calls).await?;
@@ -174,11 +201,12 @@ mod tests {
 
     #[test]
     fn the_relation_goes_in_front_or_into_the_statements_own_with() {
-        let plain = with_relation("  INSERT INTO t SELECT stream_id FROM batch_events");
+        let plain = with_relation(RELATION, "  INSERT INTO t SELECT stream_id FROM batch_events");
         assert!(plain.starts_with("WITH batch_events AS (SELECT * FROM unnest("));
         assert!(plain.ends_with(") INSERT INTO t SELECT stream_id FROM batch_events"));
 
         let with = with_relation(
+            RELATION,
             "-- fold\n/* a /* nested */ comment */ with s AS (SELECT 1) SELECT * FROM s",
         );
         assert!(with.starts_with("WITH batch_events AS ("), "{with}");
@@ -187,7 +215,7 @@ mod tests {
             "{with}"
         );
 
-        let recursive = with_relation("WITH Recursive r(n) AS (SELECT 1) SELECT * FROM r");
+        let recursive = with_relation(RELATION, "WITH Recursive r(n) AS (SELECT 1) SELECT * FROM r");
         assert!(
             recursive.starts_with("WITH RECURSIVE batch_events AS ("),
             "{recursive}"
@@ -198,7 +226,7 @@ mod tests {
         );
 
         // A name that merely starts with "with" is not the keyword.
-        let table = with_relation("withdrawals_insert");
+        let table = with_relation(RELATION, "withdrawals_insert");
         assert!(table.ends_with(") withdrawals_insert"), "{table}");
     }
 }

@@ -129,9 +129,7 @@ async fn attempt(
 /// [`EventError`] naming one of them.
 fn named_index(error: &HandlerError, events: &[Event]) -> Option<usize> {
     let position = error.downcast_ref::<EventError>()?.position;
-    events
-        .binary_search_by_key(&position, |e| e.position)
-        .ok()
+    events.binary_search_by_key(&position, |e| e.position).ok()
 }
 
 /// Finding and handling the failing events of a batch that failed as a whole.

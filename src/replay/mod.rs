@@ -34,7 +34,9 @@ mod reference;
 mod start;
 
 pub use many::{replay_many, ReplayDone, ReplayOutcome};
-pub use options::{CatchUpReport, PassReport, Progress, ProgressFn, ReplayOptions};
+pub use options::{
+    CatchUpReport, PassReport, Progress, ProgressFn, ReplayOptions, DEFAULT_BATCH_BYTES,
+};
 pub use pass::{catch_up, checkpoint_through_current_snapshot, pass_in_transaction, run_pass};
 pub use reference::BalancesProjector;
 pub use start::{

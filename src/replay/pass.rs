@@ -25,6 +25,9 @@ use crate::{Error, Result};
 /// Batch size of passes run inside a caller's transaction.
 const IN_TRANSACTION_BATCH: i64 = 20_000;
 
+/// Byte budget of the batches of passes run inside a caller's transaction.
+const IN_TRANSACTION_BYTES: i64 = crate::replay::options::DEFAULT_BATCH_BYTES as i64;
+
 /// Where a batch leaves the pass: the new cursor, the last position handled
 /// and the `applied_ahead` rows it adds.
 struct BatchEnd {
@@ -71,6 +74,7 @@ fn query(
     horizon: &str,
     snapshot: &str,
     exclude_ahead: bool,
+    max_bytes: i64,
 ) -> PassQuery {
     PassQuery {
         name: projector.name().to_string(),
@@ -80,6 +84,7 @@ fn query(
         horizon: horizon.to_owned(),
         snapshot: snapshot.to_owned(),
         exclude_ahead,
+        max_bytes,
     }
 }
 
@@ -151,12 +156,14 @@ pub async fn run_pass(
     };
     let cursor0 = start.pass_cursor.unwrap_or(0);
     let exclude_ahead = checkpoint::has_ahead_after(&**writer, name, &version, cursor0).await?;
+    let max_bytes = i64::try_from(options.batch_bytes.max(1)).unwrap_or(i64::MAX);
     let q = query(
         projector,
         event_store,
         &start.horizon,
         &snapshot,
         exclude_ahead,
+        max_bytes,
     );
 
     // Three stages overlap: the reader fetches batch n+2 (server), a decoder
@@ -165,24 +172,30 @@ pub async fn run_pass(
     let reader = pool.get().await?;
     let (row_sender, mut row_receiver) = mpsc::channel::<Result<Vec<u8>>>(1);
     let (sender, mut receiver) = mpsc::channel::<Result<EventBatch>>(1);
-    let limit = i64::try_from(options.batch_size.max(1)).unwrap_or(i64::MAX);
+    let max_limit = i64::try_from(options.batch_size.max(1)).unwrap_or(i64::MAX);
     let reader_query = q.clone();
     let reader_cancel = cancel.clone();
     tokio::spawn(async move {
         let mut cursor = cursor0;
+        let mut limit = max_limit;
         while !reader_cancel.is_cancelled() {
             let read_started = Instant::now();
             let result = reader_query.read_copy(&reader, cursor, limit).await;
+            // The pass ends with an empty read: a short batch may have been
+            // cut by the byte budget.
             let (result, last) = match result {
                 Ok((data, rows, last_position)) => {
                     debug!(
                         read_ms = read_started.elapsed().as_millis() as u64,
-                        rows, "read batch"
+                        rows,
+                        bytes = data.len(),
+                        "read batch"
                     );
                     if let Some(position) = last_position {
                         cursor = position;
                     }
-                    (Ok(data), (rows as i64) < limit)
+                    limit = next_limit(limit, rows as i64, max_limit);
+                    (Ok(data), rows == 0)
                 }
                 Err(e) => (Err(e), true),
             };
@@ -231,13 +244,12 @@ pub async fn run_pass(
     };
     let mut cursor = cursor0;
     let mut processed = start.events_processed;
-    // Set once the batch that ends the pass (shorter than `limit`) is in:
-    // only then may the horizon move. The reader also stops when cancelled,
-    // so a closed channel alone proves nothing.
+    // Set once the empty read that ends the pass is in: only then may the
+    // horizon move. The reader also stops when cancelled, so a closed
+    // channel alone proves nothing.
     let mut complete = false;
     while let Some(batch) = receiver.recv().await {
         let batch = batch?;
-        let is_last = (batch.events.len() as i64) < limit;
         if batch.events.is_empty() {
             complete = true;
             break;
@@ -305,9 +317,6 @@ pub async fn run_pass(
         }
         if let Some(failure) = outcome.failure {
             return Err(failure);
-        }
-        if is_last {
-            complete = true;
         }
     }
     drop(receiver);
@@ -461,7 +470,14 @@ async fn drain(
     let name = projector.name().as_str();
     let version = projector.version().to_string();
     let exclude_ahead = checkpoint::has_ahead_after(tx, name, &version, cursor).await?;
-    let q = query(projector, event_store, horizon, snapshot, exclude_ahead);
+    let q = query(
+        projector,
+        event_store,
+        horizon,
+        snapshot,
+        exclude_ahead,
+        IN_TRANSACTION_BYTES,
+    );
     let mut applied = 0;
     loop {
         let batch = q.read(tx, cursor, IN_TRANSACTION_BATCH).await?;
@@ -490,9 +506,20 @@ async fn drain(
         .await?;
         applied += outcome.applied as u64;
         cursor = end.cursor;
-        if (batch.events.len() as i64) < IN_TRANSACTION_BATCH {
-            return Ok(applied);
-        }
+    }
+}
+
+/// The event limit of the reader's next batch: after a batch the byte
+/// budget cut short, a quarter more events than it held (so the server
+/// reads few events only to drop them); after a full one, twice as many,
+/// up to `max`.
+fn next_limit(limit: i64, rows: i64, max: i64) -> i64 {
+    if rows == 0 {
+        limit
+    } else if rows < limit {
+        (rows + rows / 4 + 1).min(max)
+    } else {
+        limit.saturating_mul(2).min(max)
     }
 }
 

@@ -168,6 +168,7 @@ async fn catch_up_reads_the_delta_through_the_xact_id_index() {
             .get(0),
         snapshot: "1:1:".into(),
         exclude_ahead: true,
+        max_bytes: i64::MAX,
     };
     let plan: Vec<String> = client
         .query(
@@ -180,6 +181,7 @@ async fn catch_up_reads_the_delta_through_the_xact_id_index() {
                     .replace("$4", "1000")
                     .replace("$5", &format!("'{}'", q.horizon))
                     .replace("$6", "'balances'")
+                    .replace("$8", "16777216")
                     .replace("$7", "'2.0.0'")
             ),
             &[],
