@@ -415,8 +415,10 @@ impl ProjectorSet {
             .projectors
             .iter()
             .map(|p| {
-                Arc::new(SqlProjector::with_event_store(p.clone(), &config.event_store))
-                    as Arc<dyn Projector>
+                Arc::new(SqlProjector::with_event_store(
+                    p.clone(),
+                    &config.event_store,
+                )) as Arc<dyn Projector>
             })
             .collect();
         Self { projectors }

@@ -201,7 +201,10 @@ mod tests {
 
     #[test]
     fn the_relation_goes_in_front_or_into_the_statements_own_with() {
-        let plain = with_relation(RELATION, "  INSERT INTO t SELECT stream_id FROM batch_events");
+        let plain = with_relation(
+            RELATION,
+            "  INSERT INTO t SELECT stream_id FROM batch_events",
+        );
         assert!(plain.starts_with("WITH batch_events AS (SELECT * FROM unnest("));
         assert!(plain.ends_with(") INSERT INTO t SELECT stream_id FROM batch_events"));
 
@@ -215,7 +218,10 @@ mod tests {
             "{with}"
         );
 
-        let recursive = with_relation(RELATION, "WITH Recursive r(n) AS (SELECT 1) SELECT * FROM r");
+        let recursive = with_relation(
+            RELATION,
+            "WITH Recursive r(n) AS (SELECT 1) SELECT * FROM r",
+        );
         assert!(
             recursive.starts_with("WITH RECURSIVE batch_events AS ("),
             "{recursive}"

@@ -30,7 +30,6 @@ mod batch;
 mod many;
 mod options;
 mod pass;
-mod reference;
 mod start;
 
 pub use many::{replay_many, ReplayDone, ReplayOutcome};
@@ -38,7 +37,6 @@ pub use options::{
     CatchUpReport, PassReport, Progress, ProgressFn, ReplayOptions, DEFAULT_BATCH_BYTES,
 };
 pub use pass::{catch_up, checkpoint_through_current_snapshot, pass_in_transaction, run_pass};
-pub use reference::BalancesProjector;
 pub use start::{
     abort, abort_in, start_replay, start_replay_in, AbortReport, ReplayStart, StartOutcome,
 };

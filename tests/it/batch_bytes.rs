@@ -1,6 +1,8 @@
 //! Batches close on a byte budget as well as on a count.
 
-use coord::replay::{run_pass, start_replay, BalancesProjector, CancellationToken, ReplayOptions};
+use coord::replay::{run_pass, start_replay, CancellationToken, ReplayOptions};
+
+use crate::reference::BalancesProjector;
 use coord::store::Actor;
 use coord::{ProjectorName, RelationName};
 use semver::Version;

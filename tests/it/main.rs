@@ -9,6 +9,8 @@ mod config;
 mod gate;
 mod migrate;
 mod parking;
+#[path = "../../src/bin/coord-bench/reference.rs"]
+mod reference;
 mod replay;
 mod run;
 mod serve;

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use coord::projector::{ApplyContext, Event, HandlerError};
-use coord::replay::{catch_up, start_replay, BalancesProjector, CancellationToken, ReplayOptions};
+use coord::replay::{catch_up, start_replay, CancellationToken, ReplayOptions};
+
+use crate::reference::BalancesProjector;
 use coord::store::{parked, Actor};
 use coord::{Config, OnError, Projector, ProjectorName, RelationName, SqlProjector};
 use semver::Version;

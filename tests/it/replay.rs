@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use coord::replay::{
     catch_up, checkpoint_through_current_snapshot, pass_in_transaction, run_pass, start_replay,
-    BalancesProjector, CancellationToken, ReplayOptions, StartOutcome,
+    CancellationToken, ReplayOptions, StartOutcome,
 };
 use coord::store::{parked, states, versions, Actor};
 use coord::{Config, Projector, ProjectorName, RelationName, SqlProjector};
 use tokio_postgres::Client;
 
+use crate::reference::BalancesProjector;
 use crate::support::{assert_exit, balances_toml, eventually, stderr, stdout, TestDb};
 
 const APPEND: &str = "INSERT INTO coord.events (stream_id, stream_version, event_type, data) \

@@ -1,7 +1,8 @@
 //! A reference projector written in Rust against the batch-aware API: bank
 //! balances per account, folded in memory per batch and written with one
-//! statement per kind of change. Used by `coord-bench` and the tests; it is
-//! also a model for application projectors.
+//! statement per kind of change. Used by `coord-bench` and, through
+//! `#[path]`, by the integration tests; it uses only the public API, as an
+//! application projector would, and is not part of the library.
 
 use std::collections::HashMap;
 
@@ -10,8 +11,9 @@ use futures_util::future::try_join;
 use semver::Version;
 use tokio_postgres::Transaction;
 
-use crate::names::{sha256_hex, ProjectorName};
-use crate::projector::{ApplyContext, Event, EventError, HandlerError, Projector};
+use coord::projector::EventError;
+use coord::{ApplyContext, Event, HandlerError, OnError, Projector, ProjectorName};
+use sha2::{Digest, Sha256};
 
 // Every batch updates most rows: free space on each page keeps those
 // updates HOT (no index entries, no page splits).
@@ -31,12 +33,24 @@ const UPDATE: &str = "UPDATE balances AS b SET amount = b.amount + d.delta \
 pub struct BalancesProjector {
     name: ProjectorName,
     version: Version,
+    on_error: OnError,
 }
 
 impl BalancesProjector {
-    /// The projector `name@version`.
+    /// The projector `name@version`, failing on a failing event.
     pub fn new(name: ProjectorName, version: Version) -> Self {
-        Self { name, version }
+        Self {
+            name,
+            version,
+            on_error: OnError::Fail,
+        }
+    }
+
+    /// The same with another `on_error` policy.
+    #[allow(dead_code)] // not every user of this file parks
+    pub fn with_on_error(mut self, on_error: OnError) -> Self {
+        self.on_error = on_error;
+        self
     }
 }
 
@@ -82,8 +96,13 @@ impl Projector for BalancesProjector {
     fn tables(&self) -> &str {
         TABLES
     }
+    fn on_error(&self) -> OnError {
+        self.on_error
+    }
     fn fingerprint(&self) -> String {
-        sha256_hex(&format!("rust BalancesProjector 1\0{TABLES}"))
+        hex::encode(Sha256::digest(format!(
+            "rust BalancesProjector 1\0{TABLES}"
+        )))
     }
 
     async fn apply(
