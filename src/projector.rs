@@ -18,9 +18,11 @@ use crate::names::{schema_name, sha256_hex, ProjectorName, RelationName};
 use crate::{Error, Result};
 
 mod batch_sql;
+mod bulk;
 
 use batch_sql::PreparedBatchHandler;
 pub use batch_sql::BATCH_RELATION;
+pub use bulk::copy_rows;
 
 /// What a handler may fail with.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -101,6 +103,11 @@ impl TryFrom<&Row> for Event {
 pub enum Phase {
     /// Replaying or catching up from the event store, in batches.
     Replay,
+    /// The first pass of a replay from the beginning of the store: the
+    /// version's tables were empty when it started and hold only what this
+    /// pass's earlier batches wrote, so rows a batch creates can be loaded
+    /// with [`copy_rows`] instead of inserted or upserted.
+    Rebuild,
     /// Inside a publishing transaction, on the events it appends.
     Inline,
 }

@@ -135,7 +135,7 @@ pub(crate) async fn run(
                     let columns = Columns::new(&of_type);
                     tx.execute_typed(&handler.sql, &columns.params()).await
                 }
-                Phase::Replay => {
+                Phase::Replay | Phase::Rebuild => {
                     let positions: Vec<i64> = of_type.iter().map(|e| e.position).collect();
                     let (first, last) = (positions[0], positions[positions.len() - 1]);
                     let params: [(&(dyn ToSql + Sync), Type); 3] = [

@@ -61,10 +61,10 @@ fn batch_end(batch: &EventBatch, outcome: &BatchOutcome, cursor: i64) -> BatchEn
     }
 }
 
-fn context(schema: &str) -> ApplyContext {
+fn context(schema: &str, phase: Phase) -> ApplyContext {
     ApplyContext {
         schema: schema.to_owned(),
-        phase: Phase::Replay,
+        phase,
     }
 }
 
@@ -231,7 +231,14 @@ pub async fn run_pass(
     };
     let pass_total = total.map(|t| u64::try_from(t - start.events_processed).unwrap_or(0));
 
-    let ctx = context(&start.schema_name);
+    // From horizon 0 this is the version's first pass: its tables started
+    // empty (a resumed first pass finds only its own earlier batches).
+    let phase = if start.horizon == "0" {
+        Phase::Rebuild
+    } else {
+        Phase::Replay
+    };
+    let ctx = context(&start.schema_name, phase);
     let mut report = PassReport {
         projector: name.to_owned(),
         version: version.clone(),
@@ -443,7 +450,7 @@ pub async fn pass_in_transaction(
     let version = projector.version().to_string();
     let ck = checkpoint::lock(tx, name, &version).await?;
     batch::set_search_path(tx, &ck.schema_name).await?;
-    let ctx = context(&ck.schema_name);
+    let ctx = context(&ck.schema_name, Phase::Replay);
     let mut horizon = ck.horizon.clone();
     let mut applied = 0;
     if let Some(snapshot) = &ck.pass_snapshot {

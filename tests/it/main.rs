@@ -4,6 +4,7 @@
 mod activation;
 mod batch_bytes;
 mod batch_handlers;
+mod bulk;
 mod cli;
 mod config;
 mod gate;

@@ -11,9 +11,10 @@ use futures_util::future::try_join;
 use semver::Version;
 use tokio_postgres::Transaction;
 
-use coord::projector::EventError;
-use coord::{ApplyContext, Event, HandlerError, OnError, Projector, ProjectorName};
+use coord::projector::{copy_rows, EventError};
+use coord::{ApplyContext, Event, HandlerError, OnError, Phase, Projector, ProjectorName};
 use sha2::{Digest, Sha256};
+use tokio_postgres::types::{ToSql, Type};
 
 // Every batch updates most rows: free space on each page keeps those
 // updates HOT (no index entries, no page splits).
@@ -109,7 +110,7 @@ impl Projector for BalancesProjector {
         &self,
         tx: &Transaction<'_>,
         events: &[Event],
-        _ctx: &ApplyContext,
+        ctx: &ApplyContext,
     ) -> Result<(), HandlerError> {
         let mut order: Vec<&str> = Vec::new();
         let mut folds: HashMap<&str, Fold> = HashMap::new();
@@ -144,6 +145,25 @@ impl Projector for BalancesProjector {
                 accounts.push(account);
                 deltas.push(fold.delta);
             }
+        }
+        if ctx.phase == Phase::Rebuild && !new_accounts.is_empty() {
+            // The tables started empty in this replay: new rows go in by
+            // binary COPY, then the changes to older ones.
+            let mut rows: Vec<Vec<&(dyn ToSql + Sync)>> = Vec::with_capacity(new_accounts.len());
+            for (account, amount) in new_accounts.iter().zip(&new_amounts) {
+                rows.push(vec![account, amount]);
+            }
+            copy_rows(
+                tx,
+                "balances",
+                &[("account", Type::TEXT), ("amount", Type::INT8)],
+                rows,
+            )
+            .await?;
+            if !accounts.is_empty() {
+                tx.execute(UPDATE, &[&accounts, &deltas]).await?;
+            }
+            return Ok(());
         }
         // Pipelined; the two touch disjoint accounts.
         try_join(
