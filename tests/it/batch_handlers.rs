@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use coord::replay::{catch_up, start_replay, CancellationToken, ReplayOptions};
+use coord::replay::{catch_up, start_replay, CancellationToken, CatchUpReport, ReplayOptions};
 use coord::store::{parked, versions, Actor};
 use coord::{Config, ExpectedVersion, NewEvent, Projector, ProjectorSet, Publisher, SqlProjector};
 use rand::rngs::StdRng;
@@ -13,6 +13,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tokio_postgres::Client;
 
+use crate::replay::picky_store;
 use crate::support::{assert_exit, stderr, TestDb};
 
 const TABLES: &str = r#"
@@ -168,18 +169,23 @@ async fn rows(client: &Client, table: &str) -> i64 {
         .get(0)
 }
 
-async fn replay(db: &TestDb, projector: &dyn Projector, batch_size: usize) -> (u64, u64) {
+/// Registers `projector` and catches it up with the store (until nothing
+/// is left) with `options`; shared by the tests of issue 11.
+pub(crate) async fn replay_with(
+    db: &TestDb,
+    projector: &dyn Projector,
+    options: ReplayOptions,
+) -> CatchUpReport {
     let mut client = db.client().await;
     start_replay(&mut client, projector, &Actor::new("test-host", "test"))
         .await
         .unwrap();
     let pool = coord::pool(&db.database_url(), 4).unwrap();
     let options = ReplayOptions {
-        batch_size,
         lag_threshold: 1,
-        ..ReplayOptions::default()
+        ..options
     };
-    let report = catch_up(
+    catch_up(
         &pool,
         projector,
         &coord::RelationName::default(),
@@ -187,7 +193,15 @@ async fn replay(db: &TestDb, projector: &dyn Projector, batch_size: usize) -> (u
         &CancellationToken::new(),
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+async fn replay(db: &TestDb, projector: &dyn Projector, batch_size: usize) -> (u64, u64) {
+    let options = ReplayOptions {
+        batch_size,
+        ..ReplayOptions::default()
+    };
+    let report = replay_with(db, projector, options).await;
     (report.applied, report.parked)
 }
 
@@ -279,26 +293,6 @@ CREATE TABLE deposits (position bigint PRIMARY KEY, amount bigint NOT NULL CHECK
 MoneyDeposited = "INSERT INTO deposits SELECT position, (data->>'amount')::bigint FROM batch_events"
 "#
     )
-}
-
-/// 60 deposits on one stream; the 37th breaks the CHECK. Returns its position.
-async fn picky_store(client: &Client) -> i64 {
-    client
-        .batch_execute(
-            "INSERT INTO coord.events (stream_id, stream_version, event_type, data) \
-             SELECT 'a', i, 'MoneyDeposited', jsonb_build_object('amount', CASE WHEN i = 37 THEN 5000 ELSE i END) \
-             FROM generate_series(1, 60) AS i",
-        )
-        .await
-        .unwrap();
-    client
-        .query_one(
-            "SELECT position FROM coord.events WHERE stream_version = 37",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
 }
 
 #[tokio::test]

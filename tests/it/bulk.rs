@@ -5,13 +5,13 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use coord::projector::{copy_rows, ApplyContext, Event, HandlerError, Phase};
-use coord::replay::{catch_up, start_replay, CancellationToken, ReplayOptions};
-use coord::store::Actor;
-use coord::{Projector, ProjectorName, RelationName};
+use coord::replay::ReplayOptions;
+use coord::{Projector, ProjectorName};
 use semver::Version;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Transaction;
 
+use crate::batch_handlers::replay_with;
 use crate::support::TestDb;
 
 /// Copies every event's position and stream into `seen`, recording the
@@ -80,23 +80,16 @@ async fn copy_rows_loads_the_first_pass_and_only_it_is_a_rebuild() {
         version: Version::new(1, 0, 0),
         phases: Mutex::new(Vec::new()),
     };
-    let mut client = db.client().await;
-    start_replay(&mut client, &projector, &Actor::new("test-host", "test"))
-        .await
-        .unwrap();
-    let pool = coord::pool(&db.database_url(), 4).unwrap();
     let options = ReplayOptions {
         batch_size: 100,
-        lag_threshold: 1,
         ..ReplayOptions::default()
     };
-    let (relation, cancel) = (RelationName::default(), CancellationToken::new());
-    let run = || catch_up(&pool, &projector, &relation, &options, &cancel);
-    run().await.unwrap();
+    replay_with(&db, &projector, options.clone()).await;
     assert_eq!(*projector.phases.lock().unwrap(), [Phase::Rebuild; 3]);
     note(&db, 250, 10).await;
-    run().await.unwrap();
+    replay_with(&db, &projector, options).await;
     assert_eq!(projector.phases.lock().unwrap()[3..], [Phase::Replay]);
+    let client = db.client().await;
     let (rows, streams): (i64, i64) = {
         let row = client
             .query_one(

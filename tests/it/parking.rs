@@ -7,14 +7,15 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use coord::projector::{ApplyContext, Event, HandlerError};
-use coord::replay::{catch_up, start_replay, CancellationToken, ReplayOptions};
+use coord::replay::ReplayOptions;
 
 use crate::reference::BalancesProjector;
-use coord::store::{parked, Actor};
-use coord::{Config, OnError, Projector, ProjectorName, RelationName, SqlProjector};
+use coord::store::parked;
+use coord::{Config, OnError, Projector, ProjectorName, SqlProjector};
 use semver::Version;
 use tokio_postgres::Transaction;
 
+use crate::batch_handlers::replay_with;
 use crate::support::TestDb;
 
 /// Delegates to `inner`, parks, and counts the calls of `apply`.
@@ -79,27 +80,22 @@ async fn store_with_bad_events(db: &TestDb) -> Vec<i64> {
         .collect()
 }
 
-async fn replay(db: &TestDb, projector: &Counting, batch_size: usize) -> (u64, u64, u64) {
-    let mut client = db.client().await;
-    start_replay(&mut client, projector, &Actor::new("test-host", "test"))
-        .await
-        .unwrap();
-    let pool = coord::pool(&db.database_url(), 4).unwrap();
+async fn replay(db: &TestDb, projector: &Counting, batch_size: usize) -> (u64, u64) {
     let options = ReplayOptions {
         batch_size,
-        lag_threshold: 1,
         ..ReplayOptions::default()
     };
-    let report = catch_up(
-        &pool,
-        projector,
-        &RelationName::default(),
-        &options,
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    (report.applied, report.parked, report.passes)
+    let report = replay_with(db, projector, options).await;
+    (report.applied, report.parked)
+}
+
+async fn parked_positions(db: &TestDb, name: &str) -> Vec<i64> {
+    parked::list(&db.client().await, name, "1.0.0")
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.position)
+        .collect()
 }
 
 /// Accounts whose balance differs from a from-scratch computation over the
@@ -134,15 +130,9 @@ async fn events_named_by_their_error_are_parked_with_one_call_per_failure() {
         )),
         calls: AtomicUsize::new(0),
     };
-    let (applied, parked_count, _) = replay(&db, &projector, 500).await;
+    let (applied, parked_count) = replay(&db, &projector, 500).await;
     assert_eq!((applied, parked_count), (1_980, 20));
-    let parked: Vec<i64> = parked::list(&db.client().await, "named", "1.0.0")
-        .await
-        .unwrap()
-        .iter()
-        .map(|p| p.position)
-        .collect();
-    assert_eq!(parked, bad);
+    assert_eq!(parked_positions(&db, "named").await, bad);
     assert_eq!(mismatches(&db, "named_v1_0_0").await, 0);
     // 4 batches, each failing once per bad event it holds, then applied whole.
     assert_eq!(projector.calls.load(Ordering::SeqCst), 4 + 20);
@@ -175,7 +165,7 @@ MoneyWithdrawn = """UPDATE balances b SET amount = b.amount - d.s FROM (SELECT s
         calls: AtomicUsize::new(0),
     };
     // Batches of 250 hold 2 or 3 bad events each.
-    let (applied, parked_count, _) = replay(&db, &projector, 250).await;
+    let (applied, parked_count) = replay(&db, &projector, 250).await;
     assert_eq!((applied, parked_count), (1_980, 20));
     assert_eq!(mismatches(&db, "bisected_v1_0_0").await, 0);
     let calls = projector.calls.load(Ordering::SeqCst);
@@ -183,11 +173,5 @@ MoneyWithdrawn = """UPDATE balances b SET amount = b.amount - d.s FROM (SELECT s
     // (8 levels). Event by event would be at least 250 calls per batch.
     assert!(calls <= 8 + 20 * 2 * 8, "{calls} calls");
     assert!(calls < 500, "{calls} calls");
-    let parked: Vec<i64> = parked::list(&db.client().await, "bisected", "1.0.0")
-        .await
-        .unwrap()
-        .iter()
-        .map(|p| p.position)
-        .collect();
-    assert_eq!(parked, bad);
+    assert_eq!(parked_positions(&db, "bisected").await, bad);
 }

@@ -494,7 +494,7 @@ MoneyDeposited = "INSERT INTO deposits VALUES ($3, ($5->>'amount')::bigint)"
     )
 }
 
-async fn picky_store(client: &Client) -> i64 {
+pub(crate) async fn picky_store(client: &Client) -> i64 {
     client
         .batch_execute(
             "INSERT INTO coord.events (stream_id, stream_version, event_type, data) \
