@@ -163,6 +163,13 @@ pub trait Projector: Send + Sync {
             types.join("\0")
         ))
     }
+    /// Whether `apply` reads the events' `data` and `metadata` in replays
+    /// and catch-ups (default true). A projector that reads them from the
+    /// event store itself returns false and gets them as `null` there,
+    /// sparing the decoding; inline it always gets them.
+    fn replay_reads_payload(&self) -> bool {
+        true
+    }
     /// Applies `events` in the caller's transaction.
     ///
     /// # Errors
@@ -283,6 +290,11 @@ impl Projector for SqlProjector {
     }
     fn verify(&self) -> Vec<String> {
         self.config.verify.clone()
+    }
+    /// Batch statements read a replayed batch back from the event store;
+    /// only per-event handlers need the payload in the client.
+    fn replay_reads_payload(&self) -> bool {
+        !self.config.handlers.is_empty()
     }
     fn fingerprint(&self) -> String {
         let handlers: Vec<String> = self

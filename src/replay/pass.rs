@@ -204,12 +204,15 @@ pub async fn run_pass(
             }
         }
     });
+    let payload = projector.replay_reads_payload();
     tokio::spawn(async move {
         while let Some(data) = row_receiver.recv().await {
             let decoded = match data {
-                Ok(data) => tokio::task::spawn_blocking(move || EventBatch::decode_copy(&data))
-                    .await
-                    .unwrap_or_else(|e| Err(Error::Failed(format!("decoding events failed: {e}")))),
+                Ok(data) => tokio::task::spawn_blocking(move || {
+                    EventBatch::decode_copy_with(&data, payload)
+                })
+                .await
+                .unwrap_or_else(|e| Err(Error::Failed(format!("decoding events failed: {e}")))),
                 Err(e) => Err(e),
             };
             if sender.send(decoded).await.is_err() {
