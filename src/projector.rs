@@ -219,9 +219,11 @@ const UNPREPARED_MAX_EVENTS: usize = 4;
 /// run either once per event (`handlers`) or once per batch over the
 /// relation [`BATCH_RELATION`] (`batch_handlers`).
 ///
-/// Within one call of [`Projector::apply`], the per-event statements run
-/// first, in position order, then each batch statement once, in the order
-/// of `batch_handlers`, over the call's events of its type.
+/// Within one call of [`Projector::apply`], events with per-event handlers
+/// split the batch into runs: each run of consecutive events with batch
+/// handlers gets each batch statement once (in the order of
+/// `batch_handlers`, over the run's events of its type), and the per-event
+/// statements run in position order between runs.
 #[derive(Clone, Debug)]
 pub struct SqlProjector {
     config: ProjectorConfig,
@@ -328,20 +330,41 @@ impl Projector for SqlProjector {
         events: &[Event],
         ctx: &ApplyContext,
     ) -> Result<(), HandlerError> {
-        let (per_event, batch): (Vec<&Event>, Vec<&Event>) = events
-            .iter()
-            .partition(|e| self.config.handlers.contains_key(&e.event_type));
-        if !per_event.is_empty() {
-            self.apply_per_event(tx, &per_event).await?;
+        // Runs of consecutive events alike: per-event handlers split the
+        // batch, so events of both kinds apply in position order.
+        let mut run: Vec<&Event> = Vec::new();
+        let mut run_per_event = false;
+        for event in events {
+            let per_event = self.config.handlers.contains_key(&event.event_type);
+            if per_event != run_per_event && !run.is_empty() {
+                self.apply_run(tx, &run, run_per_event, ctx).await?;
+                run.clear();
+            }
+            run_per_event = per_event;
+            run.push(event);
         }
-        if !batch.is_empty() {
-            batch_sql::run(tx, &self.batch_handlers, &batch, ctx.phase).await?;
+        if !run.is_empty() {
+            self.apply_run(tx, &run, run_per_event, ctx).await?;
         }
         Ok(())
     }
 }
 
 impl SqlProjector {
+    async fn apply_run(
+        &self,
+        tx: &Transaction<'_>,
+        run: &[&Event],
+        per_event: bool,
+        ctx: &ApplyContext,
+    ) -> Result<(), HandlerError> {
+        if per_event {
+            self.apply_per_event(tx, run).await
+        } else {
+            Ok(batch_sql::run(tx, &self.batch_handlers, run, ctx.phase).await?)
+        }
+    }
+
     /// Runs the per-event handlers of `events`, pipelined, in position order.
     async fn apply_per_event(
         &self,

@@ -111,8 +111,15 @@ async fn attempt(
     ctx: &ApplyContext,
     events: &[Event],
 ) -> Result<Result<(), HandlerError>> {
-    tx.batch_execute("SAVEPOINT coord_batch").await?;
-    match projector.apply(tx, events, ctx).await {
+    // Pipelined: the savepoint is sent before the projector's first
+    // statement, which the server runs after it.
+    let (savepoint, applied) = futures_util::future::join(
+        tx.batch_execute("SAVEPOINT coord_batch"),
+        projector.apply(tx, events, ctx),
+    )
+    .await;
+    savepoint?;
+    match applied {
         Ok(()) => {
             tx.batch_execute("RELEASE SAVEPOINT coord_batch").await?;
             Ok(Ok(()))
