@@ -160,11 +160,15 @@ impl Settle<'_, '_> {
         let mut rest = Cow::Borrowed(events);
         while let Some(i) = named_index(&error, &rest) {
             let event = rest.to_mut().remove(i);
-            self.park(&event, &error).await?;
             if rest.is_empty() {
-                return Ok(());
+                return self.park(&event, &error).await;
             }
-            match self.attempt(&rest).await? {
+            // Not pipelined with the attempt: the parked row must be written
+            // before its savepoint opens, or a failing attempt would roll it back.
+            self.park(&event, &error).await?;
+            self.outcome.retries += 1;
+            let attempted = attempt(self.tx, self.projector, self.ctx, &rest).await;
+            match attempted? {
                 Ok(()) => {
                     self.outcome.applied += rest.len();
                     self.outcome.handled += rest.len();
@@ -229,23 +233,7 @@ impl Settle<'_, '_> {
     }
 
     async fn park(&mut self, event: &Event, error: &HandlerError) -> Result<()> {
-        let message = handler_message(error);
-        warn!(
-            projector = %self.projector.label(),
-            position = event.position,
-            event_type = %event.event_type,
-            error = %message,
-            "parked an event whose handler failed"
-        );
-        let version = self.projector.version().to_string();
-        parked::insert(
-            self.tx,
-            self.projector.name().as_str(),
-            &version,
-            event,
-            &message,
-        )
-        .await?;
+        record_parked(self.tx, self.projector, event, error).await?;
         self.outcome.parked += 1;
         self.outcome.handled += 1;
         Ok(())
@@ -260,4 +248,23 @@ impl Settle<'_, '_> {
             message: handler_message(error),
         }
     }
+}
+
+/// Records `event` in `coord.parked_events` with `error`'s message.
+async fn record_parked(
+    tx: &Transaction<'_>,
+    projector: &dyn Projector,
+    event: &Event,
+    error: &HandlerError,
+) -> Result<()> {
+    let message = handler_message(error);
+    warn!(
+        projector = %projector.label(),
+        position = event.position,
+        event_type = %event.event_type,
+        error = %message,
+        "parked an event whose handler failed"
+    );
+    let version = projector.version().to_string();
+    parked::insert(tx, projector.name().as_str(), &version, event, &message).await
 }
