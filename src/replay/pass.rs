@@ -167,7 +167,7 @@ pub async fn run_pass(
     );
 
     // Three stages overlap: the reader fetches batch n+2 (server), a decoder
-    // turns batch n+1 into events (client CPU, on a blocking thread), and
+    // turns batch n+1 into events (client CPU, on its own thread), and
     // this task applies batch n (server).
     let reader = pool.get().await?;
     let (row_sender, mut row_receiver) = mpsc::channel::<Result<Vec<u8>>>(1);
@@ -205,21 +205,20 @@ pub async fn run_pass(
         }
     });
     let payload = projector.replay_reads_payload();
-    tokio::spawn(async move {
-        while let Some(data) = row_receiver.recv().await {
-            let decoded = match data {
-                Ok(data) => tokio::task::spawn_blocking(move || {
-                    EventBatch::decode_copy_with(&data, payload)
-                })
-                .await
-                .unwrap_or_else(|e| Err(Error::Failed(format!("decoding events failed: {e}")))),
-                Err(e) => Err(e),
-            };
-            if sender.send(decoded).await.is_err() {
-                break;
+    // One thread decodes every batch of the pass: with a blocking-pool
+    // thread per batch, the allocator kept an arena per thread and memory
+    // grew with the number of batches (decision 0017).
+    std::thread::Builder::new()
+        .name("coord-decode".into())
+        .spawn(move || {
+            while let Some(data) = row_receiver.blocking_recv() {
+                let decoded = data.and_then(|data| EventBatch::decode_copy_with(&data, payload));
+                if sender.blocking_send(decoded).is_err() {
+                    break;
+                }
             }
-        }
-    });
+        })
+        .map_err(|e| Error::Failed(format!("cannot start the event decoder: {e}")))?;
 
     let total = if options.count_total {
         let count_started = Instant::now();
