@@ -22,7 +22,7 @@ pub enum Error {
 
     /// `NewerProjectorIsActive` (SQLSTATE `CO001`): this code runs an older
     /// version of a projector than the active one. Not retryable; exit code 3.
-    #[error("projector {projector} {running} is stale: {active} is active; route traffic to the new deployment")]
+    #[error("NewerProjectorIsActive (CO001): projector {projector} {running} is stale: {active} is active; route traffic to the new deployment")]
     NewerProjectorIsActive {
         /// The projector.
         projector: String,
@@ -35,7 +35,7 @@ pub enum Error {
     /// `ProjectorNotYetActive` (SQLSTATE `CO002`): this code runs a newer
     /// version than the active one; it must not publish before activation.
     /// Not retryable (wait for the activation instead); exit code 4.
-    #[error("projector {projector} {running} is not yet active: {active} is active; activate the new version before this code publishes")]
+    #[error("ProjectorNotYetActive (CO002): projector {projector} {running} is not yet active: {active} is active; activate the new version before this code publishes")]
     ProjectorNotYetActive {
         /// The projector.
         projector: String,
@@ -47,7 +47,7 @@ pub enum Error {
 
     /// `ProjectorIsActivating` (SQLSTATE `CO003`): an activation holds back
     /// the events of this projector for a moment. Retryable; exit code 5.
-    #[error("projector {projector} is activating {activating}: publishing its events is held back for a moment; retry")]
+    #[error("ProjectorIsActivating (CO003): projector {projector} is activating {activating}: publishing its events is held back for a moment; retry")]
     ProjectorIsActivating {
         /// The projector.
         projector: String,
@@ -60,12 +60,28 @@ pub enum Error {
     /// `UnknownProjectorActive` (SQLSTATE `CO004`): a projector this code
     /// does not know is active, so this code is older than the database.
     /// Not retryable; exit code 6.
-    #[error("projector {projector} is active at {active} but this publisher's configuration does not have it: this code is older than the database; route traffic to the new deployment")]
+    #[error("UnknownProjectorActive (CO004): projector {projector} is active at {active} but this publisher's configuration does not have it: this code is older than the database; route traffic to the new deployment")]
     UnknownProjectorActive {
         /// The projector.
         projector: String,
         /// Its active (or activating) version.
         active: String,
+    },
+
+    /// `ProjectorDefinitionMismatch` (SQLSTATE `CO005`): this code runs the
+    /// active version of a projector, but with another definition (tables
+    /// or handlers) than the one built under that version. Not retryable
+    /// (bump the version); exit code 9.
+    #[error("ProjectorDefinitionMismatch (CO005): projector {projector} {running} has another definition (fingerprint {}) than the active {running} (fingerprint {}): tables or handlers changed under the same version; bump the version", short(fingerprint), short(active_fingerprint))]
+    ProjectorDefinitionMismatch {
+        /// The projector.
+        projector: String,
+        /// The version this publisher runs, which is the active one.
+        running: String,
+        /// The fingerprint of this publisher's definition.
+        fingerprint: String,
+        /// The fingerprint of the active version's definition.
+        active_fingerprint: String,
     },
 
     /// Another activation holds the lock, or a lock wait ran out. Retryable
@@ -77,8 +93,9 @@ pub enum Error {
     #[error("{0}")]
     Timeout(String),
 
-    /// The stream's version is not the one the publisher expected.
-    /// Retryable after reloading the stream; exit code 1.
+    /// The stream's version is not the one the publisher expected
+    /// (SQLSTATE `CO006` from `coord.publish`). Retryable after reloading
+    /// the stream; exit code 1.
     #[error("{}", conflict_message(stream, *expected, *actual))]
     StreamVersionConflict {
         /// The stream.
@@ -132,11 +149,15 @@ pub enum Error {
     Migration(#[from] refinery::Error),
 }
 
+fn short(fingerprint: &str) -> &str {
+    fingerprint.get(..12).unwrap_or(fingerprint)
+}
+
 fn conflict_message(stream: &str, expected: i64, actual: i64) -> String {
     if actual < 0 {
-        format!("stream {stream} was appended to by a concurrent publisher: reload it and retry")
+        format!("StreamVersionConflict (CO006): stream {stream} was appended to by a concurrent publisher: reload it and retry")
     } else {
-        format!("stream {stream} is at version {actual}, not {expected}: reload it and retry")
+        format!("StreamVersionConflict (CO006): stream {stream} is at version {actual}, not {expected}: reload it and retry")
     }
 }
 
@@ -173,35 +194,40 @@ impl Error {
             Error::UnknownProjectorActive { .. } => 6,
             Error::Busy(_) => 7,
             Error::Timeout(_) => 8,
+            Error::ProjectorDefinitionMismatch { .. } => 9,
             _ => 1,
         }
     }
 
-    /// Whether this is one of the four gate refusals.
+    /// Whether this is one of the five gate refusals.
     pub fn is_gate_refusal(&self) -> bool {
         matches!(
             self,
             Error::NewerProjectorIsActive { .. }
+                | Error::ProjectorDefinitionMismatch { .. }
                 | Error::ProjectorNotYetActive { .. }
                 | Error::ProjectorIsActivating { .. }
                 | Error::UnknownProjectorActive { .. }
         )
     }
 
-    /// The SQLSTATE of a gate refusal (`CO001`..`CO004`).
+    /// The SQLSTATE of a gate refusal (`CO001`..`CO005`), or `CO006` for
+    /// a stream version conflict.
     pub fn sqlstate(&self) -> Option<&'static str> {
         match self {
             Error::NewerProjectorIsActive { .. } => Some("CO001"),
             Error::ProjectorNotYetActive { .. } => Some("CO002"),
             Error::ProjectorIsActivating { .. } => Some("CO003"),
             Error::UnknownProjectorActive { .. } => Some("CO004"),
+            Error::ProjectorDefinitionMismatch { .. } => Some("CO005"),
+            Error::StreamVersionConflict { .. } => Some("CO006"),
             _ => None,
         }
     }
 }
 
 impl From<tokio_postgres::Error> for Error {
-    /// Turns the gate's SQLSTATEs `CO001`..`CO004` into typed errors; every
+    /// Turns coord's SQLSTATEs `CO001`..`CO006` into typed errors; every
     /// other database error stays [`Error::Db`].
     fn from(e: tokio_postgres::Error) -> Self {
         let Some(db) = e.as_db_error() else {
@@ -222,6 +248,7 @@ impl From<tokio_postgres::Error> for Error {
                 .unwrap_or("")
                 .to_owned()
         };
+        let number = |key: &str| detail.get(key).and_then(|v| v.as_i64()).unwrap_or(-1);
         match code {
             "CO001" => Error::NewerProjectorIsActive {
                 projector: field("projector"),
@@ -241,6 +268,17 @@ impl From<tokio_postgres::Error> for Error {
             "CO004" => Error::UnknownProjectorActive {
                 projector: field("projector"),
                 active: field("active"),
+            },
+            "CO005" => Error::ProjectorDefinitionMismatch {
+                projector: field("projector"),
+                running: field("running"),
+                fingerprint: field("fingerprint"),
+                active_fingerprint: field("active_fingerprint"),
+            },
+            "CO006" => Error::StreamVersionConflict {
+                stream: field("stream"),
+                expected: number("expected"),
+                actual: number("actual"),
             },
             _ => Error::Db(e),
         }

@@ -42,7 +42,7 @@ pub async fn check(
 }
 
 /// The gate statement the publisher pipelines with its append.
-const GATE: &str = "SELECT coord.gate($1::jsonb, $2::text[])";
+const GATE: &str = "SELECT coord.gate_inline($1::jsonb, $2::text[])";
 
 /// The exclusive keys of activation, in the gate's order: event types by
 /// hash, then the wildcard key.
@@ -155,4 +155,37 @@ async fn with_bounded_waits(
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+const ACTIVE_FINGERPRINTS: &str = "SELECT v.name, v.version, v.fingerprint \
+    FROM coord.projector_states s JOIN coord.projector_versions v \
+    ON v.name = s.name AND v.version = s.active_version";
+
+/// Refuses, like the gate, a configuration whose projector runs the active
+/// version with another definition: for waits and checks that do not
+/// publish. Reads only; takes no lock.
+///
+/// # Errors
+/// [`Error::ProjectorDefinitionMismatch`]; database errors.
+pub async fn ensure_same_definitions(
+    client: &impl GenericClient,
+    projectors: &crate::projector::ProjectorSet,
+) -> Result<()> {
+    for row in client.query(ACTIVE_FINGERPRINTS, &[]).await? {
+        let (name, version, active): (String, String, String) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        let Some(p) = projectors.get(&name) else {
+            continue;
+        };
+        let fingerprint = p.fingerprint();
+        if p.version().to_string() == version && fingerprint != active {
+            return Err(Error::ProjectorDefinitionMismatch {
+                projector: name,
+                running: version,
+                fingerprint,
+                active_fingerprint: active,
+            });
+        }
+    }
+    Ok(())
 }

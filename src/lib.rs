@@ -29,6 +29,7 @@ pub mod activation;
 pub mod config;
 mod db;
 mod error;
+mod event_relation;
 pub mod gate;
 mod migrate;
 pub mod names;
@@ -36,22 +37,32 @@ pub mod projector;
 mod publisher;
 pub mod replay;
 mod runner;
+pub mod schema_drop;
 pub mod serve;
+mod sql_check;
 mod status;
 pub mod store;
+mod url_redact;
 
 pub use config::{resolve_database_url, Config, DatabaseUrl, Mode, OnError, ProjectorConfig};
 pub use db::{connect, pool};
 pub use error::{ConfigError, Error, Result};
-pub use migrate::{migrate, MigrationReport};
-pub use names::{quote_ident, quote_literal, schema_name, ProjectorName, RelationName};
+pub use event_relation::{check_event_store, EVENT_COLUMNS};
+pub use migrate::{ensure_writable, known_schema_version, migrate, MigrationReport};
+pub use names::{
+    check_event_type, quote_ident, quote_literal, schema_name, ProjectorName, RelationName,
+};
 pub use projector::{
     ApplyContext, Event, HandlerError, Phase, Projector, ProjectorExt, ProjectorSet, SqlProjector,
 };
 pub use publisher::{ExpectedVersion, NewEvent, Publisher, RetryPolicy};
 pub use replay::{
-    abort, catch_up, checkpoint_through_current_snapshot, pass_in_transaction, replay_many,
-    run_pass, start_replay, ReplayOptions,
+    abort, abort_with, catch_up, checkpoint_through_current_snapshot, pass_in_transaction,
+    replay_many, run_pass, start_replay, ReplayOptions,
 };
-pub use runner::{run_async_projectors, RunOptions, RunnerExit};
+/// The former name of [`run_projectors`], which now follows inline versions
+/// too (for what bypassed their publishers).
+pub use runner::run_projectors as run_async_projectors;
+pub use runner::{run_projectors, RunOptions, RunnerExit};
+pub use schema_drop::Dependents;
 pub use status::{status, ProjectorStatus, StatusReport, VersionStatusReport};

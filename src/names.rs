@@ -58,6 +58,32 @@ impl fmt::Debug for ProjectorName {
     }
 }
 
+/// The longest event type coord accepts, in bytes.
+pub const MAX_EVENT_TYPE_BYTES: usize = 255;
+
+/// The one rule for event types, wherever they come from (a handler key in
+/// `coord.toml`, `coord publish --type`, [`crate::NewEvent`]): 1 to 255
+/// bytes, no leading or trailing whitespace, no control characters. A type
+/// that differs from a handler key only by spaces would otherwise be
+/// published and silently never handled.
+///
+/// # Errors
+/// A message naming the type and the problem.
+pub fn check_event_type(event_type: &str) -> Result<(), String> {
+    let problem = if event_type.is_empty() {
+        "it is empty"
+    } else if event_type.len() > MAX_EVENT_TYPE_BYTES {
+        "it is longer than 255 bytes"
+    } else if event_type.trim() != event_type {
+        "it starts or ends with whitespace"
+    } else if event_type.chars().any(char::is_control) {
+        "it contains a control character"
+    } else {
+        return Ok(());
+    };
+    Err(format!("invalid event type {event_type:?}: {problem}"))
+}
+
 /// The PostgreSQL schema that holds the tables of projector version
 /// `name@version`: `{name}_v{major}_{minor}_{patch}`, plus `_` and the first
 /// 8 hex digits of the SHA-256 of the full version string when the version
@@ -264,6 +290,26 @@ mod tests {
         }
         assert!(ProjectorName::new(&"a".repeat(40)).is_ok());
         assert!(ProjectorName::new("a").is_ok());
+    }
+
+    #[test]
+    fn event_types_follow_one_rule() {
+        for good in ["AccountOpened", "account.opened.v2", "Konto\u{e9}", "a b"] {
+            assert_eq!(check_event_type(good), Ok(()), "{good:?}");
+        }
+        for (bad, problem) in [
+            ("", "empty"),
+            (" ", "whitespace"),
+            (" lead", "whitespace"),
+            ("trail\t", "whitespace"),
+            ("a\nb", "control character"),
+            ("a\0b", "control character"),
+        ] {
+            let err = check_event_type(bad).unwrap_err();
+            assert!(err.contains(problem), "{bad:?}: {err}");
+        }
+        assert!(check_event_type(&"x".repeat(MAX_EVENT_TYPE_BYTES)).is_ok());
+        assert!(check_event_type(&"x".repeat(MAX_EVENT_TYPE_BYTES + 1)).is_err());
     }
 
     #[test]

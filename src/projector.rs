@@ -170,6 +170,14 @@ pub trait Projector: Send + Sync {
     fn replay_reads_payload(&self) -> bool {
         true
     }
+    /// The handler SQL per event type, when the projector is defined by SQL
+    /// statements taking `$1..$7` (config projectors). Stored with the
+    /// version at registration so that `coord.publish` can run it inline;
+    /// `None` (the default, Rust projectors) leaves SQL publishers' events to
+    /// the follower.
+    fn handler_sql(&self) -> Option<BTreeMap<String, String>> {
+        None
+    }
     /// Applies `events` in the caller's transaction.
     ///
     /// # Errors
@@ -297,6 +305,17 @@ impl Projector for SqlProjector {
     /// only per-event handlers need the payload in the client.
     fn replay_reads_payload(&self) -> bool {
         !self.config.handlers.is_empty()
+    }
+    /// `None` when the projector has batch handlers: `coord.publish` runs
+    /// only per-event SQL, and would otherwise record events of batch types
+    /// as applied without applying them; their SQL publishers' events are
+    /// left to the follower, as for Rust projectors.
+    fn handler_sql(&self) -> Option<BTreeMap<String, String>> {
+        if self.config.batch_handlers.is_empty() {
+            Some(self.config.handlers.clone())
+        } else {
+            None
+        }
     }
     fn fingerprint(&self) -> String {
         let handlers: Vec<String> = self

@@ -79,20 +79,33 @@ impl Default for RetryPolicy {
     }
 }
 
-/// The gate and the append in one statement: the materialised `gate` CTE
-/// runs first (its locks are held until commit, and it reads the states with
-/// a snapshot taken after them), then the rows are inserted; a refusal aborts
-/// the statement. It also returns the inline projectors and the caller's
-/// `search_path`, so a publish costs one statement before the handlers.
+/// The gate, the append and the record of inline application in one
+/// statement. The materialised `gate` CTE runs first (its locks are held
+/// until commit, and it reads the states with a snapshot taken after them)
+/// and returns the inline versions that may apply these events now (the
+/// stream's last handled event is applied, see `coord.inline_runnable`);
+/// the rows are inserted, and one `coord.applied_ahead` row per event and
+/// version that handles it (`$9`, `name/type` pairs of this configuration)
+/// records the inline application in the same transaction, so a follower
+/// never applies it again. A refusal aborts the statement. It also returns
+/// the versions to run and the caller's `search_path`, so a publish costs
+/// one statement before the handlers. The lookups live in plpgsql, whose
+/// plans are cached: this statement is planned on every call.
 const APPEND: &str = "WITH gate AS MATERIALIZED ( \
-        SELECT CASE WHEN $6::bool THEN coord.gate($7::jsonb, $8::text[]) END AS inline), \
-    cur AS (SELECT coalesce(max(stream_version), 0) AS v FROM coord.events WHERE stream_id = $1) \
-    INSERT INTO coord.events (stream_id, stream_version, event_type, data, metadata) \
-    SELECT $1, cur.v + e.ord, e.t, e.d, e.m \
-    FROM gate, cur, unnest($2::text[], $3::jsonb[], $4::jsonb[]) WITH ORDINALITY AS e(t, d, m, ord) \
-    WHERE $5::bigint IS NULL OR cur.v = $5 \
-    ORDER BY e.ord \
-    RETURNING position, stream_version, recorded_at, (SELECT inline FROM gate), current_setting('search_path')";
+        SELECT CASE WHEN $6::bool THEN coord.gate_run($7::jsonb, $8::text[], $1) END AS run), \
+    cur AS (SELECT coalesce(max(stream_version), 0) AS v FROM coord.events WHERE stream_id = $1), \
+    ins AS (INSERT INTO coord.events (stream_id, stream_version, event_type, data, metadata) \
+        SELECT $1, cur.v + e.ord, e.t, e.d, e.m \
+        FROM gate, cur, unnest($2::text[], $3::jsonb[], $4::jsonb[]) WITH ORDINALITY AS e(t, d, m, ord) \
+        WHERE $5::bigint IS NULL OR cur.v = $5 \
+        ORDER BY e.ord \
+        RETURNING position, stream_version, recorded_at, event_type, xact_id), \
+    ahead AS (INSERT INTO coord.applied_ahead (name, version, position, xact_id, inline) \
+        SELECT r.name, $7::jsonb -> r.name ->> 'version', ins.position, ins.xact_id, true \
+        FROM gate, unnest(gate.run) AS r(name), ins \
+        WHERE r.name || '/' || ins.event_type = ANY($9::text[])) \
+    SELECT ins.position, ins.stream_version, ins.recorded_at, (SELECT run FROM gate), \
+        current_setting('search_path') FROM ins ORDER BY ins.position";
 
 const STREAM_VERSION: &str =
     "SELECT coalesce(max(stream_version), 0) FROM coord.events WHERE stream_id = $1";
@@ -104,16 +117,28 @@ const SEARCH_PATH: &str = "SELECT set_config('search_path', $1, true)";
 pub struct Publisher {
     projectors: ProjectorSet,
     versions: serde_json::Value,
+    /// `name/type` for every projector and event type it handles.
+    handled: Vec<String>,
     gate: bool,
 }
 
 impl Publisher {
     /// A publisher running `projectors` (its configuration `C`).
     pub fn new(projectors: ProjectorSet) -> Self {
-        let versions = projectors.versions_json();
+        let versions = gate_json(&projectors);
+        let handled = projectors
+            .iter()
+            .flat_map(|p| {
+                let name = p.name().to_string();
+                p.event_types()
+                    .into_iter()
+                    .map(move |t| format!("{name}/{t}"))
+            })
+            .collect();
         Self {
             projectors,
             versions,
+            handled,
             gate: true,
         }
     }
@@ -144,10 +169,14 @@ impl Publisher {
         crate::gate::check(tx, &self.versions, event_types).await
     }
 
-    /// Appends `events` to `stream_id` in `tx`: checks the gate, appends
-    /// (refusing if the stream is not at `expected`), then runs this
-    /// configuration's active inline projectors on them. Returns the events
-    /// as stored. On error the caller must roll `tx` back.
+    /// Appends `events` to `stream_id` in `tx`: checks the gate (versions
+    /// and definitions), appends (refusing if the stream is not at
+    /// `expected`), records in `coord.applied_ahead` which active inline
+    /// projectors apply them, then runs those projectors on them. A
+    /// projector whose version has not applied the stream's earlier events
+    /// yet (they reached the store another way) is left to the follower,
+    /// to keep stream order. Returns the events as stored. On error the
+    /// caller must roll `tx` back.
     ///
     /// # Errors
     /// The gate refusals, [`Error::StreamVersionConflict`], a handler's
@@ -162,6 +191,9 @@ impl Publisher {
         if events.is_empty() {
             return Ok(Vec::new());
         }
+        for event in events {
+            crate::names::check_event_type(&event.event_type).map_err(Error::InvalidInput)?;
+        }
         let mut types: Vec<String> = events.iter().map(|e| e.event_type.clone()).collect();
         types.sort();
         types.dedup();
@@ -174,7 +206,7 @@ impl Publisher {
             .collect();
         let expected_param = expected.as_param();
 
-        let params: [(&(dyn ToSql + Sync), Type); 8] = [
+        let params: [(&(dyn ToSql + Sync), Type); 9] = [
             (&stream_id, Type::TEXT),
             (&event_types, Type::TEXT_ARRAY),
             (&data, Type::JSONB_ARRAY),
@@ -183,6 +215,7 @@ impl Publisher {
             (&self.gate, Type::BOOL),
             (&self.versions, Type::JSONB),
             (&types, Type::TEXT_ARRAY),
+            (&self.handled, Type::TEXT_ARRAY),
         ];
         let rows = tx
             .query_typed(APPEND, &params)
@@ -206,6 +239,7 @@ impl Publisher {
         } else {
             self.projectors
                 .iter()
+                .filter(|p| p.mode() == Mode::Inline)
                 .map(|p| p.name().to_string())
                 .collect()
         };
@@ -235,12 +269,11 @@ impl Publisher {
     ) -> Result<()> {
         let mut changed = false;
         for name in inline {
+            // The statement returned only inline versions this
+            // configuration runs, and recorded them as applied.
             let Some(projector) = self.projectors.get(name) else {
                 continue;
             };
-            if projector.mode() != Mode::Inline {
-                continue; // `coord run` applies the events of async projectors
-            }
             let handled: Vec<Event> = events
                 .iter()
                 .filter(|e| projector.handles(&e.event_type))
@@ -315,6 +348,25 @@ impl Publisher {
             }
         }
     }
+}
+
+/// The `projectors` argument of the gate for `set`: each name mapped to its
+/// version and fingerprint (`{"balances": {"version": "1.0.0", "fingerprint":
+/// "..."}}`), so the gate also refuses a changed definition.
+pub(crate) fn gate_json(set: &ProjectorSet) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = set
+        .iter()
+        .map(|p| {
+            (
+                p.name().to_string(),
+                serde_json::json!({
+                    "version": p.version().to_string(),
+                    "fingerprint": p.fingerprint(),
+                }),
+            )
+        })
+        .collect();
+    serde_json::Value::Object(map)
 }
 
 fn append_error(e: tokio_postgres::Error, stream_id: &str, expected: ExpectedVersion) -> Error {

@@ -1,8 +1,11 @@
-//! `coord run`: keeps the active versions of async projectors up to date by
-//! tailing the event store. One leader per projector version across
-//! processes (a session advisory lock on a dedicated connection; a standby
-//! takes over when the leader's connection goes away). A runner stops by
-//! itself once a newer version of its projector is active.
+//! `coord run`: keeps every active version of the configuration up to date
+//! by tailing the event store: async versions fully, inline versions for the
+//! events that bypassed their publishers (SQL inserts after
+//! `coord.check_publish`, bulk imports, publishers of other configurations;
+//! docs/decisions/0009-inline-checkpoints.md). One leader per projector
+//! version across processes (a session advisory lock on a dedicated
+//! connection; a standby takes over when the leader's connection goes away).
+//! A runner stops by itself once a newer version of its projector is active.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +15,7 @@ use futures_util::future::join_all;
 use semver::Version;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{DatabaseUrl, Mode};
+use crate::config::DatabaseUrl;
 use crate::names::RelationName;
 use crate::projector::{Projector, ProjectorExt, ProjectorSet};
 use crate::replay::{catch_up, ReplayOptions};
@@ -21,7 +24,7 @@ use crate::{Error, Result};
 
 const TRY_LEAD: &str = "SELECT pg_try_advisory_lock(1668247414, hashtext($1))";
 
-/// How [`run_async_projectors`] runs.
+/// How [`run_projectors`] runs.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     /// Pause between polls of the store when idle, and between leadership attempts.
@@ -53,14 +56,16 @@ pub struct RunnerExit {
     pub reason: String,
 }
 
-/// Runs every async projector of `projectors` until `cancel` fires or a
-/// newer version of it is active. Inline projectors are skipped (their
-/// publishers apply their events).
+/// Follows every projector of `projectors` while its configured version is
+/// active, until `cancel` fires or a newer version of it is active: an async
+/// version gets every event, an inline one the events its publishers did not
+/// apply (a pass skips what they recorded in `coord.applied_ahead`). Each
+/// pass also moves the version's horizon and prunes `applied_ahead`.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] when `projectors` has no async projector; the
-/// first error of a runner (handler failures, database errors).
-pub async fn run_async_projectors(
+/// [`Error::InvalidInput`] when `projectors` is empty; the first error of a
+/// runner (handler failures, database errors).
+pub async fn run_projectors(
     pool: &Pool,
     url: &DatabaseUrl,
     projectors: &ProjectorSet,
@@ -68,18 +73,18 @@ pub async fn run_async_projectors(
     options: &RunOptions,
     cancel: &CancellationToken,
 ) -> Result<Vec<RunnerExit>> {
-    let async_ones: Vec<Arc<dyn Projector>> = projectors
-        .iter()
-        .filter(|p| p.mode() == Mode::Async)
-        .cloned()
-        .collect();
-    if async_ones.is_empty() {
+    let all: Vec<Arc<dyn Projector>> = projectors.iter().cloned().collect();
+    if all.is_empty() {
         return Err(Error::InvalidInput(
-            "no projector of this configuration has mode = \"async\": nothing for coord run to do"
-                .into(),
+            "this configuration has no projector: nothing for coord run to do".into(),
         ));
     }
-    let runs = async_ones
+    {
+        let client = pool.get().await?;
+        crate::migrate::ensure_writable(&**client).await?;
+        crate::event_relation::check_event_store(&**client, event_store).await?;
+    }
+    let runs = all
         .iter()
         .map(|p| run_one(pool, url, p.as_ref(), event_store, options, cancel));
     join_all(runs).await.into_iter().collect()
@@ -122,11 +127,19 @@ async fn run_one(
                     }
                 }
                 if leading {
-                    let report =
-                        catch_up(pool, projector, event_store, &options.replay, cancel).await?;
-                    exit.applied += report.applied;
-                    if report.applied > 0 {
-                        continue;
+                    match catch_up(pool, projector, event_store, &options.replay, cancel).await {
+                        Ok(report) => {
+                            exit.applied += report.applied;
+                            if report.applied > 0 {
+                                continue;
+                            }
+                        }
+                        // A `coord catch-up` or an activation is passing over
+                        // this version right now: try again at the next poll.
+                        Err(Error::Busy(e)) => {
+                            tracing::debug!(projector = %label, error = %e, "pass busy")
+                        }
+                        Err(e) => return Err(e),
                     }
                 }
             }

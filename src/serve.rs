@@ -176,7 +176,10 @@ async fn metrics_handler(State(state): State<Arc<ServeState>>) -> Response {
 /// `coord_ready`, `coord_event_store_head_position`, and per projector
 /// version (labels `projector`, `version`, `status`)
 /// `coord_projector_events_processed`, `coord_projector_events_parked`,
-/// `coord_projector_lag` (where known), and `coord_projector_active`
+/// `coord_projector_lag` and `coord_projector_lag_events` (events not yet
+/// applied, for followed versions), `coord_projector_lag_seconds`,
+/// `coord_projector_position`, `coord_projector_applied_inline`,
+/// `coord_projector_applied_catch_up`, and `coord_projector_active`
 /// (labels `projector`, `version`; 1 for the active version, else 0).
 pub fn render_metrics(report: &StatusReport, ready: bool) -> String {
     let mut out = String::new();
@@ -228,11 +231,46 @@ pub fn render_metrics(report: &StatusReport, ready: bool) -> String {
     gauge(
         &mut out,
         "coord_projector_lag",
-        "Positions between the event store's head and what a projector version applied.",
+        "Committed events a followed projector version has not applied yet (same as coord_projector_lag_events).",
     );
     for v in versions() {
         if let Some(lag) = v.lag {
             line(&mut out, "coord_projector_lag", &labels(v), lag);
+        }
+    }
+    let per_version: [(&str, &str, VersionGauge); 5] = [
+        (
+            "coord_projector_lag_events",
+            "Committed events a followed projector version has not applied yet.",
+            |v| v.lag.map(|l| l as f64),
+        ),
+        (
+            "coord_projector_lag_seconds",
+            "Age of the oldest event a followed projector version has not applied (0 when none).",
+            |v| v.lag.map(|_| v.lag_seconds.unwrap_or(0.0)),
+        ),
+        (
+            "coord_projector_position",
+            "Highest position a projector version applied (replay, catch-up or inline).",
+            |v| Some(v.position as f64),
+        ),
+        (
+            "coord_projector_applied_inline",
+            "Events a projector version's publishers applied inline.",
+            |v| Some(v.applied_inline as f64),
+        ),
+        (
+            "coord_projector_applied_catch_up",
+            "Events a projector version applied by replay and catch-up passes.",
+            |v| Some(v.applied_by_catch_up as f64),
+        ),
+    ];
+    for (name, help, value) in per_version {
+        gauge(&mut out, name, help);
+        for v in versions() {
+            if let Some(x) = value(v) {
+                line(&mut out, name, &labels(v), x);
+            }
         }
     }
     gauge(
@@ -268,6 +306,9 @@ pub fn render_metrics(report: &StatusReport, ready: bool) -> String {
     }
     out
 }
+
+/// How a per-version gauge reads its value (`None`: no sample).
+type VersionGauge = fn(&crate::status::VersionStatusReport) -> Option<f64>;
 
 fn gauge(out: &mut String, name: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");

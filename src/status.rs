@@ -4,6 +4,7 @@
 use tokio_postgres::GenericClient;
 
 use crate::names::RelationName;
+use crate::store::checkpoint::{self, VersionProgress};
 use crate::store::history::{self, Transition};
 use crate::store::versions::{self, VersionRecord, VersionStatus};
 use crate::store::{self, states};
@@ -43,10 +44,27 @@ pub struct VersionStatusReport {
     /// What the table knows.
     #[serde(flatten)]
     pub record: VersionRecord,
-    /// Positions between the store's head and what this version applied;
-    /// `None` where it does not apply (inline active versions are applied in
-    /// the publishing transaction, retired and aborted ones are not followed).
+    /// Highest position this version applied, by replay, catch-up or inline.
+    pub position: i64,
+    /// Committed events of its types it has not applied yet (exact, from its
+    /// checkpoint); `None` for versions nobody follows (retired, aborted,
+    /// pruned). An active inline version lags when events bypassed its
+    /// publishers and no `coord run` or catch-up applied them yet.
     pub lag: Option<i64>,
+    /// Age in seconds of the oldest event it has not applied (`None` when
+    /// it lags by nothing or is not followed).
+    pub lag_seconds: Option<f64>,
+    /// Events its publishers applied inline, in their own transactions.
+    pub applied_inline: i64,
+    /// Events applied by replay and catch-up passes (`events_processed`).
+    pub applied_by_catch_up: i64,
+}
+
+impl VersionStatusReport {
+    /// Whether the version is followed and has events left to apply.
+    pub fn is_behind(&self) -> bool {
+        self.lag.is_some_and(|l| l > 0)
+    }
 }
 
 /// Reads the report. Writes nothing.
@@ -58,6 +76,7 @@ pub async fn status(
     event_store: &RelationName,
 ) -> Result<StatusReport> {
     store::ensure_migrated(client).await?;
+    crate::event_relation::check_event_store(client, event_store).await?;
     let head_position: i64 = client
         .query_one(
             &format!(
@@ -71,6 +90,7 @@ pub async fn status(
     let states = states::list(client).await?;
     let all_versions = versions::list(client).await?;
     let transitions = history::latest_per_projector(client).await?;
+    let progress = checkpoint::progress(client, event_store).await?;
 
     let mut names: Vec<String> = states.iter().map(|s| s.name.clone()).collect();
     names.extend(all_versions.iter().map(|v| v.name.clone()));
@@ -84,10 +104,7 @@ pub async fn status(
             let versions = all_versions
                 .iter()
                 .filter(|v| v.name == name)
-                .map(|v| VersionStatusReport {
-                    lag: lag(v, head_position),
-                    record: v.clone(),
-                })
+                .map(|v| report(v, &progress))
                 .collect();
             ProjectorStatus {
                 active_version: state.and_then(|s| s.active_version.clone()),
@@ -106,10 +123,23 @@ pub async fn status(
     })
 }
 
-fn lag(v: &VersionRecord, head: i64) -> Option<i64> {
-    match v.status {
-        VersionStatus::Retired | VersionStatus::Aborted | VersionStatus::Pruned => None,
-        VersionStatus::Active if v.mode == "inline" => None,
-        _ => Some((head - v.last_position).max(0)),
+fn report(v: &VersionRecord, progress: &[VersionProgress]) -> VersionStatusReport {
+    let p = progress
+        .iter()
+        .find(|p| p.name == v.name && p.version == v.version);
+    let followed = matches!(
+        v.status,
+        VersionStatus::Replaying | VersionStatus::Activating | VersionStatus::Active
+    );
+    let lag = p.map(|p| p.lag_events).filter(|_| followed);
+    VersionStatusReport {
+        position: p.map_or(v.last_position, |p| p.position),
+        lag,
+        lag_seconds: p
+            .and_then(|p| p.lag_seconds)
+            .filter(|_| lag.is_some_and(|l| l > 0)),
+        applied_inline: p.map_or(0, |p| p.applied_inline),
+        applied_by_catch_up: v.events_processed,
+        record: v.clone(),
     }
 }

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Pool;
 use tokio_postgres::GenericClient;
 
-use crate::names::quote_ident;
 use crate::projector::ProjectorSet;
+use crate::schema_drop::{drop_schemas, Dependents};
 use crate::store::versions::{self, VersionRecord, VersionStatus};
 use crate::store::{history, states, Actor};
 use crate::{Error, Result};
@@ -26,21 +26,28 @@ pub async fn prunable(client: &impl GenericClient) -> Result<Vec<VersionRecord>>
 }
 
 /// Drops the schemas of retired and aborted versions (after which they can
-/// no longer be rolled back to) and marks them pruned. Returns what it dropped.
+/// no longer be rolled back to) and marks them pruned, in one transaction.
+/// Returns what it dropped.
+///
+/// When objects outside those schemas depend on them (a user's view over a
+/// retired version's table), it refuses, listing them, and changes nothing,
+/// unless `dependents` is [`Dependents::Cascade`].
 ///
 /// # Errors
-/// Database errors.
-pub async fn prune(pool: &Pool, actor: &Actor) -> Result<Vec<VersionRecord>> {
+/// [`Error::Refused`] (exit code 2) listing the dependents; database errors.
+pub async fn prune(
+    pool: &Pool,
+    actor: &Actor,
+    dependents: Dependents,
+) -> Result<Vec<VersionRecord>> {
     let mut pooled = pool.get().await?;
     let client: &mut tokio_postgres::Client = &mut pooled;
     let tx = client.transaction().await?;
+    crate::migrate::ensure_writable(&tx).await?;
     let victims = prunable(&tx).await?;
+    let schemas: Vec<&str> = victims.iter().map(|v| v.schema_name.as_str()).collect();
+    drop_schemas(&tx, &schemas, dependents, "coord prune").await?;
     for v in &victims {
-        tx.batch_execute(&format!(
-            "DROP SCHEMA IF EXISTS {} CASCADE",
-            quote_ident(&v.schema_name)
-        ))
-        .await?;
         versions::set_status(&tx, &v.name, &v.version, VersionStatus::Pruned).await?;
         history::record(
             &tx,
@@ -61,7 +68,9 @@ pub async fn prune(pool: &Pool, actor: &Actor) -> Result<Vec<VersionRecord>> {
 /// version, polling every `poll`.
 ///
 /// # Errors
-/// [`Error::Timeout`] (exit code 8) naming what is not active yet; database errors.
+/// [`Error::Timeout`] (exit code 8) naming what is not active yet;
+/// [`Error::ProjectorDefinitionMismatch`] (exit code 9) when a version is
+/// active with another definition than this configuration's; database errors.
 pub async fn wait_until_active(
     client: &impl GenericClient,
     projectors: &ProjectorSet,
@@ -90,7 +99,7 @@ pub async fn wait_until_active(
             })
             .collect();
         if pending.is_empty() {
-            return Ok(());
+            return crate::gate::ensure_same_definitions(client, projectors).await;
         }
         if started.elapsed() >= timeout {
             return Err(Error::Timeout(format!(

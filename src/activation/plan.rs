@@ -16,7 +16,8 @@ use crate::Result;
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Action {
-    /// The configured version is active: nothing to do.
+    /// The configured version is active: nothing to do but catch up the
+    /// events that bypassed its publishers (`events_to_process`), if any.
     NoChange,
     /// No version is active yet: replay from the start and activate.
     Bootstrap,
@@ -93,9 +94,12 @@ impl Plan {
             .collect()
     }
 
-    /// Whether running it would change nothing.
+    /// Whether running it would change nothing: every version active and
+    /// caught up.
     pub fn is_no_op(&self) -> bool {
-        self.steps.iter().all(|s| s.action == Action::NoChange)
+        self.steps
+            .iter()
+            .all(|s| s.action == Action::NoChange && s.events_to_process == 0)
     }
 }
 
@@ -111,6 +115,7 @@ pub async fn plan(
     event_store: &RelationName,
 ) -> Result<Plan> {
     store::ensure_migrated(client).await?;
+    crate::event_relation::check_event_store(client, event_store).await?;
     let all_states = states::list(client).await?;
     let all_versions = versions::list(client).await?;
     let mut steps = Vec::new();
@@ -149,7 +154,12 @@ pub async fn plan(
             Action::Bootstrap | Action::Replay { .. } => {
                 count_handled(client, event_store, &p.event_types()).await?
             }
-            Action::ResumeReplay | Action::ResumeActivation | Action::Reactivate { .. } => {
+            // An unchanged active version still catches up what bypassed its
+            // publishers (SQL inserts, imports).
+            Action::NoChange
+            | Action::ResumeReplay
+            | Action::ResumeActivation
+            | Action::Reactivate { .. } => {
                 checkpoint::pending(client, name, &version, &p.event_types(), event_store).await?
             }
             _ => 0,

@@ -21,6 +21,7 @@ use crate::gate;
 use crate::names::{quote_ident, ProjectorName, RelationName};
 use crate::projector::{ApplyContext, Event, HandlerError, Projector, ProjectorExt};
 use crate::replay;
+use crate::schema_drop::{drop_schemas, ensure_droppable, Dependents};
 use crate::store::versions::{self, VersionStatus};
 use crate::store::{checkpoint, history, states, Actor};
 use crate::{Error, Result};
@@ -103,7 +104,8 @@ pub async fn rebuild(
     let lock = ActivationLock::acquire(url, actor, options.lock_wait).await?;
     {
         let client = pool.get().await?;
-        crate::store::ensure_migrated(&**client).await?;
+        crate::migrate::ensure_writable(&**client).await?;
+        crate::event_relation::check_event_store(&**client, event_store).await?;
         let active = states::get(&**client, name, false)
             .await?
             .and_then(|s| s.active_version);
@@ -121,6 +123,15 @@ pub async fn rebuild(
                 projector.label()
             )));
         }
+        // Views over the live tables follow them to the old schema and would
+        // go with it: refuse before anything is built.
+        ensure_droppable(
+            &**client,
+            &[projector.schema().as_str()],
+            options.dependents,
+            &format!("rebuilding {}", projector.label()),
+        )
+        .await?;
     }
     let shadow = Shadow::of(projector.clone());
     let started = Instant::now();
@@ -186,26 +197,7 @@ pub async fn rebuild(
     let critical_ms = critical.elapsed().as_secs_f64() * 1e3;
 
     // Outside the critical section: readers of the old tables may hold locks.
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        let result = client
-            .batch_execute(&format!(
-                "SET lock_timeout = '200ms'; DROP SCHEMA IF EXISTS {} CASCADE; RESET lock_timeout",
-                quote_ident(&retired)
-            ))
-            .await;
-        match result {
-            Ok(()) => break,
-            Err(e) if attempts < 50 && e.code().map(|c| c.code()) == Some("55P03") => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => {
-                tracing::warn!(schema = %retired, error = %e, "could not drop the old tables; drop the schema by hand");
-                break;
-            }
-        }
-    }
+    drop_old_tables(client, &retired, options.dependents).await;
     lock.release().await?;
     Ok(StepReport {
         projector: name.to_owned(),
@@ -222,4 +214,37 @@ pub async fn rebuild(
             critical_ms,
         }),
     })
+}
+
+/// Drops the schema that held the tables before the swap, retrying while
+/// readers hold locks on them. A failure (a dependent created since the
+/// check, locks held too long) leaves the schema and logs a warning: the
+/// rebuild itself has succeeded.
+async fn drop_old_tables(
+    client: &mut tokio_postgres::Client,
+    retired: &str,
+    dependents: Dependents,
+) {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let result = async {
+            let tx = client.transaction().await?;
+            tx.batch_execute("SET LOCAL lock_timeout = '200ms'").await?;
+            drop_schemas(&tx, &[retired], dependents, "rebuild").await?;
+            tx.commit().await?;
+            Ok::<_, Error>(())
+        }
+        .await;
+        match result {
+            Ok(()) => return,
+            Err(Error::Db(e)) if attempts < 50 && e.code().map(|c| c.code()) == Some("55P03") => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                tracing::warn!(schema = %retired, error = %e, "could not drop the old tables; drop the schema by hand");
+                return;
+            }
+        }
+    }
 }

@@ -30,6 +30,8 @@ pub struct ActivateOptions {
     pub locks: LockPolicy,
     /// How long to wait for another activation to finish (0: fail at once with exit code 7).
     pub lock_wait: Duration,
+    /// What dropping a version's schema does when objects outside it depend on it.
+    pub dependents: crate::Dependents,
 }
 
 impl Default for ActivateOptions {
@@ -39,6 +41,7 @@ impl Default for ActivateOptions {
             no_replay: false,
             locks: LockPolicy::default(),
             lock_wait: Duration::ZERO,
+            dependents: crate::Dependents::Refuse,
         }
     }
 }
@@ -72,7 +75,8 @@ pub struct ActivationReport {
 /// Carries out the plan for `projectors`: replays (resuming any replay in
 /// progress) or catches up what must be, runs each version's `verify`
 /// assertions, activates, and retires active projectors the configuration no
-/// longer has. Idempotent: a second run does nothing. Holds the activation
+/// longer has. Unchanged active versions are caught up with the events
+/// that bypassed their publishers (a `catch_up` step when there were any). Idempotent: a second run does nothing. Holds the activation
 /// lock throughout, so a concurrent run fails with [`Error::Busy`] (or waits
 /// `options.lock_wait`).
 ///
@@ -94,6 +98,7 @@ pub async fn activate_current_config(
     let lock = ActivationLock::acquire(url, actor, options.lock_wait).await?;
     let plan = {
         let client = pool.get().await?;
+        crate::migrate::ensure_writable(&**client).await?;
         plan(&**client, projectors, event_store).await?
     };
     let refusals = plan.refusals();
@@ -119,13 +124,55 @@ pub async fn activate_current_config(
     for step in plan.steps.iter().filter(|s| s.abandons_replay_of.is_some()) {
         let mut pooled = pool.get().await?;
         let client: &mut tokio_postgres::Client = &mut pooled;
-        let report = replay::abort(client, &step.projector, actor).await?;
+        let report = replay::abort_with(client, &step.projector, actor, options.dependents).await?;
         tracing::info!(projector = %step.projector, version = %report.version, "abandoned replay");
     }
 
     for step in &plan.steps {
         let report = match &step.action {
-            Action::NoChange | Action::Refuse { .. } => continue,
+            Action::Refuse { .. } => continue,
+            Action::NoChange => {
+                // The active version may still lack events that bypassed
+                // its publishers (SQL inserts, bulk imports): bring it up to date.
+                let Some(projector) = projectors.get(&step.projector) else {
+                    continue;
+                };
+                // Nothing pending: write nothing, so a second run stays a no-op.
+                let pending = {
+                    let client = pool.get().await?;
+                    crate::store::checkpoint::pending(
+                        &**client,
+                        projector.name().as_str(),
+                        &projector.version().to_string(),
+                        &projector.event_types(),
+                        event_store,
+                    )
+                    .await?
+                };
+                if pending == 0 {
+                    continue;
+                }
+                let started = Instant::now();
+                let caught = replay::catch_up(
+                    pool,
+                    projector.as_ref(),
+                    event_store,
+                    &options.replay,
+                    cancel,
+                )
+                .await?;
+                if caught.applied == 0 && caught.parked == 0 {
+                    continue;
+                }
+                StepReport {
+                    projector: step.projector.clone(),
+                    version: step.version.clone(),
+                    action: "catch_up".into(),
+                    replayed_events: caught.applied,
+                    replay_seconds: started.elapsed().as_secs_f64(),
+                    switch: None,
+                }
+            }
             Action::Retire { .. } => StepReport {
                 projector: step.projector.clone(),
                 version: None,
@@ -342,7 +389,8 @@ pub async fn rollback(
     let lock = ActivationLock::acquire(url, actor, options.lock_wait).await?;
     let (active, target) = {
         let client = pool.get().await?;
-        crate::store::ensure_migrated(&**client).await?;
+        crate::migrate::ensure_writable(&**client).await?;
+        crate::event_relation::check_event_store(&**client, event_store).await?;
         let state = states::get(&**client, name, false).await?;
         let active = state.and_then(|s| s.active_version);
         let target = versions::list_of(&**client, name)

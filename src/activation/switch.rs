@@ -37,8 +37,7 @@ pub struct SwitchReport {
 /// Activates `projector`'s version, which must be replaying (and caught up)
 /// or activating: marks it activating, then in one transaction holds back
 /// publishers of the old and new versions' event types, applies the last
-/// events, records where an inline old version stands (so `coord rollback`
-/// can catch it up later), waits out in-flight publishers, sets
+/// events, waits out in-flight publishers, sets
 /// `active_version` and records the transitions. On failure the version is
 /// returned to replaying and the active version is untouched.
 ///
@@ -172,20 +171,8 @@ async fn flip(
     types.dedup();
     gate::hold_back_publishers(tx, &types, policy).await?;
     let final_events = replay::pass_in_transaction(tx, projector, event_store).await?;
-    if let Some(old) = old {
-        if old.mode == "inline" {
-            // Its publishers applied every event so far inline; record that,
-            // so a later rollback catches it up from here.
-            replay::checkpoint_through_current_snapshot(
-                tx,
-                name,
-                &old.version,
-                &old.event_types,
-                event_store,
-            )
-            .await?;
-        }
-    }
+    // The old version keeps its own exact checkpoint (its publishers recorded
+    // what they applied inline), so a later rollback catches it up from there.
     gate::drain_all_publishers(tx, policy).await?;
     states::put(tx, name, Some(&version), None, None).await?;
     versions::set_status(tx, name, &version, VersionStatus::Active).await?;
@@ -216,8 +203,9 @@ async fn flip(
 }
 
 /// Retires the active version of projector `name` (no longer configured):
-/// holds back its publishers, records where an inline version stands, and
-/// clears `active_version`. An interrupted activation of it is abandoned.
+/// holds back its publishers and clears `active_version`; the version keeps
+/// its checkpoint, so `coord rollback` catches it up from there.
+/// `event_store` is unused since every version's checkpoint is exact. An interrupted activation of it is abandoned.
 ///
 /// # Errors
 /// [`Error::Busy`] when publishers could not be held back in time; database errors.
@@ -225,7 +213,7 @@ async fn flip(
 pub async fn retire(
     pool: &Pool,
     name: &str,
-    event_store: &RelationName,
+    _event_store: &RelationName,
     policy: LockPolicy,
     actor: &Actor,
 ) -> Result<SwitchReport> {
@@ -252,18 +240,8 @@ pub async fn retire(
     types.sort();
     types.dedup();
     gate::hold_back_publishers(&mut tx, &types, policy).await?;
-    for record in &records {
-        if record.status == VersionStatus::Active && record.mode == "inline" {
-            replay::checkpoint_through_current_snapshot(
-                &tx,
-                name,
-                &record.version,
-                &record.event_types,
-                event_store,
-            )
-            .await?;
-        }
-    }
+    // An inline version's checkpoint is exact (docs/decisions/0009): nothing
+    // to reconstruct here.
     gate::drain_all_publishers(&mut tx, policy).await?;
     states::put(&tx, name, None, None, state.replaying_version.as_deref()).await?;
     for record in &records {

@@ -11,10 +11,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::names::RelationName;
 use crate::projector::Projector;
+use crate::projector::{ProjectorExt, ProjectorSet};
 use crate::replay::options::{CatchUpReport, ReplayOptions};
 use crate::replay::pass::catch_up;
 use crate::replay::start::{start_replay, ReplayStart, StartOutcome};
-use crate::store::Actor;
+use crate::store::{states, Actor};
 use crate::Result;
 
 /// What became of one projector version in [`replay_many`].
@@ -76,6 +77,8 @@ async fn replay_one(
 ) -> Result<ReplayDone> {
     let start = {
         let mut client = pool.get().await?;
+        crate::migrate::ensure_writable(&**client).await?;
+        crate::event_relation::check_event_store(&**client, event_store).await?;
         start_replay(&mut client, projector, actor).await?
     };
     if start.outcome == StartOutcome::AlreadyActive {
@@ -89,4 +92,56 @@ async fn replay_one(
         start,
         catch_up: Some(report),
     })
+}
+
+/// What became of one projector version in [`catch_up_configured`].
+#[derive(Debug)]
+pub struct CatchUpOutcome {
+    /// `name@version`.
+    pub label: String,
+    /// The catch-up, or the error that stopped it.
+    pub result: Result<CatchUpReport>,
+}
+
+/// Catches up every projector of `projectors` whose configured version is
+/// replaying or active (inline versions included: they get the events that
+/// bypassed their publishers), one after the other, until each one's lag is
+/// below `options.lag_threshold`. One failing version does not stop the
+/// others. Versions neither replaying nor active are left out.
+///
+/// # Errors
+/// Database and pool errors while reading the states; each version's own
+/// failure is in its [`CatchUpOutcome`].
+pub async fn catch_up_configured(
+    pool: &Pool,
+    projectors: &ProjectorSet,
+    event_store: &RelationName,
+    options: &ReplayOptions,
+    cancel: &CancellationToken,
+) -> Result<Vec<CatchUpOutcome>> {
+    let mut targets = Vec::new();
+    {
+        let client = pool.get().await?;
+        crate::store::ensure_migrated(&**client).await?;
+        for p in projectors.iter() {
+            let version = p.version().to_string();
+            let state = states::get(&**client, p.name().as_str(), false).await?;
+            let followed = state.is_some_and(|s| {
+                s.replaying_version.as_deref() == Some(version.as_str())
+                    || s.active_version.as_deref() == Some(version.as_str())
+            });
+            if followed {
+                targets.push(Arc::clone(p));
+            }
+        }
+    }
+    let mut outcomes = Vec::with_capacity(targets.len());
+    for p in targets {
+        let result = catch_up(pool, p.as_ref(), event_store, options, cancel).await;
+        outcomes.push(CatchUpOutcome {
+            label: p.label(),
+            result,
+        });
+    }
+    Ok(outcomes)
 }

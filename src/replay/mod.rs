@@ -6,10 +6,13 @@
 //!   `replaying_version`); [`abort`] drops it.
 //! * [`run_pass`] applies the events visible in one snapshot, batch by
 //!   batch; [`catch_up`] runs passes until the lag is small;
-//!   [`replay_many`] does both for several versions, `jobs` at a time.
+//!   [`replay_many`] does both for several versions, `jobs` at a time;
+//!   [`catch_up_configured`] catches up a configuration's replaying and
+//!   active versions (inline ones get what bypassed their publishers).
 //! * For activation: [`pass_in_transaction`] runs a final pass inside the
 //!   caller's transaction, and [`checkpoint_through_current_snapshot`] marks
-//!   a version (an inline version being retired) as up to date.
+//!   a version as up to date (no longer needed by activation: every version
+//!   keeps an exact checkpoint, docs/decisions/0009-inline-checkpoints.md).
 //!
 //! This module never activates a version and never changes `active_version`.
 //!
@@ -32,12 +35,13 @@ mod options;
 mod pass;
 mod start;
 
-pub use many::{replay_many, ReplayDone, ReplayOutcome};
+pub use many::{catch_up_configured, replay_many, CatchUpOutcome, ReplayDone, ReplayOutcome};
 pub use options::{
     CatchUpReport, PassReport, Progress, ProgressFn, ReplayOptions, DEFAULT_BATCH_BYTES,
 };
 pub use pass::{catch_up, checkpoint_through_current_snapshot, pass_in_transaction, run_pass};
 pub use start::{
-    abort, abort_in, start_replay, start_replay_in, AbortReport, ReplayStart, StartOutcome,
+    abort, abort_in, abort_with, start_replay, start_replay_in, AbortReport, ReplayStart,
+    StartOutcome,
 };
 pub use tokio_util::sync::CancellationToken;

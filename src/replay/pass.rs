@@ -133,12 +133,9 @@ pub async fn run_pass(
                 "{label} was pruned: its schema is gone"
             )));
         }
-        if ck.status == VersionStatus::Active && projector.mode() == crate::config::Mode::Inline {
-            // Its publishers apply every event inline; a pass would apply them twice.
-            return Err(Error::Refused(format!(
-                "{label} is active and inline: its publishers keep it up to date, nothing to catch up"
-            )));
-        }
+        // An active inline version is followed too: its publishers record
+        // what they apply in `applied_ahead`, which passes exclude
+        // (docs/decisions/0009-inline-checkpoints.md).
         let snapshot = match &ck.pass_snapshot {
             Some(snapshot) => {
                 info!(cursor = ck.pass_cursor, "resuming pass");

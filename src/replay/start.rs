@@ -10,6 +10,7 @@ use tracing::{info, instrument};
 use crate::names::{quote_ident, ProjectorName};
 use crate::projector::{Projector, ProjectorExt};
 use crate::replay::batch::set_search_path;
+use crate::schema_drop::{drop_schemas, Dependents};
 use crate::store::versions::{self, NewVersion, VersionStatus};
 use crate::store::{checkpoint, history, states, Actor};
 use crate::{Error, Result};
@@ -85,6 +86,7 @@ pub async fn start_replay_in(
     let mut event_types = projector.event_types();
     event_types.sort();
     let mode = projector.mode().as_str();
+    let definition = versions::definition_of(projector.handler_sql().as_ref());
     let done = |outcome| ReplayStart {
         projector: name.to_owned(),
         version: version.clone(),
@@ -92,6 +94,7 @@ pub async fn start_replay_in(
         outcome,
     };
 
+    crate::sql_check::check_definition(projector)?;
     let state = states::get(tx, name, true).await?;
     let active = state.as_ref().and_then(|s| s.active_version.clone());
     if active.as_deref() == Some(version.as_str()) {
@@ -101,6 +104,9 @@ pub async fn start_replay_in(
                 "projector {label} was built with a different definition; bump the version"
             )));
         }
+        // Same fingerprint, so the same handlers: store them for
+        // coord.publish if the version was registered before coord did.
+        versions::set_definition(tx, name, &version, definition.as_ref()).await?;
         return Ok(done(StartOutcome::AlreadyActive));
     }
     if let Some(activating) = state.as_ref().and_then(|s| s.activating_version.as_deref()) {
@@ -138,6 +144,7 @@ pub async fn start_replay_in(
                     event_types: &event_types,
                     mode,
                     status: VersionStatus::Replaying,
+                    definition: definition.as_ref(),
                 },
             )
             .await?;
@@ -146,10 +153,13 @@ pub async fn start_replay_in(
         }
         Some(record) if record.status == VersionStatus::Aborted => {
             checkpoint::reset(tx, name, &version, &fingerprint, &event_types, mode).await?;
-            tx.batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS {} CASCADE",
-                quote_ident(&record.schema_name)
-            ))
+            versions::set_definition(tx, name, &version, definition.as_ref()).await?;
+            drop_schemas(
+                tx,
+                &[record.schema_name.as_str()],
+                Dependents::Refuse,
+                &format!("restarting the aborted replay of {label}"),
+            )
             .await?;
             create_tables(tx, projector, &schema).await?;
             (StartOutcome::Restarted, Some("aborted"))
@@ -160,6 +170,7 @@ pub async fn start_replay_in(
             )));
         }
         Some(record) if record.status == VersionStatus::Replaying => {
+            versions::set_definition(tx, name, &version, definition.as_ref()).await?;
             if replaying.as_deref() == Some(version.as_str()) {
                 return Ok(done(StartOutcome::Resumed));
             }
@@ -241,29 +252,54 @@ pub struct AbortReport {
     pub schema: String,
 }
 
-/// Drops the replay in progress of projector `name` (see [`abort_in`]) and commits.
+/// Drops the replay in progress of projector `name` (see [`abort_in`]) and
+/// commits; refuses when objects outside its schema depend on it.
+///
+/// # Errors
+/// As [`abort_in`].
+pub async fn abort(client: &mut Client, name: &str, actor: &Actor) -> Result<AbortReport> {
+    abort_with(client, name, actor, Dependents::Refuse).await
+}
+
+/// [`abort`], with the choice of what happens to objects outside the
+/// schema that depend on it (`coord abort --cascade`).
 ///
 /// # Errors
 /// As [`abort_in`].
 #[instrument(skip_all, fields(projector.name = %name), err(level = "debug"))]
-pub async fn abort(client: &mut Client, name: &str, actor: &Actor) -> Result<AbortReport> {
+pub async fn abort_with(
+    client: &mut Client,
+    name: &str,
+    actor: &Actor,
+    dependents: Dependents,
+) -> Result<AbortReport> {
     let tx = client.transaction().await?;
-    let report = abort_in(&tx, name, actor).await?;
+    let report = abort_in(&tx, name, actor, dependents).await?;
     tx.commit().await?;
     Ok(report)
 }
 
 /// Drops the replay in progress of projector `name` inside the caller's
-/// transaction: its schema (CASCADE), status `aborted`, `replaying_version`
-/// cleared, a transition. The active version is untouched. A pass running
-/// elsewhere stops at its next batch.
+/// transaction: its schema (with everything in it), status `aborted`,
+/// `replaying_version` cleared, a transition. The active version is
+/// untouched. A pass running elsewhere stops at its next batch. Objects
+/// outside the schema that depend on it make it refuse, listing them, unless
+/// `dependents` is [`Dependents::Cascade`].
 ///
 /// # Errors
 /// [`Error::InvalidInput`] for an invalid name; [`Error::Refused`] when no
-/// version of `name` is replaying; database errors.
-pub async fn abort_in(tx: &Transaction<'_>, name: &str, actor: &Actor) -> Result<AbortReport> {
+/// version of `name` is replaying, when the `coord` schema is newer than
+/// this binary, or when objects outside the schema depend on it; database
+/// errors.
+pub async fn abort_in(
+    tx: &Transaction<'_>,
+    name: &str,
+    actor: &Actor,
+    dependents: Dependents,
+) -> Result<AbortReport> {
     let name = ProjectorName::new(name).map_err(Error::InvalidInput)?;
     let name = name.as_str();
+    crate::migrate::ensure_writable(tx).await?;
     let state = states::get(tx, name, true).await?;
     let Some(state) = state.filter(|s| s.replaying_version.is_some()) else {
         return Err(Error::Refused(format!(
@@ -279,10 +315,12 @@ pub async fn abort_in(tx: &Transaction<'_>, name: &str, actor: &Actor) -> Result
     // Lock the version row first: a batch in flight finishes, the next one
     // sees the abort.
     checkpoint::mark_aborted(tx, name, &version).await?;
-    tx.batch_execute(&format!(
-        "DROP SCHEMA IF EXISTS {} CASCADE",
-        quote_ident(&record.schema_name)
-    ))
+    drop_schemas(
+        tx,
+        &[record.schema_name.as_str()],
+        dependents,
+        &format!("aborting the replay of {name}@{version}"),
+    )
     .await?;
     states::put(
         tx,

@@ -32,9 +32,14 @@ pub struct Checkpoint {
 }
 
 const LOCK: &str = "SELECT horizon::text, pass_snapshot::text, pass_cursor, status, schema_name, \
-    events_processed FROM coord.projector_versions WHERE name = $1 AND version = $2 FOR UPDATE";
+    events_processed FROM coord.projector_versions WHERE name = $1 AND version = $2 \
+    FOR NO KEY UPDATE";
 
 /// Locks the row of `name@version` until the transaction ends and returns its checkpoint.
+///
+/// The lock is `FOR NO KEY UPDATE`: it excludes other passes but not the
+/// `FOR KEY SHARE` lock that publishers' `coord.applied_ahead` rows take on
+/// the row through their foreign key, so a batch never blocks publishing.
 ///
 /// # Errors
 /// [`Error::Failed`] when the version is not registered; database errors.
@@ -164,8 +169,13 @@ const FINISH_PASS: &str = "UPDATE coord.projector_versions SET \
     pass_snapshot = NULL, pass_cursor = NULL, eta_s = 0, replay_finished_at = now(), updated_at = now() \
     WHERE name = $1 AND version = $2 RETURNING horizon::text";
 
-const PRUNE_AHEAD: &str =
-    "DELETE FROM coord.applied_ahead WHERE name = $1 AND version = $2 AND xact_id < $3::text::xid8";
+/// Deletes the rows below the new horizon and adds those that publishers
+/// wrote (inline applications) to `events_inline`, so the count survives.
+const PRUNE_AHEAD: &str = "WITH pruned AS (DELETE FROM coord.applied_ahead \
+    WHERE name = $1 AND version = $2 AND xact_id < $3::text::xid8 RETURNING inline) \
+    UPDATE coord.projector_versions SET \
+    events_inline = events_inline + (SELECT count(*) FROM pruned WHERE inline) \
+    WHERE name = $1 AND version = $2";
 
 /// Ends the pass over `snapshot`: the horizon moves to its xmin, the pass
 /// fields are cleared and `applied_ahead` rows below the new horizon go.
@@ -543,4 +553,65 @@ pub async fn adopt(client: &impl GenericClient, name: &str, from: &str, to: &str
             .await?;
     }
     Ok(())
+}
+
+/// Where one version stands, for status: what it applied and what it has
+/// not applied yet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VersionProgress {
+    /// Projector name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Highest position applied, by a pass or inline.
+    pub position: i64,
+    /// Events its publishers applied inline (recorded in `applied_ahead`).
+    pub applied_inline: i64,
+    /// Committed handled events not yet applied (0 for versions nobody follows).
+    pub lag_events: i64,
+    /// Age in seconds of the oldest of them (`None` when there are none).
+    pub lag_seconds: Option<f64>,
+}
+
+const PROGRESS: &str = "SELECT v.name, v.version, \
+    greatest(v.last_position, coalesce((SELECT max(a.position) FROM coord.applied_ahead a \
+      WHERE a.name = v.name AND a.version = v.version AND a.inline), 0)) AS position, \
+    v.events_inline + (SELECT count(*) FROM coord.applied_ahead a \
+      WHERE a.name = v.name AND a.version = v.version AND a.inline) AS applied_inline, \
+    p.lag_events, p.lag_seconds \
+    FROM coord.projector_versions v LEFT JOIN LATERAL ( \
+      SELECT count(*) AS lag_events, extract(epoch FROM now() - min(e.recorded_at))::float8 AS lag_seconds \
+      FROM {events} e \
+      WHERE v.status IN ('replaying', 'activating', 'active') \
+        AND e.xact_id >= v.horizon AND e.event_type = ANY(v.event_types) \
+        AND NOT EXISTS (SELECT 1 FROM coord.applied_ahead a \
+          WHERE a.name = v.name AND a.version = v.version AND a.position = e.position) \
+        AND NOT (v.pass_snapshot IS NOT NULL AND e.position <= v.pass_cursor \
+          AND pg_visible_in_snapshot(e.xact_id, v.pass_snapshot))) p ON true \
+    ORDER BY v.name, v.version";
+
+/// The [`VersionProgress`] of every registered version: exact, from the
+/// checkpoint (horizon, `applied_ahead`, the pass in progress), read through
+/// the `xact_id` index from each horizon up.
+///
+/// # Errors
+/// Database errors.
+pub async fn progress(
+    client: &impl GenericClient,
+    event_store: &RelationName,
+) -> Result<Vec<VersionProgress>> {
+    let sql = PROGRESS.replace("{events}", &event_store.quoted());
+    let rows = client.query(&sql, &[]).await?;
+    rows.iter()
+        .map(|row| {
+            Ok(VersionProgress {
+                name: row.try_get(0)?,
+                version: row.try_get(1)?,
+                position: row.try_get(2)?,
+                applied_inline: row.try_get(3)?,
+                lag_events: row.try_get(4)?,
+                lag_seconds: row.try_get(5)?,
+            })
+        })
+        .collect()
 }

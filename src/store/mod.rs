@@ -35,7 +35,7 @@ impl Actor {
 }
 
 const IS_MIGRATED: &str = "SELECT to_regclass('coord.projector_versions') IS NOT NULL \
-    AND to_regprocedure('coord.gate(jsonb,text[])') IS NOT NULL";
+    AND to_regprocedure('coord.publish(jsonb,text,bigint,jsonb)') IS NOT NULL";
 
 /// Fails with a clear message when `coord migrate` has not been run.
 ///
@@ -44,7 +44,7 @@ const IS_MIGRATED: &str = "SELECT to_regclass('coord.projector_versions') IS NOT
 pub async fn ensure_migrated(client: &impl GenericClient) -> Result<()> {
     let row = client.query_one(IS_MIGRATED, &[]).await?;
     if row.try_get::<_, bool>(0)? {
-        Ok(())
+        crate::migrate::warn_if_newer(client).await
     } else {
         Err(Error::Failed(
             "the coord schema is missing or out of date in this database: run `coord migrate` first".into(),

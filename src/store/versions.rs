@@ -204,11 +204,14 @@ pub struct NewVersion<'a> {
     pub mode: &'a str,
     /// Initial status.
     pub status: VersionStatus,
+    /// What `coord.publish` needs to run it inline (`{"handlers": {...}}`),
+    /// for config-defined projectors.
+    pub definition: Option<&'a serde_json::Value>,
 }
 
 const INSERT: &str = "INSERT INTO coord.projector_versions \
-    (name, version, status, schema_name, fingerprint, event_types, mode, replay_started_at) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, CASE WHEN $3 = 'replaying' THEN now() END)";
+    (name, version, status, schema_name, fingerprint, event_types, mode, definition, replay_started_at) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $3 = 'replaying' THEN now() END)";
 
 /// Registers a new version.
 ///
@@ -226,8 +229,39 @@ pub async fn insert(client: &impl GenericClient, v: &NewVersion<'_>) -> Result<(
                 &v.fingerprint,
                 &v.event_types,
                 &v.mode,
+                &v.definition,
             ],
         )
+        .await?;
+    Ok(())
+}
+
+/// The stored definition of a projector for `coord.publish`:
+/// `{"handlers": {"EventType": "SQL", ...}}`, or `None` for a projector
+/// without handler SQL (a Rust projector). An object, so that later
+/// versions can add keys.
+pub fn definition_of(
+    handlers: Option<&std::collections::BTreeMap<String, String>>,
+) -> Option<serde_json::Value> {
+    handlers.map(|h| serde_json::json!({ "handlers": h }))
+}
+
+const SET_DEFINITION: &str = "UPDATE coord.projector_versions SET definition = $3 \
+    WHERE name = $1 AND version = $2 AND definition IS DISTINCT FROM $3";
+
+/// Stores the definition of `name@version` (see [`definition_of`]), for a
+/// version registered before coord stored it or restarted after an abort.
+///
+/// # Errors
+/// Database errors.
+pub async fn set_definition(
+    client: &impl GenericClient,
+    name: &str,
+    version: &str,
+    definition: Option<&serde_json::Value>,
+) -> Result<()> {
+    client
+        .execute(SET_DEFINITION, &[&name, &version, &definition])
         .await?;
     Ok(())
 }
@@ -283,6 +317,13 @@ pub async fn set_last_error(
 /// # Errors
 /// Database errors.
 pub async fn delete(client: &impl GenericClient, name: &str, version: &str) -> Result<()> {
+    // No foreign key since V4 (publishers insert here): delete by hand.
+    client
+        .execute(
+            "DELETE FROM coord.applied_ahead WHERE name = $1 AND version = $2",
+            &[&name, &version],
+        )
+        .await?;
     client
         .execute(
             "DELETE FROM coord.projector_versions WHERE name = $1 AND version = $2",

@@ -25,11 +25,13 @@ fn publisher(version: &str) -> Publisher {
 async fn build_version(client: &Client, version: &str) {
     let config = Config::parse(&balances_toml(version), "coord.toml").unwrap();
     let schema = coord::schema_name(&config.projectors[0].name, &config.projectors[0].version);
+    let fingerprint =
+        coord::Projector::fingerprint(&coord::SqlProjector::new(config.projectors[0].clone()));
     client
         .batch_execute(&format!(
             "CREATE SCHEMA {schema}; SET search_path = {schema}; {} RESET search_path;
              INSERT INTO coord.projector_versions (name, version, status, schema_name, fingerprint, event_types, mode)
-             VALUES ('balances', '{version}', 'active', '{schema}', 'f', '{TYPES}', 'inline');",
+             VALUES ('balances', '{version}', 'active', '{schema}', '{fingerprint}', '{TYPES}', 'inline');",
             config.projectors[0].tables
         ))
         .await
@@ -174,16 +176,28 @@ async fn assert_gate(db: &TestDb, running: &str, event_type: &str, expect: Expec
             assert_eq!(event_count(&client).await, before + 1);
             assert_exit(&db.coord(&["check", "--event-type", event_type]), 0);
         }
-        Expect::Refused { exit, .. } => {
+        Expect::Refused { exit, sqlstate } => {
             assert_exit(&out, *exit);
             assert!(
-                stderr(&out).starts_with("coord: projector "),
+                stderr(&out).starts_with(&format!("coord: {} (", refusal_name(sqlstate))),
                 "{}",
                 stderr(&out)
             );
             assert_eq!(event_count(&client).await, before);
             assert_exit(&db.coord(&["check", "--event-type", event_type]), *exit);
         }
+    }
+}
+
+/// The name every refusal's text starts with.
+fn refusal_name(sqlstate: &str) -> &'static str {
+    match sqlstate {
+        "CO001" => "NewerProjectorIsActive",
+        "CO002" => "ProjectorNotYetActive",
+        "CO003" => "ProjectorIsActivating",
+        "CO004" => "UnknownProjectorActive",
+        "CO005" => "ProjectorDefinitionMismatch",
+        _ => "StreamVersionConflict",
     }
 }
 
@@ -273,6 +287,8 @@ async fn an_activating_projector_lets_other_event_types_through() {
     let db = TestDb::migrated().await;
     let client = db.client().await;
     build_version(&client, "1.0.0").await;
+    // The gate knows 2.0.0's event types (otherwise it holds back everything).
+    build_version(&client, "2.0.0").await;
     set_state(&client, "balances", Some("1.0.0"), Some("2.0.0"), None).await;
     assert_gate(
         &db,
@@ -383,7 +399,7 @@ async fn an_older_publisher_is_refused_as_stale_when_a_newer_version_is_active()
     assert!(!err.is_retryable());
     assert_eq!(
         err.to_string(),
-        "projector balances 1.0.0 is stale: 2.0.0 is active; route traffic to the new deployment"
+        "NewerProjectorIsActive (CO001): projector balances 1.0.0 is stale: 2.0.0 is active; route traffic to the new deployment"
     );
 }
 
@@ -551,7 +567,7 @@ async fn optimistic_concurrency_refuses_a_wrong_expected_version() {
     ]);
     assert_exit(&out, 1);
     assert!(
-        stderr(&out).contains("stream s is at version 2, not 5"),
+        stderr(&out).contains("StreamVersionConflict (CO006): stream s is at version 2, not 5"),
         "{}",
         stderr(&out)
     );
@@ -946,6 +962,6 @@ async fn a_concurrent_append_to_the_same_stream_is_a_retryable_conflict() {
     assert!(err.is_retryable());
     assert_eq!(
         err.to_string(),
-        "stream s was appended to by a concurrent publisher: reload it and retry"
+        "StreamVersionConflict (CO006): stream s was appended to by a concurrent publisher: reload it and retry"
     );
 }

@@ -5,7 +5,7 @@
 use std::process::Child;
 use std::time::Duration;
 
-use crate::support::{assert_exit, balances_toml, eventually, stderr, TestDb};
+use crate::support::{assert_exit, balances_toml, eventually, TestDb};
 
 fn async_toml(version: &str) -> String {
     balances_toml(version).replace(
@@ -138,18 +138,5 @@ async fn coord_run_applies_async_events_hands_over_and_stops_when_superseded() {
     assert!(
         out.contains("balances@1.0.0: applied 1 events; stopped: superseded by 2.0.0"),
         "{out}"
-    );
-}
-
-#[tokio::test]
-async fn coord_run_without_async_projectors_is_a_usage_error() {
-    let db = TestDb::migrated().await;
-    db.write_config("coord.toml", &balances_toml("1.0.0"));
-    let out = db.coord(&["run"]);
-    assert_exit(&out, 2);
-    assert!(
-        stderr(&out).contains("no projector of this configuration has mode = \"async\""),
-        "{}",
-        stderr(&out)
     );
 }

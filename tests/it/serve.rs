@@ -167,14 +167,17 @@ async fn ready_is_503_when_the_database_is_unreachable() {
 
 /// Two versions of balances (1.0.0 active, 2.0.0 replaying) and one event.
 async fn seed_two_versions(db: &TestDb) {
+    let config = Config::parse(&balances_toml("1.0.0"), "coord.toml").unwrap();
+    let f1 = coord::Projector::fingerprint(&coord::SqlProjector::new(config.projectors[0].clone()));
     db.client()
         .await
         .batch_execute(
-            "INSERT INTO coord.projector_states (name, active_version, replaying_version) VALUES ('balances', '1.0.0', '2.0.0');
+            &"INSERT INTO coord.projector_states (name, active_version, replaying_version) VALUES ('balances', '1.0.0', '2.0.0');
              INSERT INTO coord.projector_versions (name, version, status, schema_name, fingerprint, event_types, mode)
              VALUES ('balances', '1.0.0', 'active', 'balances_v1_0_0', 'f1', '{AccountOpened}', 'inline'),
                     ('balances', '2.0.0', 'replaying', 'balances_v2_0_0', 'f2', '{AccountOpened}', 'inline');
-             INSERT INTO coord.events (stream_id, stream_version, event_type, data) VALUES ('a', 1, 'AccountOpened', '{}');",
+             INSERT INTO coord.events (stream_id, stream_version, event_type, data) VALUES ('a', 1, 'AccountOpened', '{}');"
+                .replace("'f1'", &format!("'{f1}'")),
         )
         .await
         .unwrap();
@@ -229,8 +232,14 @@ async fn metrics_report_readiness_head_position_and_per_version_gauges() {
     ] {
         assert!(lines.contains(&expected), "missing {expected:?} in\n{text}");
     }
-    // An inline active version is applied with its events: no lag to report.
-    assert!(!text.contains(r#"coord_projector_lag{projector="balances",version="1.0.0""#));
+    // The active inline version's event was inserted by SQL, bypassing its
+    // publishers: it lags by it, visibly.
+    for expected in [
+        r#"coord_projector_lag_events{projector="balances",version="1.0.0",status="active"} 1"#,
+        r#"coord_projector_applied_inline{projector="balances",version="1.0.0",status="active"} 0"#,
+    ] {
+        assert!(lines.contains(&expected), "missing {expected:?} in\n{text}");
+    }
     ready.stop().await;
 
     let stale = start(&db.database_url(), "0.9.0").await;

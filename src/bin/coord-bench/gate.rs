@@ -1,5 +1,7 @@
 //! `coord-bench gate`: publishing throughput through the library with the
 //! gate on versus off, in the same run, with an inline projector active.
+//! "Gate on" includes recording each inline application in
+//! `coord.applied_ahead` (one more row per event, in the same statement).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,15 +12,16 @@ use serde::Serialize;
 use crate::support::BenchDb;
 use crate::OutputFormat;
 
-/// Arguments of `coord-bench gate`.
+/// Arguments of `coord-bench gate` (and `sql-publish`, which compares two
+/// publishing paths the same way).
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Concurrent publishers, each on its own connection.
     #[arg(long, default_value_t = 16)]
-    publishers: usize,
+    pub publishers: usize,
     /// Seconds of publishing per mode (split into two rounds each, alternating).
     #[arg(long, default_value_t = 10.0)]
-    seconds: f64,
+    pub seconds: f64,
     /// Server to create the benchmark database on.
     #[arg(
         long,
@@ -26,10 +29,10 @@ pub struct Args {
         hide_env_values = true,
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
-    database_url: String,
+    pub database_url: String,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
-    output: OutputFormat,
+    pub output: OutputFormat,
 }
 
 /// The figures.
@@ -55,12 +58,9 @@ AccountOpened  = "INSERT INTO balances (account) VALUES ($1)"
 MoneyDeposited = "UPDATE balances SET amount = amount + ($5->>'amount')::bigint WHERE account = $1"
 "#;
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
-    let server_url = args.database_url.as_str();
-    anyhow::ensure!(args.publishers > 0, "--publishers must be at least 1");
-    anyhow::ensure!(args.seconds > 0.0, "--seconds must be positive");
-    let db = BenchDb::create(server_url, "gate").await?;
-    let config = Config::parse(CONFIG, "coord-bench gate")?;
+/// Activates the one inline config projector both publishing benchmarks use.
+pub async fn activate_balances(db: &BenchDb, command: &str) -> anyhow::Result<ProjectorSet> {
+    let config = Config::parse(CONFIG, command)?;
     let projectors = ProjectorSet::from_config(&config);
     let pool = coord::pool(&db.url, 4)?;
     coord::activation::activate_current_config(
@@ -69,11 +69,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         &projectors,
         &coord::RelationName::default(),
         &coord::activation::ActivateOptions::default(),
-        &coord::store::Actor::new("coord-bench", "coord-bench gate"),
+        &coord::store::Actor::new("coord-bench", command),
         &tokio_util::sync::CancellationToken::new(),
     )
     .await?;
-    drop(pool);
+    Ok(projectors)
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let server_url = args.database_url.as_str();
+    anyhow::ensure!(args.publishers > 0, "--publishers must be at least 1");
+    anyhow::ensure!(args.seconds > 0.0, "--seconds must be positive");
+    let db = BenchDb::create(server_url, "gate").await?;
+    let projectors = activate_balances(&db, "coord-bench gate").await?;
 
     let round = Duration::from_secs_f64(args.seconds / 2.0);
     let mut on = 0;
@@ -117,7 +125,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
 /// Every publisher opens accounts and deposits into them, one event per
 /// transaction, until `duration` passes. Returns the events committed.
-async fn publish_for(
+pub async fn publish_for(
     db: &BenchDb,
     publisher: &Arc<Publisher>,
     publishers: usize,
@@ -148,6 +156,13 @@ async fn publish_for(
             anyhow::Ok(n)
         }));
     }
+    sum_of(tasks).await
+}
+
+/// The events the publisher tasks committed, or the first task's error.
+pub async fn sum_of(
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<u64>>>,
+) -> anyhow::Result<u64> {
     let mut total = 0;
     for task in tasks {
         total += task.await??;

@@ -8,6 +8,7 @@ mod catchup;
 mod gate;
 mod reference;
 mod replay;
+mod sql_publish;
 mod support;
 
 use std::process::ExitCode;
@@ -30,6 +31,8 @@ enum Bench {
     Catchup(catchup::Args),
     /// Publishing throughput with the gate on versus off.
     Gate(gate::Args),
+    /// Publishing throughput through `coord.publish` beside the Rust publisher.
+    SqlPublish(sql_publish::Args),
     /// Blocked window, refusals, lost and doubled events of an activation under publishing.
     Activation(activation::Args),
 }
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
             Bench::Catchup(args) => catchup::run(args).await,
             Bench::Gate(args) => gate::run(args).await,
             Bench::Activation(args) => activation::run(args).await,
+            Bench::SqlPublish(args) => sql_publish::run(args).await,
         }
     });
     match result {

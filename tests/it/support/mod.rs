@@ -118,44 +118,12 @@ impl TestDb {
             .expect("start coord")
     }
 
-    /// Everything coord could have written: schemas, and the row counts of
-    /// every table outside the system schemas. Equal before and after a
-    /// refused command means the command changed nothing.
+    /// Everything coord could have written: schemas, relations, functions
+    /// and a hash of the rows of every table (see `contents::digest`).
+    /// Equal before and after a refused command means the command changed
+    /// nothing.
     pub async fn snapshot(&self) -> String {
-        let client = self.client().await;
-        let rows = client
-            .query(
-                "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
-                 AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1, 2",
-                &[],
-            )
-            .await
-            .unwrap();
-        let mut out = String::new();
-        for row in rows {
-            let (schema, table): (String, String) = (row.get(0), row.get(1));
-            let count: i64 = client
-                .query_one(
-                    &format!("SELECT count(*) FROM \"{schema}\".\"{table}\""),
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            out.push_str(&format!("{schema}.{table}={count}\n"));
-        }
-        let schemas = client
-            .query(
-                "SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg_%' ORDER BY 1",
-                &[],
-            )
-            .await
-            .unwrap();
-        for row in schemas {
-            out.push_str(&format!("schema {}\n", row.get::<_, String>(0)));
-        }
-        out
+        crate::contents::digest(self).await
     }
 }
 

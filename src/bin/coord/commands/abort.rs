@@ -11,12 +11,15 @@ pub struct AbortArgs {
     /// Abort only this projector's replay (default: every replay in progress).
     #[arg(long, value_name = "NAME")]
     pub projector: Option<String>,
+    /// Also drop objects outside coord's schemas that depend on the dropped schema.
+    #[arg(long)]
+    pub cascade: bool,
 }
 
 pub async fn run(ctx: &Context, args: &AbortArgs) -> anyhow::Result<()> {
     let config = ctx.optional_config()?;
     let mut client = ctx.connect(config.as_ref()).await?;
-    coord::store::ensure_migrated(&client).await?;
+    coord::ensure_writable(&client).await?;
     let names: Vec<String> = match &args.projector {
         Some(name) => vec![name.clone()],
         None => states::list(&client)
@@ -28,7 +31,15 @@ pub async fn run(ctx: &Context, args: &AbortArgs) -> anyhow::Result<()> {
     };
     let mut reports = Vec::new();
     for name in &names {
-        reports.push(coord::abort(&mut client, name, &ctx.actor).await?);
+        reports.push(
+            coord::abort_with(
+                &mut client,
+                name,
+                &ctx.actor,
+                coord::Dependents::cascade_if(args.cascade),
+            )
+            .await?,
+        );
     }
     if ctx.json() {
         return output::json(&serde_json::json!({ "aborted": reports }));

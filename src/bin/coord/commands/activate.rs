@@ -197,15 +197,25 @@ pub struct PruneArgs {
     /// Do not ask for confirmation.
     #[arg(long)]
     pub yes: bool,
+    /// Also drop objects outside coord's schemas that depend on them (a view over a retired version's table).
+    #[arg(long)]
+    pub cascade: bool,
 }
 
 pub async fn prune(ctx: &Context, args: PruneArgs) -> anyhow::Result<()> {
     let config = ctx.optional_config()?;
     let url = ctx.database_url(config.as_ref())?;
     let pool = coord::pool(&url, 2)?;
+    let dependents = coord::Dependents::cascade_if(args.cascade);
     let candidates = {
         let client = pool.get().await?;
-        coord::activation::prunable(&**client).await?
+        coord::ensure_writable(&**client).await?;
+        let candidates = coord::activation::prunable(&**client).await?;
+        // Refuse before asking for a confirmation that could not be honoured.
+        let schemas: Vec<&str> = candidates.iter().map(|v| v.schema_name.as_str()).collect();
+        coord::schema_drop::ensure_droppable(&**client, &schemas, dependents, "coord prune")
+            .await?;
+        candidates
     };
     if candidates.is_empty() {
         if ctx.json() {
@@ -241,7 +251,12 @@ pub async fn prune(ctx: &Context, args: PruneArgs) -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    let pruned = coord::activation::prune(&pool, &ctx.actor).await?;
+    let pruned = coord::activation::prune(
+        &pool,
+        &ctx.actor,
+        coord::Dependents::cascade_if(args.cascade),
+    )
+    .await?;
     if ctx.json() {
         return output::json(&serde_json::json!({ "pruned": pruned }));
     }
@@ -298,12 +313,16 @@ pub async fn wait(ctx: &Context, args: WaitArgs) -> anyhow::Result<()> {
 pub struct RebuildArgs {
     /// The projector whose active version to rebuild.
     pub projector: String,
+    /// Also drop objects outside coord's schemas that depend on the replaced tables.
+    #[arg(long)]
+    pub cascade: bool,
     #[command(flatten)]
     pub tuning: ActivationArgs,
 }
 
 pub async fn rebuild(ctx: &Context, args: RebuildArgs) -> anyhow::Result<()> {
-    let one = one_projector(ctx, &args.projector, &args.tuning)?;
+    let mut one = one_projector(ctx, &args.projector, &args.tuning)?;
+    one.options.dependents = coord::Dependents::cascade_if(args.cascade);
     let report = activation::rebuild(
         &one.pool,
         &one.url,

@@ -1,7 +1,7 @@
-//! `coord catch-up`: catch the configuration's replaying versions up.
+//! `coord catch-up`: catch the configuration's replaying and active versions up.
 
-use coord::replay::{catch_up, ReplayOptions};
-use coord::store::states;
+use coord::replay::{catch_up_configured, ReplayOptions};
+use coord::ProjectorSet;
 
 use crate::commands::replay::select;
 use crate::context::Context;
@@ -22,20 +22,13 @@ pub struct CatchUpArgs {
 pub async fn run(ctx: &Context, args: &CatchUpArgs) -> anyhow::Result<()> {
     let config = ctx.config()?;
     let set = ctx.projectors(&config);
-    let selected = select(&set, args.projector.as_deref())?;
+    let selected = ProjectorSet::new(select(&set, args.projector.as_deref())?)?;
     let url = ctx.database_url(Some(&config))?;
     let pool = coord::pool(&url, 3)?;
-    let mut replaying = Vec::new();
     {
         let client = pool.get().await.map_err(coord::Error::from)?;
-        coord::store::ensure_migrated(&**client).await?;
-        for p in selected {
-            let state = states::get(&**client, p.name().as_str(), false).await?;
-            let version = p.version().to_string();
-            if state.and_then(|s| s.replaying_version).as_deref() == Some(version.as_str()) {
-                replaying.push(p);
-            }
-        }
+        coord::ensure_writable(&**client).await?;
+        coord::check_event_store(&**client, &config.event_store).await?;
     }
     let cancel = crate::progress::cancel_on_ctrl_c();
     let bars = Bars::new(!ctx.json());
@@ -44,29 +37,31 @@ pub async fn run(ctx: &Context, args: &CatchUpArgs) -> anyhow::Result<()> {
         progress: Some(bars.callback()),
         ..ReplayOptions::default()
     };
+    let outcomes =
+        catch_up_configured(&pool, &selected, &config.event_store, &options, &cancel).await;
+    bars.finish();
+    let outcomes = outcomes?;
+    let total = outcomes.len();
     let mut reports = Vec::new();
-    for p in &replaying {
-        let report = catch_up(&pool, p.as_ref(), &config.event_store, &options, &cancel).await;
-        match report {
+    let mut failure = None;
+    for outcome in outcomes {
+        match outcome.result {
             Ok(r) => reports.push(r),
-            Err(e) => {
-                bars.finish();
-                return Err(anyhow::Error::from(e).context(format!(
-                    "caught up {} of {} projectors; {}@{} failed",
-                    reports.len(),
-                    replaying.len(),
-                    p.name(),
-                    p.version()
-                )));
-            }
+            Err(e) if failure.is_none() => failure = Some((outcome.label, e)),
+            Err(e) => tracing::error!(projector = %outcome.label, error = %e, "catch-up failed"),
         }
     }
-    bars.finish();
+    if let Some((label, e)) = failure {
+        return Err(anyhow::Error::from(e).context(format!(
+            "caught up {} of {total} projector versions; {label} failed",
+            reports.len()
+        )));
+    }
     if ctx.json() {
         return output::json(&serde_json::json!({ "projectors": reports }));
     }
     if reports.is_empty() {
-        println!("nothing is replaying: run `coord replay` first");
+        println!("nothing to catch up: no configured version is replaying or active");
     }
     for r in &reports {
         println!(

@@ -46,11 +46,11 @@ pub async fn run(ctx: &Context, args: PublishArgs) -> anyhow::Result<()> {
     if metadata.as_ref().is_some_and(|m| !m.is_object()) {
         return Err(coord::Error::InvalidInput("--metadata must be a JSON object".into()).into());
     }
-    if args.stream.is_empty() || args.event_type.is_empty() {
-        return Err(
-            coord::Error::InvalidInput("--stream and --type must not be empty".into()).into(),
-        );
+    if args.stream.is_empty() {
+        return Err(coord::Error::InvalidInput("--stream must not be empty".into()).into());
     }
+    coord::check_event_type(&args.event_type)
+        .map_err(|e| coord::Error::InvalidInput(format!("--type: {e}")))?;
     let expected = match args.expected_version {
         None => ExpectedVersion::Any,
         Some(v) if v < 0 => {
@@ -68,7 +68,7 @@ pub async fn run(ctx: &Context, args: PublishArgs) -> anyhow::Result<()> {
     }
     let config = ctx.config()?;
     let mut client = ctx.connect(Some(&config)).await?;
-    coord::store::ensure_migrated(&client).await?;
+    coord::ensure_writable(&client).await?;
     let publisher = Publisher::new(ProjectorSet::from_config(&config));
     let event = NewEvent {
         event_type: args.event_type,

@@ -52,7 +52,8 @@ pub async fn run(ctx: &Context, args: &ReplayArgs) -> anyhow::Result<()> {
     let pool = coord::pool(&url, jobs * 2 + 1)?;
     {
         let client = pool.get().await.map_err(coord::Error::from)?;
-        coord::store::ensure_migrated(&**client).await?;
+        coord::ensure_writable(&**client).await?;
+        coord::check_event_store(&**client, &config.event_store).await?;
     }
     let cancel = crate::progress::cancel_on_ctrl_c();
     let bars = Bars::new(!ctx.json());

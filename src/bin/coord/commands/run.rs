@@ -1,4 +1,4 @@
-//! `coord run`: keep async projectors up to date.
+//! `coord run`: keep every active version up to date.
 
 use crate::context::Context;
 use crate::output;
@@ -11,9 +11,11 @@ pub async fn run(ctx: &Context) -> anyhow::Result<()> {
     let projectors = ctx.projectors(&config);
     let options = coord::RunOptions::default();
     if !ctx.json() {
-        eprintln!("coord run: following async projectors; Ctrl-C stops at a batch boundary");
+        eprintln!(
+            "coord run: following the active versions (async ones fully, inline ones for what bypassed their publishers); Ctrl-C stops at a batch boundary"
+        );
     }
-    let exits = coord::run_async_projectors(
+    let exits = coord::run_projectors(
         &pool,
         &url,
         &projectors,

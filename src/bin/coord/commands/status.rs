@@ -59,7 +59,8 @@ pub fn render(report: &coord::StatusReport) -> String {
         "SCHEMA",
         "POSITION",
         "LAG",
-        "PROCESSED",
+        "INLINE",
+        "CATCH-UP",
         "PARKED",
         "RATE/S",
         "ETA",
@@ -73,9 +74,10 @@ pub fn render(report: &coord::StatusReport) -> String {
                 r.version.clone(),
                 r.status.to_string(),
                 r.schema_name.clone(),
-                r.last_position.to_string(),
-                opt(v.lag),
-                r.events_processed.to_string(),
+                v.position.to_string(),
+                lag_text(v),
+                v.applied_inline.to_string(),
+                v.applied_by_catch_up.to_string(),
                 r.events_parked.to_string(),
                 opt(r.rate_per_s.map(|x| format!("{x:.0}"))),
                 opt(r.eta_s.map(|x| format!("{x:.0}s"))),
@@ -92,4 +94,15 @@ pub fn render(report: &coord::StatusReport) -> String {
         states.render(),
         versions.render()
     )
+}
+
+/// `0`, `-` when not followed, or `12 BEHIND (3s)` so a lagging version
+/// stands out.
+fn lag_text(v: &coord::VersionStatusReport) -> String {
+    match (v.lag, v.lag_seconds) {
+        (None, _) => "-".into(),
+        (Some(0), _) => "0".into(),
+        (Some(n), Some(secs)) => format!("{n} BEHIND ({secs:.0}s)"),
+        (Some(n), None) => format!("{n} BEHIND"),
+    }
 }

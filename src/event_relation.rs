@@ -1,0 +1,80 @@
+//! Checks that the configured event store (`event_store.relation`) exists
+//! and has the event columns with the right types, before a command writes
+//! anything: a view that lacks a column would otherwise fail only after a
+//! version was registered. Reads the catalog only.
+
+use tokio_postgres::GenericClient;
+
+use crate::names::RelationName;
+use crate::{Error, Result};
+
+/// The columns an event store must have, with their types as PostgreSQL's
+/// `format_type` names them (DESIGN.md, "Database contract").
+pub const EVENT_COLUMNS: [(&str, &str); 8] = [
+    ("position", "bigint"),
+    ("xact_id", "xid8"),
+    ("stream_id", "text"),
+    ("stream_version", "bigint"),
+    ("event_type", "text"),
+    ("data", "jsonb"),
+    ("metadata", "jsonb"),
+    ("recorded_at", "timestamp with time zone"),
+];
+
+const FIND_RELATION: &str =
+    "SELECT c.oid, c.relkind::text FROM pg_class c WHERE c.oid = to_regclass($1)";
+const COLUMNS: &str = "SELECT attname::text, format_type(atttypid, NULL) FROM pg_attribute \
+    WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped";
+
+/// Fails unless `relation` is a table, view, materialized view or foreign
+/// table that has every column of [`EVENT_COLUMNS`] with its type (other
+/// columns are allowed).
+///
+/// # Errors
+/// [`Error::InvalidInput`] (exit code 2) naming `event_store.relation`, the
+/// relation and what is missing or mistyped; database errors.
+pub async fn check_event_store(client: &impl GenericClient, relation: &RelationName) -> Result<()> {
+    let invalid = |problem: String| {
+        Error::InvalidInput(format!(
+            "field `event_store.relation`: {relation} {problem}; the event store must be a table or \
+             view with the columns {}",
+            EVENT_COLUMNS
+                .iter()
+                .map(|(name, ty)| format!("{name} {ty}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    };
+    let Some(row) = client
+        .query_opt(FIND_RELATION, &[&relation.quoted()])
+        .await?
+    else {
+        return Err(invalid("does not exist in this database".into()));
+    };
+    let oid: u32 = row.try_get(0)?;
+    let kind: String = row.try_get(1)?;
+    if !matches!(kind.as_str(), "r" | "p" | "v" | "m" | "f") {
+        return Err(invalid("is not a table or view".into()));
+    }
+    let found: Vec<(String, String)> = client
+        .query(COLUMNS, &[&oid])
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<_>>()?;
+    let mut problems = Vec::new();
+    for (name, ty) in EVENT_COLUMNS {
+        match found.iter().find(|(n, _)| n == name) {
+            None => problems.push(format!("lacks column {name} ({ty})")),
+            Some((_, actual)) if actual != ty => {
+                problems.push(format!("has column {name} of type {actual}, not {ty}"));
+            }
+            Some(_) => {}
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(invalid(problems.join(", ")))
+    }
+}
