@@ -10,7 +10,7 @@ use coord::replay::{ReplayOptions, DEFAULT_BATCH_BYTES};
 use coord::OnError;
 
 use crate::bank::{self, Kind};
-use crate::support::BenchDb;
+use crate::support::{BenchDb, Common};
 use crate::OutputFormat;
 
 /// Arguments of `coord-bench catchup`.
@@ -29,17 +29,8 @@ pub struct Args {
     /// Projector kinds, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Kind::Rust, Kind::SqlBatch])]
     kinds: Vec<Kind>,
-    /// Server to create the benchmark database on.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
-        hide_env_values = true
-    )]
-    database_url: String,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
-    output: OutputFormat,
+    #[command(flatten)]
+    common: Common,
 }
 
 #[derive(serde::Serialize)]
@@ -70,11 +61,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.delta < 1 || args.repeat < 1 || args.stores[0] < 1 {
         bail!("--delta, --repeat and the store sizes must be at least 1");
     }
-    let db = BenchDb::create(&args.database_url, "catchup").await?;
+    let db = BenchDb::create(&args.common.database_url, "catchup").await?;
     let result = bench(&args, &db).await;
     db.drop_database().await?;
     let figures = result?;
-    match args.output {
+    match args.common.output {
         OutputFormat::Json => println!("{}", serde_json::to_string(&figures)?),
         OutputFormat::Text => {
             println!(

@@ -14,7 +14,7 @@ use coord::OnError;
 use futures_util::{pin_mut, StreamExt};
 
 use crate::bank::{self, Kind};
-use crate::support::{peak_rss_mb, reset_peak_rss, BenchDb};
+use crate::support::{peak_rss_mb, reset_peak_rss, BenchDb, Common};
 use crate::OutputFormat;
 
 /// Arguments of `coord-bench replay`.
@@ -36,17 +36,8 @@ pub struct Args {
     /// set-based kinds again under `on_error = "park"`.
     #[arg(long)]
     fail_every: Option<i64>,
-    /// Server to create the benchmark database on.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
-        hide_env_values = true
-    )]
-    database_url: String,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
-    output: OutputFormat,
+    #[command(flatten)]
+    common: Common,
 }
 
 const RAW_READ: &str = "COPY (SELECT position, stream_id, stream_version, event_type, data, \
@@ -94,11 +85,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.fail_every.is_some_and(|n| n < 2) {
         bail!("--fail-every must be at least 2");
     }
-    let db = BenchDb::create(&args.database_url, "replay").await?;
+    let db = BenchDb::create(&args.common.database_url, "replay").await?;
     let result = bench(&args, &db).await;
     db.drop_database().await?;
     let figures = result?;
-    match args.output {
+    match args.common.output {
         OutputFormat::Json => println!("{}", serde_json::to_string(&figures)?),
         OutputFormat::Text => print_text(&figures),
     }

@@ -4,6 +4,22 @@ use anyhow::Context as _;
 use coord::DatabaseUrl;
 use tokio_postgres::Client;
 
+/// The arguments every benchmark of issue 11 shares.
+#[derive(Debug, clap::Args)]
+pub struct Common {
+    /// Server to create the benchmark database on.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = crate::OutputFormat::Text)]
+    pub output: crate::OutputFormat,
+}
+
 /// A database created for one run.
 pub struct BenchDb {
     admin: Client,
