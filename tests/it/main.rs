@@ -3,6 +3,9 @@
 
 mod activation;
 mod bad_input;
+mod batch_bytes;
+mod batch_handlers;
+mod bulk;
 mod cli;
 mod cli_tools;
 mod config;
@@ -10,8 +13,11 @@ mod connect;
 mod contents;
 mod gate;
 mod migrate;
+mod parking;
 mod properties;
 mod publish_paths;
+#[path = "../../src/bin/coord-bench/reference.rs"]
+mod reference;
 mod replay;
 mod run;
 mod schema_drop;
