@@ -178,6 +178,14 @@ pub trait Projector: Send + Sync {
     fn handler_sql(&self) -> Option<BTreeMap<String, String>> {
         None
     }
+    /// The `definition` stored with the version at registration, which
+    /// `coord.publish` runs: `{"handlers": {type: sql}}` from
+    /// [`Projector::handler_sql`] by default (`None`: SQL publishers'
+    /// events are left to the follower). [`SqlProjector`] adds its batch
+    /// statements (docs/decisions/0041-sql-publish-runs-batch-handlers.md).
+    fn stored_definition(&self) -> Option<serde_json::Value> {
+        crate::store::versions::definition_of(self.handler_sql().as_ref())
+    }
     /// Applies `events` in the caller's transaction.
     ///
     /// # Errors
@@ -306,16 +314,31 @@ impl Projector for SqlProjector {
     fn replay_reads_payload(&self) -> bool {
         !self.config.handlers.is_empty()
     }
-    /// `None` when the projector has batch handlers: `coord.publish` runs
-    /// only per-event SQL, and would otherwise record events of batch types
-    /// as applied without applying them; their SQL publishers' events are
-    /// left to the follower, as for Rust projectors.
+    /// `None` when the projector has batch handlers: a definition of only
+    /// per-event SQL would make a `coord.publish` older than migration V5
+    /// record events of batch types as applied without applying them.
+    /// [`Projector::stored_definition`] carries both kinds.
     fn handler_sql(&self) -> Option<BTreeMap<String, String>> {
         if self.config.batch_handlers.is_empty() {
             Some(self.config.handlers.clone())
         } else {
             None
         }
+    }
+    /// `{"handlers": {...}, "batch_handlers": [{"event_type", "sql"}, ...]}`
+    /// when there are batch handlers: each statement with its inline
+    /// `batch_events` CTE over `$1..$7` as arrays, in file order, which
+    /// `coord.publish` (migration V5) runs as [`Projector::apply`] does.
+    fn stored_definition(&self) -> Option<serde_json::Value> {
+        if self.batch_handlers.is_empty() {
+            return crate::store::versions::definition_of(Some(&self.config.handlers));
+        }
+        let batch: Vec<serde_json::Value> =
+            self.batch_handlers.iter().map(|h| h.stored()).collect();
+        Some(serde_json::json!({
+            "handlers": self.config.handlers,
+            "batch_handlers": batch,
+        }))
     }
     fn fingerprint(&self) -> String {
         let handlers: Vec<String> = self

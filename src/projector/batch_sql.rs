@@ -60,6 +60,14 @@ impl PreparedBatchHandler {
     }
 }
 
+impl PreparedBatchHandler {
+    /// `{"event_type": ..., "sql": ...}` with the inline statement, as the
+    /// version's stored definition holds it for `coord.publish`.
+    pub(crate) fn stored(&self) -> serde_json::Value {
+        serde_json::json!({ "event_type": self.event_type, "sql": self.sql })
+    }
+}
+
 /// `sql` with the CTE `relation` in front; a statement that starts with
 /// its own `WITH [RECURSIVE]` gets the CTE as its first entry.
 pub(crate) fn with_relation(relation: &str, sql: &str) -> String {

@@ -86,7 +86,7 @@ pub async fn start_replay_in(
     let mut event_types = projector.event_types();
     event_types.sort();
     let mode = projector.mode().as_str();
-    let definition = versions::definition_of(projector.handler_sql().as_ref());
+    let definition = projector.stored_definition();
     let done = |outcome| ReplayStart {
         projector: name.to_owned(),
         version: version.clone(),

@@ -23,7 +23,7 @@ CREATE TABLE activity (account text PRIMARY KEY, deposits bigint NOT NULL,
 "#;
 
 /// A bank with a per-event handler for every type.
-fn per_event_toml(name: &str) -> String {
+pub(crate) fn per_event_toml(name: &str) -> String {
     format!(
         r#"
 [[projector]]
@@ -48,7 +48,7 @@ AccountClosed = "DELETE FROM balances WHERE account = $1"
 /// The same bank with a set-based statement for every type but
 /// `AccountClosed`, which keeps its per-event handler (mixing kinds across
 /// types is allowed).
-fn batch_toml(name: &str) -> String {
+pub(crate) fn batch_toml(name: &str) -> String {
     format!(
         r#"
 [[projector]]
@@ -86,7 +86,11 @@ WHERE b.account = w.stream_id
 /// A random bank history: per stream an opening, deposits and withdrawals,
 /// sometimes a closing followed by more (no-op) changes; streams
 /// interleaved at random. Returns `(stream, event)` in append order.
-fn random_history(rng: &mut StdRng, streams: usize, events: usize) -> Vec<(String, NewEvent)> {
+pub(crate) fn random_history(
+    rng: &mut StdRng,
+    streams: usize,
+    events: usize,
+) -> Vec<(String, NewEvent)> {
     let mut next_kind = vec![0_u8; streams];
     let mut out = Vec::with_capacity(events);
     for _ in 0..events {
@@ -109,7 +113,7 @@ fn random_history(rng: &mut StdRng, streams: usize, events: usize) -> Vec<(Strin
     out
 }
 
-fn seeded() -> (u64, StdRng) {
+pub(crate) fn seeded() -> (u64, StdRng) {
     let seed = std::env::var("COORD_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -143,13 +147,13 @@ async fn import(client: &Client, history: &[(String, NewEvent)]) {
         .unwrap();
 }
 
-fn projector(toml: &str) -> Arc<dyn Projector> {
+pub(crate) fn projector(toml: &str) -> Arc<dyn Projector> {
     let config = Config::parse(toml, "test").unwrap();
     Arc::new(SqlProjector::new(config.projectors[0].clone()))
 }
 
 /// Rows of both tables in `a` and not in `b` or the reverse.
-async fn differences(client: &Client, a: &str, b: &str) -> i64 {
+pub(crate) async fn differences(client: &Client, a: &str, b: &str) -> i64 {
     let mut total = 0;
     for table in ["balances", "activity"] {
         let sql = format!(
@@ -161,7 +165,7 @@ async fn differences(client: &Client, a: &str, b: &str) -> i64 {
     total
 }
 
-async fn rows(client: &Client, table: &str) -> i64 {
+pub(crate) async fn rows(client: &Client, table: &str) -> i64 {
     client
         .query_one(&format!("SELECT count(*) FROM {table}"), &[])
         .await

@@ -22,5 +22,6 @@ mod replay;
 mod run;
 mod schema_drop;
 mod serve;
+mod sql_publish_batch;
 mod support;
 mod tls;
