@@ -195,3 +195,63 @@ async fn sql_publish_keeps_position_order_between_batch_and_per_event_handlers()
         vec!["activity (acct-1,2,4,4,u2)".to_owned()]
     );
 }
+
+#[tokio::test]
+async fn a_version_registered_before_v5_is_left_to_the_follower_until_its_definition_is_stored() {
+    let db = activated(&config_toml()).await;
+    let client = db.client().await;
+    // As registered before V5: no stored definition.
+    client
+        .execute(
+            "UPDATE coord.projector_versions SET definition = NULL WHERE name = 'bank_set'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let versions = json!({"bank_each": "1.0.0", "bank_set": "1.0.0"});
+    let publish = |stream: &'static str, events: serde_json::Value| {
+        let (client, versions) = (&client, &versions);
+        async move {
+            client
+                .execute(
+                    "SELECT coord.publish($1::jsonb, $2, NULL, $3::jsonb)",
+                    &[versions, &stream, &events],
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let opened = json!([{"type": "AccountOpened", "data": {}},
+                        {"type": "MoneyDeposited", "data": {"amount": 5}, "metadata": {"by": "a"}}]);
+    publish("acct-1", opened.clone()).await;
+    assert_eq!(rows(&client, "bank_set_v1_0_0.balances").await, 0);
+
+    // A catch-up (which stores the definition again) applies them once.
+    let set = projector(&batch_toml("bank_set"));
+    let report = replay_with(&db, set.as_ref(), ReplayOptions::default()).await;
+    assert_eq!(report.applied, 2);
+    let stored: bool = client
+        .query_one(
+            "SELECT definition ? 'batch_handlers' FROM coord.projector_versions WHERE name = 'bank_set'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(stored);
+
+    // From then on coord.publish applies them itself.
+    publish(
+        "acct-1",
+        json!([{"type": "MoneyWithdrawn", "data": {"amount": 2}}]),
+    )
+    .await;
+    publish("acct-2", opened).await;
+    assert_eq!(rows(&client, "bank_set_v1_0_0.balances").await, 2);
+    assert_eq!(
+        differences(&client, "bank_each_v1_0_0", "bank_set_v1_0_0").await,
+        0
+    );
+    let report = replay_with(&db, set.as_ref(), ReplayOptions::default()).await;
+    assert_eq!(report.applied, 0);
+}
