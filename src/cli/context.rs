@@ -12,6 +12,15 @@ use coord::{Config, DatabaseUrl, ProjectorSet};
 /// (`ReplayOptions::default().batch_size`, checked by a test).
 pub const BATCH_SIZE: u32 = 50_000;
 
+/// The default of every command's `--batch-bytes`: the library's
+/// ([`coord::replay::DEFAULT_BATCH_BYTES`], 16 MiB).
+pub const BATCH_BYTES: u64 = coord::replay::DEFAULT_BATCH_BYTES as u64;
+
+/// `--batch-bytes` as the library takes it (saturating on 32-bit targets).
+pub fn batch_bytes(flag: u64) -> usize {
+    usize::try_from(flag).unwrap_or(usize::MAX)
+}
+
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {

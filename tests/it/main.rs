@@ -7,6 +7,7 @@ mod batch_bytes;
 mod batch_handlers;
 mod bulk;
 mod cli;
+mod cli_batch_bytes;
 mod cli_tools;
 mod config;
 mod connect;

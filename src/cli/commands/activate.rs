@@ -21,6 +21,10 @@ pub struct ActivationArgs {
     /// Events per replay batch.
     #[arg(long, value_name = "N", default_value_t = crate::context::BATCH_SIZE as usize)]
     pub batch_size: usize,
+    /// Bytes per batch, as stored: a batch also closes before the event that
+    /// would take it past this, so memory follows this budget.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::context::BATCH_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_bytes: u64,
     /// Projector versions replayed at once.
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub jobs: usize,
@@ -51,6 +55,7 @@ impl ActivationArgs {
         };
         options.locks.deadline = Duration::from_secs_f64(self.lock_deadline);
         options.replay.batch_size = self.batch_size;
+        options.replay.batch_bytes = crate::context::batch_bytes(self.batch_bytes);
         options.replay.jobs = self.jobs;
         options.replay.progress = crate::progress::callback(ctx);
         Ok(options)

@@ -17,6 +17,10 @@ pub struct CatchUpArgs {
     /// Events per batch (one transaction each).
     #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_size: u32,
+    /// Bytes per batch, as stored: a batch also closes before the event that
+    /// would take it past this, so memory follows this budget.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::context::BATCH_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_bytes: u64,
 }
 
 pub async fn run(ctx: &Context, args: &CatchUpArgs) -> anyhow::Result<()> {
@@ -34,6 +38,7 @@ pub async fn run(ctx: &Context, args: &CatchUpArgs) -> anyhow::Result<()> {
     let bars = Bars::new(!ctx.json());
     let options = ReplayOptions {
         batch_size: args.batch_size as usize,
+        batch_bytes: crate::context::batch_bytes(args.batch_bytes),
         progress: Some(bars.callback()),
         ..ReplayOptions::default()
     };
