@@ -139,6 +139,14 @@ fn named_index(error: &HandlerError, events: &[Event]) -> Option<usize> {
     events.binary_search_by_key(&position, |e| e.position).ok()
 }
 
+/// A failing batch whose error names no event is first split into slices of
+/// at least this many events (at most [`MAX_SLICES`], at least 4 or none),
+/// applied in order; only failing slices are bisected
+/// (docs/decisions/0042-narrowing-failing-batches-by-slices.md).
+const MIN_SLICE_EVENTS: usize = 512;
+/// See [`MIN_SLICE_EVENTS`].
+const MAX_SLICES: usize = 64;
+
 /// Finding and handling the failing events of a batch that failed as a whole.
 struct Settle<'a, 't> {
     tx: &'a Transaction<'t>,
@@ -187,7 +195,17 @@ impl Settle<'_, '_> {
     async fn bisect(&mut self, events: &[Event], error: HandlerError) -> Result<()> {
         // Ranges still to do, last to do first; each with its error when it
         // is known to fail as a whole.
-        let mut stack = vec![(0, events.len(), Some(error))];
+        let mut stack = Vec::new();
+        let slices = (events.len() / MIN_SLICE_EVENTS).min(MAX_SLICES);
+        if slices >= 4 && named_index(&error, events).is_none() {
+            // Failures spread over a large batch would make every range of
+            // the first few halvings fail and be applied again: narrow at
+            // once to slices, then halve only the failing ones.
+            let bounds: Vec<usize> = (0..=slices).map(|k| k * events.len() / slices).collect();
+            stack.extend(bounds.windows(2).rev().map(|w| (w[0], w[1], None)));
+        } else {
+            stack.push((0, events.len(), Some(error)));
+        }
         while let Some((start, end, known)) = stack.pop() {
             let range = &events[start..end];
             let error = match known {

@@ -14,6 +14,7 @@ mod connect;
 mod contents;
 mod gate;
 mod migrate;
+mod park_slices;
 mod parking;
 mod properties;
 mod publish_paths;
