@@ -5,55 +5,18 @@
 //! Order is kept: under `park` exactly the failing events are parked, under
 //! `fail` the replay stops just before the first one.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use coord::projector::{ApplyContext, Event, HandlerError};
 use coord::replay::{start_replay, ReplayOptions};
 use coord::store::{parked, versions, Actor};
-use coord::{Config, OnError, Projector, ProjectorName, SqlProjector};
-use semver::Version;
-use tokio_postgres::Transaction;
+use coord::{Config, SqlProjector};
 
 use crate::batch_handlers::replay_with;
+use crate::parking::Counting;
 use crate::support::TestDb;
 
 const EVENTS: i64 = 20_000;
-
-/// Delegates to `inner` and counts the events passed to `apply`.
-struct Counting {
-    inner: Arc<dyn Projector>,
-    events: AtomicUsize,
-}
-
-#[async_trait]
-impl Projector for Counting {
-    fn name(&self) -> &ProjectorName {
-        self.inner.name()
-    }
-    fn version(&self) -> &Version {
-        self.inner.version()
-    }
-    fn event_types(&self) -> Vec<String> {
-        self.inner.event_types()
-    }
-    fn tables(&self) -> &str {
-        self.inner.tables()
-    }
-    fn on_error(&self) -> OnError {
-        self.inner.on_error()
-    }
-    async fn apply(
-        &self,
-        tx: &Transaction<'_>,
-        events: &[Event],
-        ctx: &ApplyContext,
-    ) -> Result<(), HandlerError> {
-        self.events.fetch_add(events.len(), Ordering::SeqCst);
-        self.inner.apply(tx, events, ctx).await
-    }
-}
 
 fn counting(on_error: &str) -> Counting {
     let toml = format!(
@@ -68,10 +31,11 @@ MoneyDeposited = "INSERT INTO deposits SELECT position, (data->>'amount')::bigin
 "#
     );
     let config = Config::parse(&toml, "test").unwrap();
-    Counting {
-        inner: Arc::new(SqlProjector::new(config.projectors[0].clone())),
-        events: AtomicUsize::new(0),
-    }
+    let on_error = config.projectors[0].on_error;
+    Counting::new(
+        Arc::new(SqlProjector::new(config.projectors[0].clone())),
+        on_error,
+    )
 }
 
 /// `EVENTS` deposits; one in 1,000 (`i % 1000 = 500`) has no integer

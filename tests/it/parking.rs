@@ -18,10 +18,24 @@ use tokio_postgres::Transaction;
 use crate::batch_handlers::replay_with;
 use crate::support::TestDb;
 
-/// Delegates to `inner`, parks, and counts the calls of `apply`.
-struct Counting {
-    inner: Arc<dyn Projector>,
-    calls: AtomicUsize,
+/// Delegates to `inner` with the policy `on_error` (park unless set), and
+/// counts the calls of `apply` and the events they were given.
+pub(crate) struct Counting {
+    pub(crate) inner: Arc<dyn Projector>,
+    pub(crate) calls: AtomicUsize,
+    pub(crate) events: AtomicUsize,
+    pub(crate) on_error: OnError,
+}
+
+impl Counting {
+    pub(crate) fn new(inner: Arc<dyn Projector>, on_error: OnError) -> Self {
+        Self {
+            inner,
+            calls: AtomicUsize::new(0),
+            events: AtomicUsize::new(0),
+            on_error,
+        }
+    }
 }
 
 #[async_trait]
@@ -39,7 +53,7 @@ impl Projector for Counting {
         self.inner.tables()
     }
     fn on_error(&self) -> OnError {
-        OnError::Park
+        self.on_error
     }
     async fn apply(
         &self,
@@ -48,6 +62,7 @@ impl Projector for Counting {
         ctx: &ApplyContext,
     ) -> Result<(), HandlerError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        self.events.fetch_add(events.len(), Ordering::SeqCst);
         self.inner.apply(tx, events, ctx).await
     }
 }
@@ -123,13 +138,13 @@ async fn events_named_by_their_error_are_parked_with_one_call_per_failure() {
     let db = TestDb::migrated().await;
     let bad = store_with_bad_events(&db).await;
     assert_eq!(bad.len(), 20);
-    let projector = Counting {
-        inner: Arc::new(BalancesProjector::new(
+    let projector = Counting::new(
+        Arc::new(BalancesProjector::new(
             ProjectorName::new("named").unwrap(),
             Version::new(1, 0, 0),
         )),
-        calls: AtomicUsize::new(0),
-    };
+        OnError::Park,
+    );
     let (applied, parked_count) = replay(&db, &projector, 500).await;
     assert_eq!((applied, parked_count), (1_980, 20));
     assert_eq!(parked_positions(&db, "named").await, bad);
@@ -160,10 +175,10 @@ MoneyWithdrawn = """UPDATE balances b SET amount = b.amount - d.s FROM (SELECT s
         "test",
     )
     .unwrap();
-    let projector = Counting {
-        inner: Arc::new(SqlProjector::new(config.projectors[0].clone())),
-        calls: AtomicUsize::new(0),
-    };
+    let projector = Counting::new(
+        Arc::new(SqlProjector::new(config.projectors[0].clone())),
+        OnError::Park,
+    );
     // Batches of 250 hold 2 or 3 bad events each.
     let (applied, parked_count) = replay(&db, &projector, 250).await;
     assert_eq!((applied, parked_count), (1_980, 20));
