@@ -14,6 +14,7 @@ mod contents;
 mod gate;
 mod migrate;
 mod parking;
+mod privileges;
 mod properties;
 mod publish_paths;
 #[path = "../../src/bin/coord-bench/reference.rs"]
