@@ -25,3 +25,4 @@ mod schema_drop;
 mod serve;
 mod support;
 mod tls;
+mod wait_superseded;
