@@ -10,7 +10,7 @@ use coord::{Config, ExpectedVersion, NewEvent, ProjectorSet, Publisher};
 use serde_json::json;
 use tokio_postgres::{Client, NoTls};
 
-use crate::support::{admin_url, assert_exit, connect, stderr, TestDb};
+use crate::support::{admin_execute_from_drop, admin_url, assert_exit, connect, stderr, TestDb};
 
 /// The runbook's minimal GRANT list on the `coord` schema for a role that
 /// publishes (docs/runbook.md, "Application roles"); `{role}` is replaced.
@@ -49,23 +49,7 @@ impl AppRole {
 
 impl Drop for AppRole {
     fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                if let Ok((client, connection)) = tokio_postgres::connect(&admin_url(), NoTls).await
-                {
-                    tokio::spawn(connection);
-                    let _ = client
-                        .batch_execute(&format!("DROP ROLE IF EXISTS {name}"))
-                        .await;
-                }
-            });
-        })
-        .join();
+        admin_execute_from_drop(format!("DROP ROLE IF EXISTS {}", self.name));
     }
 }
 
