@@ -34,7 +34,7 @@ step() { printf '\n%s== %s%s\n' "$bold" "$*" "$plain"; }
 # The `demo` profile (Cargo.toml): optimised code, built in the shortest cold
 # build time (docs/decisions/0021-demo-build-profile.md).
 step "building coord and the bank example (cargo build --profile demo)"
-cargo build --profile demo --bin coord --example bank
+cargo build --profile demo --features cli --bin coord --example bank
 coord=target/demo/coord
 bank=target/demo/examples/bank
 psql "$admin" -qc "CREATE DATABASE $db"

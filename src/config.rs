@@ -121,6 +121,9 @@ pub struct Config {
     pub event_store: RelationName,
     /// The `[[projector]]` entries, in file order.
     pub projectors: Vec<ProjectorConfig>,
+    /// `[privileges]`: application roles granted access to every version's
+    /// schema and tables when it is registered.
+    pub privileges: crate::privileges::Privileges,
 }
 
 /// One `[[projector]]` entry.
@@ -164,6 +167,16 @@ struct RawConfig {
     event_store: Option<RawEventStore>,
     #[serde(default)]
     projector: Vec<toml::Table>,
+    privileges: Option<RawPrivileges>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrivileges {
+    #[serde(default)]
+    read: Vec<String>,
+    #[serde(default)]
+    write: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -261,6 +274,12 @@ impl Config {
             }),
         };
 
+        let privileges = raw.privileges.map_or_else(Default::default, |p| {
+            crate::privileges::Privileges::parse(&p.read, &p.write).unwrap_or_else(|e| {
+                problems.extend(e);
+                Default::default()
+            })
+        });
         let mut projectors = Vec::new();
         let mut seen = BTreeSet::new();
         let orders = batch_handler_order(text);
@@ -293,6 +312,7 @@ impl Config {
             database_url,
             event_store,
             projectors,
+            privileges,
         })
     }
 }

@@ -46,6 +46,7 @@ mod event_relation;
 pub mod gate;
 mod migrate;
 pub mod names;
+pub mod privileges;
 pub mod projector;
 mod publisher;
 pub mod replay;

@@ -7,11 +7,11 @@
 //! run `coord activate-current-config` for projectors defined in coord.toml.
 //!
 //! ```sh
-//! cargo run --example bank -- --app-version 1 load --events 300000
-//! cargo run --example bank -- --app-version 1 coord activate-current-config
-//! cargo run --example bank -- --app-version 1 publish --seconds 20 --out v1.json &
-//! cargo run --example bank -- --app-version 2 coord activate-current-config
-//! cargo run --example bank -- --app-version 2 coord status
+//! cargo run --features cli --example bank -- --app-version 1 load --events 300000
+//! cargo run --features cli --example bank -- --app-version 1 coord activate-current-config
+//! cargo run --features cli --example bank -- --app-version 1 publish --seconds 20 --out v1.json &
+//! cargo run --features cli --example bank -- --app-version 2 coord activate-current-config
+//! cargo run --features cli --example bank -- --app-version 2 coord status
 //! ```
 
 mod projectors;

@@ -65,9 +65,12 @@ pub async fn prune(
 }
 
 /// Waits until every projector of `projectors` is active at its configured
-/// version, polling every `poll`.
+/// version, polling every `poll`. A newer version activating meanwhile ends
+/// the wait at once: this configuration can then never become active.
 ///
 /// # Errors
+/// [`Error::NewerProjectorIsActive`] (exit code 3) as soon as a projector is
+/// active at a version newer than this configuration's;
 /// [`Error::Timeout`] (exit code 8) naming what is not active yet;
 /// [`Error::ProjectorDefinitionMismatch`] (exit code 9) when a version is
 /// active with another definition than this configuration's; database errors.
@@ -81,23 +84,31 @@ pub async fn wait_until_active(
     let started = Instant::now();
     loop {
         let all = states::list(client).await?;
-        let pending: Vec<String> = projectors
-            .iter()
-            .filter_map(|p| {
-                let want = p.version().to_string();
-                let active = all
-                    .iter()
-                    .find(|s| s.name == p.name().as_str())
-                    .and_then(|s| s.active_version.clone());
-                (active.as_deref() != Some(want.as_str())).then(|| {
-                    format!(
-                        "{}@{want} (active: {})",
-                        p.name(),
-                        active.as_deref().unwrap_or("none")
-                    )
-                })
-            })
-            .collect();
+        let mut pending = Vec::new();
+        for p in projectors.iter() {
+            let want = p.version().to_string();
+            let active = all
+                .iter()
+                .find(|s| s.name == p.name().as_str())
+                .and_then(|s| s.active_version.clone());
+            if active.as_deref() == Some(want.as_str()) {
+                continue;
+            }
+            if let Some(active) = active.as_deref() {
+                if semver::Version::parse(active).is_ok_and(|a| a > *p.version()) {
+                    return Err(Error::NewerProjectorIsActive {
+                        projector: p.name().to_string(),
+                        running: want,
+                        active: active.to_owned(),
+                    });
+                }
+            }
+            pending.push(format!(
+                "{}@{want} (active: {})",
+                p.name(),
+                active.as_deref().unwrap_or("none")
+            ));
+        }
         if pending.is_empty() {
             return crate::gate::ensure_same_definitions(client, projectors).await;
         }

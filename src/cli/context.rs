@@ -65,11 +65,18 @@ pub struct Context {
 impl Context {
     pub fn new(args: GlobalArgs, command: &str, rust_projectors: ProjectorSet) -> Self {
         let host = gethostname::gethostname().to_string_lossy().into_owned();
-        Self {
+        let mut context = Self {
             args,
             actor: Actor::new(host, format!("coord {command}")),
             rust_projectors,
+        };
+        // Every version a command registers gets the configured roles'
+        // privileges. An unreadable file is reported by `config()`, which
+        // every command that registers calls before writing anything.
+        if let Ok(config) = Config::load(&context.config_path()) {
+            context.actor.privileges = config.privileges;
         }
+        context
     }
 
     pub fn json(&self) -> bool {
@@ -96,6 +103,7 @@ impl Context {
                     database_url: None,
                     event_store: coord::RelationName::default(),
                     projectors: Vec::new(),
+                    privileges: Default::default(),
                 });
             }
             return Err(coord::Error::InvalidInput(format!(

@@ -184,6 +184,7 @@ pub async fn start_replay_in(
             )));
         }
     };
+    crate::privileges::grant(tx, &schema, &actor.privileges).await?;
     states::put(tx, name, active.as_deref(), None, Some(&version)).await?;
     history::record(
         tx,

@@ -22,6 +22,10 @@ pub struct Actor {
     pub host: String,
     /// The command (or application operation) that made the change.
     pub command: String,
+    /// The roles granted access to the versions this actor registers
+    /// (`coord.toml` `[privileges]`); not part of the history.
+    #[serde(skip)]
+    pub privileges: crate::privileges::Privileges,
 }
 
 impl Actor {
@@ -30,7 +34,15 @@ impl Actor {
         Self {
             host: host.into(),
             command: command.into(),
+            privileges: crate::privileges::Privileges::default(),
         }
+    }
+
+    /// This actor, granting `privileges` on every version it registers.
+    #[must_use]
+    pub fn with_privileges(mut self, privileges: crate::privileges::Privileges) -> Self {
+        self.privileges = privileges;
+        self
     }
 }
 

@@ -16,6 +16,7 @@ mod gate;
 mod migrate;
 mod park_slices;
 mod parking;
+mod privileges;
 mod properties;
 mod publish_paths;
 #[path = "../../src/bin/coord-bench/reference.rs"]
@@ -27,3 +28,4 @@ mod serve;
 mod sql_publish_batch;
 mod support;
 mod tls;
+mod wait_superseded;
