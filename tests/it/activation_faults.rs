@@ -348,3 +348,64 @@ async fn publishers_do_not_queue_behind_a_critical_section_waiting_for_a_long_tr
     );
     long.commit().await.unwrap();
 }
+
+/// Item 3: a publisher that meets a critical section in progress (the
+/// version activating, its type keys held exclusively) gets the retryable
+/// ProjectorIsActivating at once instead of queueing on the lock; without a
+/// recorded activation (rebuild, retire) it still waits for the lock.
+#[tokio::test]
+async fn a_publisher_meeting_a_critical_section_is_refused_at_once() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    import(&client, 5, 1).await;
+    assert_exit(&activate_cli(&db, "1.0.0", &[]), 0);
+    db.write_config("v2.toml", &crate::support::balances_toml("2.0.0"));
+    assert_exit(&db.coord(&["replay", "--config", "v2.toml"]), 0);
+    client
+        .batch_execute(
+            "UPDATE coord.projector_states SET activating_version = '2.0.0', replaying_version = NULL \
+             WHERE name = 'balances'",
+        )
+        .await
+        .unwrap();
+    let mut holder = db.client().await;
+    let mut critical = holder.transaction().await.unwrap();
+    let types: Vec<String> = ["AccountOpened", "MoneyDeposited", "MoneyWithdrawn"]
+        .map(String::from)
+        .to_vec();
+    coord::gate::hold_back_publishers(&mut critical, &types, LockPolicy::default())
+        .await
+        .unwrap();
+
+    let mut publisher_client = db.client().await;
+    let publish = async {
+        let tx = publisher_client.transaction().await.unwrap();
+        Publisher::new(set("1.0.0"))
+            .publish(
+                &tx,
+                "acc-1",
+                ExpectedVersion::Any,
+                &[NewEvent::new("MoneyDeposited", json!({"amount": 1}))],
+            )
+            .await
+    };
+    // A generous "does not hang" bound: the lock stays held until afterwards.
+    let result = tokio::time::timeout(Duration::from_secs(20), publish)
+        .await
+        .expect("the publisher queued on the critical section's lock");
+    assert!(
+        matches!(result, Err(Error::ProjectorIsActivating { ref projector, ref running, ref activating })
+            if projector == "balances" && running == "1.0.0" && activating == "2.0.0"),
+        "{result:?}"
+    );
+    // SQL publishers likewise.
+    let sql = publisher_client
+        .batch_execute(
+            "BEGIN; SELECT coord.check_publish('{\"balances\": \"1.0.0\"}', ARRAY['MoneyDeposited']); COMMIT",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sql.code().map(|c| c.code()), Some("CO003"), "{sql}");
+    publisher_client.batch_execute("ROLLBACK").await.unwrap();
+    critical.rollback().await.unwrap();
+}
