@@ -139,8 +139,23 @@ pub struct ProjectorConfig {
     pub tables: String,
     /// `verify`: SQL assertions that must each return true before activation.
     pub verify: Vec<String>,
-    /// `[projector.handlers]`: event type to SQL statement.
+    /// `[projector.handlers]`: event type to SQL statement, run once per event.
     pub handlers: BTreeMap<String, String>,
+    /// `[projector.batch_handlers]`: set-based statements, each run once per
+    /// batch over the batch's events of its type, in the order the file
+    /// lists them (see [`BatchHandler`]).
+    pub batch_handlers: Vec<BatchHandler>,
+}
+
+/// One entry of `[projector.batch_handlers]`: a statement run once per batch
+/// over the relation `batch_events` holding the batch's events of
+/// `event_type` (docs/decisions/0015-set-based-batch-handlers.md).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchHandler {
+    /// The event type.
+    pub event_type: String,
+    /// The SQL statement (no `$n` parameters).
+    pub sql: String,
 }
 
 #[derive(Deserialize)]
@@ -169,6 +184,41 @@ struct RawProjector {
     tables: Option<String>,
     verify: Option<Vec<String>>,
     handlers: Option<BTreeMap<String, String>>,
+    batch_handlers: Option<BTreeMap<String, String>>,
+}
+
+/// A second, lenient reading of the file for what `toml::Table` forgets:
+/// the order in which each projector's `batch_handlers` are written.
+#[derive(Deserialize)]
+struct OrderProbe {
+    #[serde(default)]
+    projector: Vec<ProjectorOrderProbe>,
+}
+
+#[derive(Deserialize)]
+struct ProjectorOrderProbe {
+    #[serde(default)]
+    batch_handlers: BTreeMap<String, toml::Spanned<toml::Value>>,
+}
+
+/// The `batch_handlers` keys of every `[[projector]]`, in file order.
+fn batch_handler_order(text: &str) -> Vec<Vec<String>> {
+    let Ok(probe) = toml::from_str::<OrderProbe>(text) else {
+        return Vec::new();
+    };
+    probe
+        .projector
+        .into_iter()
+        .map(|p| {
+            let mut keys: Vec<(usize, String)> = p
+                .batch_handlers
+                .into_iter()
+                .map(|(k, v)| (v.span().start, k))
+                .collect();
+            keys.sort();
+            keys.into_iter().map(|(_, k)| k).collect()
+        })
+        .collect()
 }
 
 impl Config {
@@ -213,12 +263,13 @@ impl Config {
 
         let mut projectors = Vec::new();
         let mut seen = BTreeSet::new();
+        let orders = batch_handler_order(text);
         for (index, table) in raw.projector.into_iter().enumerate() {
             let label = match table.get("name") {
                 Some(toml::Value::String(name)) => format!("projector {name}"),
                 _ => format!("projector #{}", index + 1),
             };
-            match parse_projector(table) {
+            match parse_projector(table, orders.get(index).map(Vec::as_slice)) {
                 Ok(projector) => {
                     if !seen.insert(projector.name.clone()) {
                         problems.push(format!(
@@ -254,7 +305,10 @@ fn one_line(text: &str) -> String {
         .join(" ")
 }
 
-fn parse_projector(table: toml::Table) -> Result<ProjectorConfig, Vec<String>> {
+fn parse_projector(
+    table: toml::Table,
+    batch_order: Option<&[String]>,
+) -> Result<ProjectorConfig, Vec<String>> {
     let mut problems = Vec::new();
     let name = match table.get("name") {
         Some(toml::Value::String(name)) => ProjectorName::new(name)
@@ -324,11 +378,16 @@ fn parse_projector(table: toml::Table) -> Result<ProjectorConfig, Vec<String>> {
         }
     };
     let handlers = raw.handlers.unwrap_or_default();
-    if handlers.is_empty() {
+    let batch_handlers =
+        ordered_batch_handlers(raw.batch_handlers.unwrap_or_default(), batch_order);
+    if handlers.is_empty() && batch_handlers.is_empty() {
         problems.push(
-            "field `handlers`: no handlers; add [projector.handlers] with one SQL statement per event type".into(),
+            "field `handlers`: no handlers; add [projector.handlers] with one SQL statement per event type \
+             (or [projector.batch_handlers] with one set-based statement per event type)"
+                .into(),
         );
     }
+    problems.extend(batch_handler_problems(&handlers, &batch_handlers));
     for (event_type, sql) in &handlers {
         if let Err(e) = crate::names::check_event_type(event_type) {
             problems.push(format!("field `handlers`: {e}"));
@@ -363,9 +422,68 @@ fn parse_projector(table: toml::Table) -> Result<ProjectorConfig, Vec<String>> {
             tables,
             verify,
             handlers,
+            batch_handlers,
         }),
         _ => Err(problems),
     }
+}
+
+/// `batch_handlers` in the order the file lists them (`order`, when known).
+fn ordered_batch_handlers(
+    mut map: BTreeMap<String, String>,
+    order: Option<&[String]>,
+) -> Vec<BatchHandler> {
+    let mut out = Vec::with_capacity(map.len());
+    for key in order.unwrap_or_default() {
+        if let Some(sql) = map.remove(key) {
+            out.push(BatchHandler {
+                event_type: key.clone(),
+                sql,
+            });
+        }
+    }
+    out.extend(
+        map.into_iter()
+            .map(|(event_type, sql)| BatchHandler { event_type, sql }),
+    );
+    out
+}
+
+fn batch_handler_problems(
+    handlers: &BTreeMap<String, String>,
+    batch_handlers: &[BatchHandler],
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for BatchHandler { event_type, sql } in batch_handlers {
+        let field = format!("field `batch_handlers.{event_type}`");
+        if event_type.trim().is_empty() {
+            problems.push("field `batch_handlers`: an event type is empty".into());
+        }
+        if handlers.contains_key(event_type) {
+            problems.push(format!(
+                "{field}: event type {event_type} also has a per-event handler in `handlers`; \
+                 give each event type either a per-event or a batch handler, not both"
+            ));
+        }
+        if sql.trim().is_empty() {
+            problems.push(format!("{field}: the SQL statement is empty"));
+        } else if has_parameter(sql) {
+            problems.push(format!(
+                "{field}: batch statements take no $n parameters; read the events from the \
+                 relation `batch_events` (columns stream_id, stream_version, position, \
+                 event_type, data, metadata, recorded_at)"
+            ));
+        }
+    }
+    problems
+}
+
+/// Whether `sql` contains a positional parameter (`$` followed by a digit;
+/// dollar-quote tags cannot start with a digit).
+fn has_parameter(sql: &str) -> bool {
+    sql.as_bytes()
+        .windows(2)
+        .any(|w| w[0] == b'$' && w[1].is_ascii_digit())
 }
 
 #[cfg(test)]
@@ -549,6 +667,35 @@ AccountOpened = "INSERT INTO balances (account) VALUES ($1)"
             vec!["no [[projector]] entries: configure at least one projector"]
         );
         assert!(problems("[[projector").len() == 1);
+    }
+
+    #[test]
+    fn batch_handlers_keep_file_order_and_cannot_share_a_type_with_handlers() {
+        let text = with(
+            "[projector.handlers]",
+            "[projector.batch_handlers]\nZeta = \"SELECT 1 FROM batch_events\"\n\
+             Alpha = \"SELECT 2 FROM batch_events\"\n[projector.handlers]",
+        );
+        let config = Config::parse(&text, "coord.toml").unwrap();
+        let order: Vec<&str> = config.projectors[0]
+            .batch_handlers
+            .iter()
+            .map(|h| h.event_type.as_str())
+            .collect();
+        assert_eq!(order, ["Zeta", "Alpha"]);
+
+        let text = with(
+            "[projector.handlers]",
+            "[projector.batch_handlers]\nAccountOpened = \"SELECT 1 FROM batch_events\"\n[projector.handlers]",
+        );
+        assert_eq!(
+            problems(&text),
+            vec![
+                "projector balances: field `batch_handlers.AccountOpened`: event type AccountOpened \
+                 also has a per-event handler in `handlers`; give each event type either a \
+                 per-event or a batch handler, not both"
+            ]
+        );
     }
 
     #[test]

@@ -14,11 +14,48 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, Statement, Transaction};
 
 use crate::config::{Config, Mode, OnError, ProjectorConfig};
-use crate::names::{schema_name, sha256_hex, ProjectorName};
+use crate::names::{schema_name, sha256_hex, ProjectorName, RelationName};
 use crate::{Error, Result};
+
+mod batch_sql;
+mod bulk;
+
+use batch_sql::PreparedBatchHandler;
+pub use batch_sql::BATCH_RELATION;
+pub use bulk::copy_rows;
 
 /// What a handler may fail with.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A handler error that names the event it failed on. A projector that
+/// returns it (boxed, as its [`HandlerError`]) lets a replay park that event,
+/// or stop just before it, without searching the batch for it; any other
+/// error makes the replay bisect the batch to find the failing events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventError {
+    /// Position of the failing event.
+    pub position: i64,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl EventError {
+    /// The event at `position` failed with `message`.
+    pub fn new(position: i64, message: impl Into<String>) -> Self {
+        Self {
+            position,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for EventError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for EventError {}
 
 /// One event of the event store, as handlers see it.
 #[derive(Clone, Debug, PartialEq)]
@@ -66,6 +103,11 @@ impl TryFrom<&Row> for Event {
 pub enum Phase {
     /// Replaying or catching up from the event store, in batches.
     Replay,
+    /// The first pass of a replay from the beginning of the store: the
+    /// version's tables were empty when it started and hold only what this
+    /// pass's earlier batches wrote, so rows a batch creates can be loaded
+    /// with [`copy_rows`] instead of inserted or upserted.
+    Rebuild,
     /// Inside a publishing transaction, on the events it appends.
     Inline,
 }
@@ -121,6 +163,13 @@ pub trait Projector: Send + Sync {
             types.join("\0")
         ))
     }
+    /// Whether `apply` reads the events' `data` and `metadata` in replays
+    /// and catch-ups (default true). A projector that reads them from the
+    /// event store itself returns false and gets them as `null` there,
+    /// sparing the decoding; inline it always gets them.
+    fn replay_reads_payload(&self) -> bool {
+        true
+    }
     /// The handler SQL per event type, when the projector is defined by SQL
     /// statements taking `$1..$7` (config projectors). Stored with the
     /// version at registration so that `coord.publish` can run it inline;
@@ -174,16 +223,40 @@ const HANDLER_PARAM_TYPES: [Type; 7] = [
 /// less); larger ones prepare each handler once.
 const UNPREPARED_MAX_EVENTS: usize = 4;
 
-/// A projector defined in `coord.toml`: one SQL statement per event type.
+/// A projector defined in `coord.toml`: one SQL statement per event type,
+/// run either once per event (`handlers`) or once per batch over the
+/// relation [`BATCH_RELATION`] (`batch_handlers`).
+///
+/// Within one call of [`Projector::apply`], events with per-event handlers
+/// split the batch into runs: each run of consecutive events with batch
+/// handlers gets each batch statement once (in the order of
+/// `batch_handlers`, over the run's events of its type), and the per-event
+/// statements run in position order between runs.
 #[derive(Clone, Debug)]
 pub struct SqlProjector {
     config: ProjectorConfig,
+    batch_handlers: Vec<PreparedBatchHandler>,
 }
 
 impl SqlProjector {
-    /// Wraps a validated configuration entry.
+    /// Wraps a validated configuration entry whose events are read from the
+    /// bundled store `coord.events`.
     pub fn new(config: ProjectorConfig) -> Self {
-        Self { config }
+        Self::with_event_store(config, &RelationName::default())
+    }
+
+    /// Wraps a validated configuration entry whose events a replay reads
+    /// from `event_store` (batch handlers read a replayed batch back from it).
+    pub fn with_event_store(config: ProjectorConfig, event_store: &RelationName) -> Self {
+        let batch_handlers = config
+            .batch_handlers
+            .iter()
+            .map(|h| PreparedBatchHandler::new(h, event_store))
+            .collect();
+        Self {
+            config,
+            batch_handlers,
+        }
     }
 
     /// The configuration entry.
@@ -213,7 +286,8 @@ impl Projector for SqlProjector {
         &self.config.version
     }
     fn event_types(&self) -> Vec<String> {
-        self.config.handlers.keys().cloned().collect()
+        let batch = self.config.batch_handlers.iter().map(|h| &h.event_type);
+        self.config.handlers.keys().chain(batch).cloned().collect()
     }
     fn tables(&self) -> &str {
         &self.config.tables
@@ -227,8 +301,21 @@ impl Projector for SqlProjector {
     fn verify(&self) -> Vec<String> {
         self.config.verify.clone()
     }
+    /// Batch statements read a replayed batch back from the event store;
+    /// only per-event handlers need the payload in the client.
+    fn replay_reads_payload(&self) -> bool {
+        !self.config.handlers.is_empty()
+    }
+    /// `None` when the projector has batch handlers: `coord.publish` runs
+    /// only per-event SQL, and would otherwise record events of batch types
+    /// as applied without applying them; their SQL publishers' events are
+    /// left to the follower, as for Rust projectors.
     fn handler_sql(&self) -> Option<BTreeMap<String, String>> {
-        Some(self.config.handlers.clone())
+        if self.config.batch_handlers.is_empty() {
+            Some(self.config.handlers.clone())
+        } else {
+            None
+        }
     }
     fn fingerprint(&self) -> String {
         let handlers: Vec<String> = self
@@ -237,21 +324,75 @@ impl Projector for SqlProjector {
             .iter()
             .map(|(t, sql)| format!("{t}\0{sql}"))
             .collect();
-        sha256_hex(&format!(
+        let mut definition = format!(
             "tables\0{}\0handlers\0{}",
             self.config.tables,
             handlers.join("\0")
-        ))
+        );
+        // Only when present, so definitions without them keep their fingerprint.
+        if !self.config.batch_handlers.is_empty() {
+            let batch: Vec<String> = self
+                .config
+                .batch_handlers
+                .iter()
+                .map(|h| format!("{}\0{}", h.event_type, h.sql))
+                .collect();
+            definition.push_str("\0batch_handlers\0");
+            definition.push_str(&batch.join("\0"));
+        }
+        sha256_hex(&definition)
     }
 
     async fn apply(
         &self,
         tx: &Transaction<'_>,
         events: &[Event],
-        _ctx: &ApplyContext,
+        ctx: &ApplyContext,
+    ) -> Result<(), HandlerError> {
+        // Runs of consecutive events alike: per-event handlers split the
+        // batch, so events of both kinds apply in position order.
+        let mut run: Vec<&Event> = Vec::new();
+        let mut run_per_event = false;
+        for event in events {
+            let per_event = self.config.handlers.contains_key(&event.event_type);
+            if per_event != run_per_event && !run.is_empty() {
+                self.apply_run(tx, &run, run_per_event, ctx).await?;
+                run.clear();
+            }
+            run_per_event = per_event;
+            run.push(event);
+        }
+        if !run.is_empty() {
+            self.apply_run(tx, &run, run_per_event, ctx).await?;
+        }
+        Ok(())
+    }
+}
+
+impl SqlProjector {
+    async fn apply_run(
+        &self,
+        tx: &Transaction<'_>,
+        run: &[&Event],
+        per_event: bool,
+        ctx: &ApplyContext,
+    ) -> Result<(), HandlerError> {
+        if per_event {
+            self.apply_per_event(tx, run).await
+        } else {
+            Ok(batch_sql::run(tx, &self.batch_handlers, run, ctx.phase).await?)
+        }
+    }
+
+    /// Runs the per-event handlers of `events`, pipelined, in position order.
+    async fn apply_per_event(
+        &self,
+        tx: &Transaction<'_>,
+        events: &[&Event],
     ) -> Result<(), HandlerError> {
         let handled = events
             .iter()
+            .copied()
             .filter_map(|e| self.config.handlers.get(&e.event_type).map(|sql| (e, sql)));
         if events.len() <= UNPREPARED_MAX_EVENTS {
             let calls = handled.map(|(event, sql)| {
@@ -334,7 +475,12 @@ impl ProjectorSet {
         let projectors = config
             .projectors
             .iter()
-            .map(|p| Arc::new(SqlProjector::new(p.clone())) as Arc<dyn Projector>)
+            .map(|p| {
+                Arc::new(SqlProjector::with_event_store(
+                    p.clone(),
+                    &config.event_store,
+                )) as Arc<dyn Projector>
+            })
             .collect();
         Self { projectors }
     }

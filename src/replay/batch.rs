@@ -1,14 +1,19 @@
 //! Applying one batch of events inside a transaction the caller owns, with
-//! the projector's `on_error` policy: the whole batch first (one call, so a
-//! projector can fold it), and when that fails, event by event inside
-//! savepoints, parking or stopping at the failing event. Never commits.
+//! the projector's `on_error` policy (docs/decisions/0016-parking-without-a-slow-path.md):
+//! the whole batch first (one call, so a projector can fold it); when that
+//! fails, the failing events are found without going event by event: an
+//! [`EventError`] names one directly, otherwise the failing range is
+//! bisected. Successful ranges are applied as wholes, each inside a
+//! savepoint. Never commits.
+
+use std::borrow::Cow;
 
 use tokio_postgres::Transaction;
 use tracing::{debug, warn};
 
 use crate::config::OnError;
 use crate::names::quote_ident;
-use crate::projector::{ApplyContext, Event, HandlerError, Projector, ProjectorExt};
+use crate::projector::{ApplyContext, Event, EventError, HandlerError, Projector, ProjectorExt};
 use crate::store::parked;
 use crate::{Error, Result};
 
@@ -32,6 +37,8 @@ pub(crate) struct BatchOutcome {
     pub handled: usize,
     /// The failure (`on_error = "fail"`), already as [`Error::Handler`].
     pub failure: Option<Error>,
+    /// Calls of the projector after the first failed one (0 for a clean batch).
+    pub retries: usize,
 }
 
 /// The text of a handler error, with the database's message and detail
@@ -68,78 +75,196 @@ pub(crate) async fn apply(
     if events.is_empty() {
         return Ok(BatchOutcome::default());
     }
-    tx.batch_execute("SAVEPOINT coord_batch").await?;
-    match projector.apply(tx, events, ctx).await {
+    let error = match attempt(tx, projector, ctx, events).await? {
         Ok(()) => {
-            tx.batch_execute("RELEASE SAVEPOINT coord_batch").await?;
-            Ok(BatchOutcome {
+            return Ok(BatchOutcome {
                 applied: events.len(),
-                parked: 0,
                 handled: events.len(),
-                failure: None,
+                ..BatchOutcome::default()
             })
         }
-        Err(e) => {
-            tx.batch_execute("ROLLBACK TO SAVEPOINT coord_batch; RELEASE SAVEPOINT coord_batch")
-                .await?;
-            debug!(
-                batch_len = events.len(),
-                error = %handler_message(&e),
-                "batch failed; applying it event by event"
-            );
-            one_by_one(tx, projector, ctx, events).await
-        }
+        Err(e) => e,
+    };
+    debug!(
+        batch_len = events.len(),
+        error = %handler_message(&error),
+        "batch failed; looking for the failing events"
+    );
+    let mut settle = Settle {
+        tx,
+        projector,
+        ctx,
+        outcome: BatchOutcome::default(),
+    };
+    match projector.on_error() {
+        OnError::Park => settle.park_named(events, error).await?,
+        OnError::Fail => settle.bisect(events, error).await?,
     }
+    Ok(settle.outcome)
 }
 
-async fn one_by_one(
+/// One call of the projector inside a savepoint; `Ok(Err(_))` when the
+/// projector failed (its writes are rolled back).
+async fn attempt(
     tx: &Transaction<'_>,
     projector: &dyn Projector,
     ctx: &ApplyContext,
     events: &[Event],
-) -> Result<BatchOutcome> {
-    let mut outcome = BatchOutcome::default();
-    let name = projector.name().as_str();
-    let version = projector.version().to_string();
-    for event in events {
-        tx.batch_execute("SAVEPOINT coord_event").await?;
-        match projector.apply(tx, std::slice::from_ref(event), ctx).await {
-            Ok(()) => {
-                tx.batch_execute("RELEASE SAVEPOINT coord_event").await?;
-                outcome.applied += 1;
-            }
-            Err(e) => {
-                tx.batch_execute(
-                    "ROLLBACK TO SAVEPOINT coord_event; RELEASE SAVEPOINT coord_event",
-                )
+) -> Result<Result<(), HandlerError>> {
+    // Pipelined: the savepoint is sent before the projector's first
+    // statement, which the server runs after it.
+    let (savepoint, applied) = futures_util::future::join(
+        tx.batch_execute("SAVEPOINT coord_batch"),
+        projector.apply(tx, events, ctx),
+    )
+    .await;
+    savepoint?;
+    match applied {
+        Ok(()) => {
+            tx.batch_execute("RELEASE SAVEPOINT coord_batch").await?;
+            Ok(Ok(()))
+        }
+        Err(e) => {
+            tx.batch_execute("ROLLBACK TO SAVEPOINT coord_batch; RELEASE SAVEPOINT coord_batch")
                 .await?;
-                let message = handler_message(&e);
-                match projector.on_error() {
-                    OnError::Park => {
-                        warn!(
-                            projector = %projector.label(),
-                            position = event.position,
-                            event_type = %event.event_type,
-                            error = %message,
-                            "parked an event whose handler failed"
-                        );
-                        parked::insert(tx, name, &version, event, &message).await?;
-                        outcome.parked += 1;
+            Ok(Err(e))
+        }
+    }
+}
+
+/// The index in `events` of the event `error` names, if it is an
+/// [`EventError`] naming one of them.
+fn named_index(error: &HandlerError, events: &[Event]) -> Option<usize> {
+    let position = error.downcast_ref::<EventError>()?.position;
+    events.binary_search_by_key(&position, |e| e.position).ok()
+}
+
+/// Finding and handling the failing events of a batch that failed as a whole.
+struct Settle<'a, 't> {
+    tx: &'a Transaction<'t>,
+    projector: &'a dyn Projector,
+    ctx: &'a ApplyContext,
+    outcome: BatchOutcome,
+}
+
+impl Settle<'_, '_> {
+    async fn attempt(&mut self, events: &[Event]) -> Result<Result<(), HandlerError>> {
+        self.outcome.retries += 1;
+        attempt(self.tx, self.projector, self.ctx, events).await
+    }
+
+    /// Under `park`, while the error names its event: park it and apply the
+    /// rest again as one call, so a fold writes once however many events
+    /// fail. An error that names none falls back to [`Settle::bisect`].
+    async fn park_named(&mut self, events: &[Event], mut error: HandlerError) -> Result<()> {
+        let mut rest = Cow::Borrowed(events);
+        while let Some(i) = named_index(&error, &rest) {
+            let event = rest.to_mut().remove(i);
+            if rest.is_empty() {
+                return self.park(&event, &error).await;
+            }
+            // Not pipelined with the attempt: the parked row must be written
+            // before its savepoint opens, or a failing attempt would roll it back.
+            self.park(&event, &error).await?;
+            self.outcome.retries += 1;
+            let attempted = attempt(self.tx, self.projector, self.ctx, &rest).await;
+            match attempted? {
+                Ok(()) => {
+                    self.outcome.applied += rest.len();
+                    self.outcome.handled += rest.len();
+                    return Ok(());
+                }
+                Err(e) => error = e,
+            }
+        }
+        self.bisect(&rest, error).await
+    }
+
+    /// Applies `events`, which failed as a whole with `error`, range by range
+    /// in order: a range that applies is kept whole; a failing one is split
+    /// around the event its error names, or in halves; a failing single
+    /// event is parked, or under `fail` ends the batch just before it.
+    async fn bisect(&mut self, events: &[Event], error: HandlerError) -> Result<()> {
+        // Ranges still to do, last to do first; each with its error when it
+        // is known to fail as a whole.
+        let mut stack = vec![(0, events.len(), Some(error))];
+        while let Some((start, end, known)) = stack.pop() {
+            let range = &events[start..end];
+            let error = match known {
+                Some(e) => e,
+                None => match self.attempt(range).await? {
+                    Ok(()) => {
+                        self.outcome.applied += range.len();
+                        self.outcome.handled += range.len();
+                        continue;
                     }
+                    Err(e) => e,
+                },
+            };
+            if range.len() == 1 {
+                match self.projector.on_error() {
+                    OnError::Park => self.park(&range[0], &error).await?,
                     OnError::Fail => {
-                        outcome.failure = Some(Error::Handler {
-                            projector: name.to_owned(),
-                            version,
-                            position: event.position,
-                            event_type: event.event_type.clone(),
-                            message,
-                        });
-                        return Ok(outcome);
+                        self.outcome.failure = Some(self.failure(&range[0], &error));
+                        return Ok(());
                     }
+                }
+                continue;
+            }
+            match named_index(&error, range) {
+                Some(i) => {
+                    let failing = start + i;
+                    if failing + 1 < end {
+                        stack.push((failing + 1, end, None));
+                    }
+                    stack.push((failing, failing + 1, Some(error)));
+                    if i > 0 {
+                        stack.push((start, failing, None));
+                    }
+                }
+                None => {
+                    let middle = start + range.len() / 2;
+                    stack.push((middle, end, None));
+                    stack.push((start, middle, None));
                 }
             }
         }
-        outcome.handled += 1;
+        Ok(())
     }
-    Ok(outcome)
+
+    async fn park(&mut self, event: &Event, error: &HandlerError) -> Result<()> {
+        record_parked(self.tx, self.projector, event, error).await?;
+        self.outcome.parked += 1;
+        self.outcome.handled += 1;
+        Ok(())
+    }
+
+    fn failure(&self, event: &Event, error: &HandlerError) -> Error {
+        Error::Handler {
+            projector: self.projector.name().to_string(),
+            version: self.projector.version().to_string(),
+            position: event.position,
+            event_type: event.event_type.clone(),
+            message: handler_message(error),
+        }
+    }
+}
+
+/// Records `event` in `coord.parked_events` with `error`'s message.
+async fn record_parked(
+    tx: &Transaction<'_>,
+    projector: &dyn Projector,
+    event: &Event,
+    error: &HandlerError,
+) -> Result<()> {
+    let message = handler_message(error);
+    warn!(
+        projector = %projector.label(),
+        position = event.position,
+        event_type = %event.event_type,
+        error = %message,
+        "parked an event whose handler failed"
+    );
+    let version = projector.version().to_string();
+    parked::insert(tx, projector.name().as_str(), &version, event, &message).await
 }

@@ -33,13 +33,13 @@ mod batch;
 mod many;
 mod options;
 mod pass;
-mod reference;
 mod start;
 
 pub use many::{catch_up_configured, replay_many, CatchUpOutcome, ReplayDone, ReplayOutcome};
-pub use options::{CatchUpReport, PassReport, Progress, ProgressFn, ReplayOptions};
+pub use options::{
+    CatchUpReport, PassReport, Progress, ProgressFn, ReplayOptions, DEFAULT_BATCH_BYTES,
+};
 pub use pass::{catch_up, checkpoint_through_current_snapshot, pass_in_transaction, run_pass};
-pub use reference::BalancesProjector;
 pub use start::{
     abort, abort_in, abort_with, start_replay, start_replay_in, AbortReport, ReplayStart,
     StartOutcome,

@@ -14,6 +14,12 @@ pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
 pub struct ReplayOptions {
     /// Events per batch (one transaction each). Default 50,000.
     pub batch_size: usize,
+    /// Bytes per batch: a batch also closes before the event that would take
+    /// the size of its events (as stored: stream id, type, data, metadata,
+    /// plus 64 bytes each) past this, so memory follows this budget rather
+    /// than the events' weight. A batch holds at least one event. Default
+    /// [`DEFAULT_BATCH_BYTES`] (16 MiB).
+    pub batch_bytes: usize,
     /// Projector versions replayed at once by [`crate::replay::replay_many`]. Default 2.
     pub jobs: usize,
     /// A catch-up stops once fewer handled events than this are left. Default 1,000.
@@ -27,10 +33,14 @@ pub struct ReplayOptions {
     pub progress: Option<ProgressFn>,
 }
 
+/// The default [`ReplayOptions::batch_bytes`]: 16 MiB.
+pub const DEFAULT_BATCH_BYTES: usize = 16 << 20;
+
 impl Default for ReplayOptions {
     fn default() -> Self {
         Self {
             batch_size: 50_000,
+            batch_bytes: DEFAULT_BATCH_BYTES,
             jobs: 2,
             lag_threshold: 1_000,
             max_passes: 20,
@@ -44,6 +54,7 @@ impl fmt::Debug for ReplayOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReplayOptions")
             .field("batch_size", &self.batch_size)
+            .field("batch_bytes", &self.batch_bytes)
             .field("jobs", &self.jobs)
             .field("lag_threshold", &self.lag_threshold)
             .field("max_passes", &self.max_passes)

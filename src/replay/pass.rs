@@ -25,6 +25,9 @@ use crate::{Error, Result};
 /// Batch size of passes run inside a caller's transaction.
 const IN_TRANSACTION_BATCH: i64 = 20_000;
 
+/// Byte budget of the batches of passes run inside a caller's transaction.
+const IN_TRANSACTION_BYTES: i64 = crate::replay::options::DEFAULT_BATCH_BYTES as i64;
+
 /// Where a batch leaves the pass: the new cursor, the last position handled
 /// and the `applied_ahead` rows it adds.
 struct BatchEnd {
@@ -58,10 +61,10 @@ fn batch_end(batch: &EventBatch, outcome: &BatchOutcome, cursor: i64) -> BatchEn
     }
 }
 
-fn context(schema: &str) -> ApplyContext {
+fn context(schema: &str, phase: Phase) -> ApplyContext {
     ApplyContext {
         schema: schema.to_owned(),
-        phase: Phase::Replay,
+        phase,
     }
 }
 
@@ -71,6 +74,7 @@ fn query(
     horizon: &str,
     snapshot: &str,
     exclude_ahead: bool,
+    max_bytes: i64,
 ) -> PassQuery {
     PassQuery {
         name: projector.name().to_string(),
@@ -80,6 +84,7 @@ fn query(
         horizon: horizon.to_owned(),
         snapshot: snapshot.to_owned(),
         exclude_ahead,
+        max_bytes,
     }
 }
 
@@ -148,38 +153,46 @@ pub async fn run_pass(
     };
     let cursor0 = start.pass_cursor.unwrap_or(0);
     let exclude_ahead = checkpoint::has_ahead_after(&**writer, name, &version, cursor0).await?;
+    let max_bytes = i64::try_from(options.batch_bytes.max(1)).unwrap_or(i64::MAX);
     let q = query(
         projector,
         event_store,
         &start.horizon,
         &snapshot,
         exclude_ahead,
+        max_bytes,
     );
 
     // Three stages overlap: the reader fetches batch n+2 (server), a decoder
-    // turns batch n+1 into events (client CPU, on a blocking thread), and
+    // turns batch n+1 into events (client CPU, on its own thread), and
     // this task applies batch n (server).
     let reader = pool.get().await?;
     let (row_sender, mut row_receiver) = mpsc::channel::<Result<Vec<u8>>>(1);
     let (sender, mut receiver) = mpsc::channel::<Result<EventBatch>>(1);
-    let limit = i64::try_from(options.batch_size.max(1)).unwrap_or(i64::MAX);
+    let max_limit = i64::try_from(options.batch_size.max(1)).unwrap_or(i64::MAX);
     let reader_query = q.clone();
     let reader_cancel = cancel.clone();
     tokio::spawn(async move {
         let mut cursor = cursor0;
+        let mut limit = max_limit;
         while !reader_cancel.is_cancelled() {
             let read_started = Instant::now();
             let result = reader_query.read_copy(&reader, cursor, limit).await;
+            // The pass ends with an empty read: a short batch may have been
+            // cut by the byte budget.
             let (result, last) = match result {
                 Ok((data, rows, last_position)) => {
                     debug!(
                         read_ms = read_started.elapsed().as_millis() as u64,
-                        rows, "read batch"
+                        rows,
+                        bytes = data.len(),
+                        "read batch"
                     );
                     if let Some(position) = last_position {
                         cursor = position;
                     }
-                    (Ok(data), (rows as i64) < limit)
+                    limit = next_limit(limit, rows as i64, max_limit);
+                    (Ok(data), rows == 0)
                 }
                 Err(e) => (Err(e), true),
             };
@@ -188,19 +201,21 @@ pub async fn run_pass(
             }
         }
     });
-    tokio::spawn(async move {
-        while let Some(data) = row_receiver.recv().await {
-            let decoded = match data {
-                Ok(data) => tokio::task::spawn_blocking(move || EventBatch::decode_copy(&data))
-                    .await
-                    .unwrap_or_else(|e| Err(Error::Failed(format!("decoding events failed: {e}")))),
-                Err(e) => Err(e),
-            };
-            if sender.send(decoded).await.is_err() {
-                break;
+    let payload = projector.replay_reads_payload();
+    // One thread decodes every batch of the pass: with a blocking-pool
+    // thread per batch, the allocator kept an arena per thread and memory
+    // grew with the number of batches (decision 0017).
+    std::thread::Builder::new()
+        .name("coord-decode".into())
+        .spawn(move || {
+            while let Some(data) = row_receiver.blocking_recv() {
+                let decoded = data.and_then(|data| EventBatch::decode_copy_with(&data, payload));
+                if sender.blocking_send(decoded).is_err() {
+                    break;
+                }
             }
-        }
-    });
+        })
+        .map_err(|e| Error::Failed(format!("cannot start the event decoder: {e}")))?;
 
     let total = if options.count_total {
         let count_started = Instant::now();
@@ -215,7 +230,14 @@ pub async fn run_pass(
     };
     let pass_total = total.map(|t| u64::try_from(t - start.events_processed).unwrap_or(0));
 
-    let ctx = context(&start.schema_name);
+    // From horizon 0 this is the version's first pass: its tables started
+    // empty (a resumed first pass finds only its own earlier batches).
+    let phase = if start.horizon == "0" {
+        Phase::Rebuild
+    } else {
+        Phase::Replay
+    };
+    let ctx = context(&start.schema_name, phase);
     let mut report = PassReport {
         projector: name.to_owned(),
         version: version.clone(),
@@ -228,13 +250,12 @@ pub async fn run_pass(
     };
     let mut cursor = cursor0;
     let mut processed = start.events_processed;
-    // Set once the batch that ends the pass (shorter than `limit`) is in:
-    // only then may the horizon move. The reader also stops when cancelled,
-    // so a closed channel alone proves nothing.
+    // Set once the empty read that ends the pass is in: only then may the
+    // horizon move. The reader also stops when cancelled, so a closed
+    // channel alone proves nothing.
     let mut complete = false;
     while let Some(batch) = receiver.recv().await {
         let batch = batch?;
-        let is_last = (batch.events.len() as i64) < limit;
         if batch.events.is_empty() {
             complete = true;
             break;
@@ -302,9 +323,6 @@ pub async fn run_pass(
         }
         if let Some(failure) = outcome.failure {
             return Err(failure);
-        }
-        if is_last {
-            complete = true;
         }
     }
     drop(receiver);
@@ -431,7 +449,7 @@ pub async fn pass_in_transaction(
     let version = projector.version().to_string();
     let ck = checkpoint::lock(tx, name, &version).await?;
     batch::set_search_path(tx, &ck.schema_name).await?;
-    let ctx = context(&ck.schema_name);
+    let ctx = context(&ck.schema_name, Phase::Replay);
     let mut horizon = ck.horizon.clone();
     let mut applied = 0;
     if let Some(snapshot) = &ck.pass_snapshot {
@@ -458,7 +476,14 @@ async fn drain(
     let name = projector.name().as_str();
     let version = projector.version().to_string();
     let exclude_ahead = checkpoint::has_ahead_after(tx, name, &version, cursor).await?;
-    let q = query(projector, event_store, horizon, snapshot, exclude_ahead);
+    let q = query(
+        projector,
+        event_store,
+        horizon,
+        snapshot,
+        exclude_ahead,
+        IN_TRANSACTION_BYTES,
+    );
     let mut applied = 0;
     loop {
         let batch = q.read(tx, cursor, IN_TRANSACTION_BATCH).await?;
@@ -487,9 +512,20 @@ async fn drain(
         .await?;
         applied += outcome.applied as u64;
         cursor = end.cursor;
-        if (batch.events.len() as i64) < IN_TRANSACTION_BATCH {
-            return Ok(applied);
-        }
+    }
+}
+
+/// The event limit of the reader's next batch: after a batch the byte
+/// budget cut short, a quarter more events than it held (so the server
+/// reads few events only to drop them); after a full one, twice as many,
+/// up to `max`.
+fn next_limit(limit: i64, rows: i64, max: i64) -> i64 {
+    if rows == 0 {
+        limit
+    } else if rows < limit {
+        (rows + rows / 4 + 1).min(max)
+    } else {
+        limit.saturating_mul(2).min(max)
     }
 }
 

@@ -239,6 +239,11 @@ pub struct PassQuery {
     pub snapshot: String,
     /// Whether to exclude `applied_ahead` rows (see [`has_ahead_after`]).
     pub exclude_ahead: bool,
+    /// A batch read ends before the event that would take the batch's size
+    /// (`stream_id`, `event_type`, `data`, `metadata` as stored, plus 64
+    /// bytes per event) to this many bytes; it always holds at least one
+    /// event. `i64::MAX`: no byte budget.
+    pub max_bytes: i64,
 }
 
 impl PassQuery {
@@ -262,12 +267,17 @@ impl PassQuery {
         sql
     }
 
-    /// The SQL of one batch read (parameters as in [`PassQuery::read`]).
+    /// The SQL of one batch read (parameters as in [`PassQuery::read`]):
+    /// at most `$4` events, cut where their running size passes `$8` bytes.
     pub fn read_sql(&self) -> String {
         format!(
-            "SELECT e.position, e.stream_id, e.stream_version, e.event_type, e.data, e.metadata, \
+            "SELECT position, stream_id, stream_version, event_type, data, metadata, recorded_at, xact \
+             FROM (SELECT l.*, sum(l.size) OVER (ORDER BY l.position) - l.size AS before FROM (\
+             SELECT e.position, e.stream_id, e.stream_version, e.event_type, e.data, e.metadata, \
              e.recorded_at, CASE WHEN e.xact_id >= pg_snapshot_xmin($1::text::pg_snapshot) \
-             THEN e.xact_id::text END {} ORDER BY e.position LIMIT $4",
+             THEN e.xact_id::text END AS xact, 64 + octet_length(e.stream_id) + octet_length(e.event_type) \
+             + pg_column_size(e.data) + pg_column_size(e.metadata) AS size \
+             {} ORDER BY e.position LIMIT $4) l) w WHERE w.before < $8::bigint ORDER BY position",
             self.filter()
         )
     }
@@ -276,7 +286,7 @@ impl PassQuery {
         &'a self,
         cursor: &'a i64,
         limit: &'a i64,
-    ) -> [(&'a (dyn ToSql + Sync), Type); 7] {
+    ) -> [(&'a (dyn ToSql + Sync), Type); 8] {
         [
             (&self.snapshot, Type::TEXT),
             (cursor, Type::INT8),
@@ -285,6 +295,7 @@ impl PassQuery {
             (&self.horizon, Type::TEXT),
             (&self.name, Type::TEXT),
             (&self.version, Type::TEXT),
+            (&self.max_bytes, Type::INT8),
         ]
     }
 
@@ -338,6 +349,7 @@ impl PassQuery {
         let types: Vec<String> = self.event_types.iter().map(|t| quote_literal(t)).collect();
         let sql = self
             .read_sql()
+            .replace("$8", &self.max_bytes.to_string())
             .replace("$7", &quote_literal(&self.version))
             .replace("$6", &quote_literal(&self.name))
             .replace("$5", &quote_literal(&self.horizon))

@@ -41,6 +41,23 @@ impl EventBatch {
     /// # Errors
     /// Malformed data.
     pub fn decode_copy(data: &[u8]) -> Result<Self> {
+        Self::decode_copy_with(data, true)
+    }
+
+    /// Like [`EventBatch::decode_copy`]; with `payload` false, `data` and
+    /// `metadata` are left `null` instead of parsed (for projectors that
+    /// do not read them, see [`Projector::replay_reads_payload`](crate::Projector::replay_reads_payload)).
+    ///
+    /// # Errors
+    /// Malformed data.
+    pub fn decode_copy_with(data: &[u8], payload: bool) -> Result<Self> {
+        let json = |f: &[Option<&[u8]>], i| {
+            if payload {
+                field(f, i, &Type::JSONB)
+            } else {
+                Ok(serde_json::Value::Null)
+            }
+        };
         let mut batch = EventBatch::default();
         walk_copy(data, |f| {
             batch.events.push(Event {
@@ -48,8 +65,8 @@ impl EventBatch {
                 stream_id: field(f, 1, &Type::TEXT)?,
                 stream_version: field(f, 2, &Type::INT8)?,
                 event_type: field(f, 3, &Type::TEXT)?,
-                data: field(f, 4, &Type::JSONB)?,
-                metadata: field(f, 5, &Type::JSONB)?,
+                data: json(f, 4)?,
+                metadata: json(f, 5)?,
                 recorded_at: field(f, 6, &Type::TIMESTAMPTZ)?,
             });
             batch.xacts.push(field(f, 7, &Type::TEXT)?);

@@ -4,13 +4,19 @@
 mod activation;
 mod activation_faults;
 mod bad_input;
+mod batch_bytes;
+mod batch_handlers;
+mod bulk;
 mod cli;
 mod config;
 mod contents;
 mod gate;
 mod migrate;
+mod parking;
 mod properties;
 mod publish_paths;
+#[path = "../../src/bin/coord-bench/reference.rs"]
+mod reference;
 mod replay;
 mod run;
 mod schema_drop;

@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use coord::replay::{
     catch_up, checkpoint_through_current_snapshot, pass_in_transaction, run_pass, start_replay,
-    BalancesProjector, CancellationToken, ReplayOptions, StartOutcome,
+    CancellationToken, ReplayOptions, StartOutcome,
 };
 use coord::store::{parked, states, versions, Actor};
 use coord::{Config, Projector, ProjectorName, RelationName, SqlProjector};
 use tokio_postgres::Client;
 
+use crate::reference::BalancesProjector;
 use crate::support::{assert_exit, balances_toml, eventually, stderr, stdout, TestDb};
 
 const APPEND: &str = "INSERT INTO coord.events (stream_id, stream_version, event_type, data) \
@@ -168,6 +169,7 @@ async fn catch_up_reads_the_delta_through_the_xact_id_index() {
             .get(0),
         snapshot: "1:1:".into(),
         exclude_ahead: true,
+        max_bytes: i64::MAX,
     };
     let plan: Vec<String> = client
         .query(
@@ -180,6 +182,7 @@ async fn catch_up_reads_the_delta_through_the_xact_id_index() {
                     .replace("$4", "1000")
                     .replace("$5", &format!("'{}'", q.horizon))
                     .replace("$6", "'balances'")
+                    .replace("$8", "16777216")
                     .replace("$7", "'2.0.0'")
             ),
             &[],
@@ -491,7 +494,7 @@ MoneyDeposited = "INSERT INTO deposits VALUES ($3, ($5->>'amount')::bigint)"
     )
 }
 
-async fn picky_store(client: &Client) -> i64 {
+pub(crate) async fn picky_store(client: &Client) -> i64 {
     client
         .batch_execute(
             "INSERT INTO coord.events (stream_id, stream_version, event_type, data) \

@@ -3,7 +3,10 @@
 //! prints human text or, with `--output json`, one JSON object.
 
 mod activation;
+mod bank;
+mod catchup;
 mod gate;
+mod reference;
 mod replay;
 mod sql_publish;
 mod support;
@@ -22,8 +25,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Bench {
-    /// Replay speed of a Rust and a config-SQL reference projector beside the raw read speed.
+    /// Replay speed of the reference projector (Rust, config SQL, set-based SQL) beside the raw read speed.
     Replay(replay::Args),
+    /// Time to catch up a fixed delta of new events on stores of growing size.
+    Catchup(catchup::Args),
     /// Publishing throughput with the gate on versus off.
     Gate(gate::Args),
     /// Publishing throughput through `coord.publish` beside the Rust publisher.
@@ -63,6 +68,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.bench {
             Bench::Replay(args) => replay::run(args).await,
+            Bench::Catchup(args) => catchup::run(args).await,
             Bench::Gate(args) => gate::run(args).await,
             Bench::Activation(args) => activation::run(args).await,
             Bench::SqlPublish(args) => sql_publish::run(args).await,

@@ -1,20 +1,20 @@
-//! `coord-bench replay`: events per second of full replays of a Rust
-//! batch-aware reference projector and of the same projector in config SQL,
-//! beside the raw client read speed (binary `COPY ... TO STDOUT`) of the same
-//! events in the same run, and a check that both equal a from-scratch SQL
-//! computation.
+//! `coord-bench replay`: events per second of full replays of the reference
+//! bank projector as Rust (batch-folding), per-event config SQL and
+//! set-based config SQL, beside the raw client read speed (binary `COPY ...
+//! TO STDOUT`) of the same events in the same run; the peak memory of the
+//! replays; with `--fail-every N`, the same replays under `on_error = "park"`
+//! with one event in N failing; and a check that every projector's balances
+//! equal a from-scratch SQL computation.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{bail, Context as _};
-use coord::replay::{run_pass, start_replay, BalancesProjector, ReplayOptions};
-use coord::store::Actor;
-use coord::{Config, DatabaseUrl, Projector, ProjectorName, RelationName, SqlProjector};
+use anyhow::bail;
+use coord::replay::{ReplayOptions, DEFAULT_BATCH_BYTES};
+use coord::OnError;
 use futures_util::{pin_mut, StreamExt};
-use tokio_postgres::{Client, NoTls};
-use tokio_util::sync::CancellationToken;
 
+use crate::bank::{self, Kind};
+use crate::support::{peak_rss_mb, reset_peak_rss, BenchDb, Common};
 use crate::OutputFormat;
 
 /// Arguments of `coord-bench replay`.
@@ -26,127 +26,70 @@ pub struct Args {
     /// Events per replay batch.
     #[arg(long, default_value_t = 50_000)]
     batch_size: usize,
-    /// Server to create the benchmark database on.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
-        hide_env_values = true
-    )]
-    database_url: String,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
-    output: OutputFormat,
+    /// Bytes per replay batch (see `ReplayOptions::batch_bytes`).
+    #[arg(long, default_value_t = DEFAULT_BATCH_BYTES)]
+    batch_bytes: usize,
+    /// Projector kinds to replay, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Kind::Rust, Kind::Sql, Kind::SqlBatch])]
+    kinds: Vec<Kind>,
+    /// Then make one event in N fail (no amount) and replay the Rust and
+    /// set-based kinds again under `on_error = "park"`.
+    #[arg(long)]
+    fail_every: Option<i64>,
+    #[command(flatten)]
+    common: Common,
 }
-
-const STREAMS: i64 = 10_000;
-
-const GENERATE: &str = "INSERT INTO coord.events (stream_id, stream_version, event_type, data) \
-    SELECT 'acct-' || (i % $2::bigint), i / $2::bigint + 1, \
-      CASE WHEN i < $2::bigint THEN 'AccountOpened' WHEN i % 3 = 0 THEN 'MoneyWithdrawn' ELSE 'MoneyDeposited' END, \
-      CASE WHEN i < $2::bigint THEN jsonb_build_object('owner', 'owner ' || i, 'note', repeat('x', 150)) \
-           ELSE jsonb_build_object('amount', i % 97 + 1, 'currency', 'EUR', 'note', repeat('x', 150)) END \
-    FROM generate_series(0::bigint, $1::bigint - 1) AS i ORDER BY i";
 
 const RAW_READ: &str = "COPY (SELECT position, stream_id, stream_version, event_type, data, \
     metadata, recorded_at FROM coord.events ORDER BY position) TO STDOUT (FORMAT binary)";
 
-const EXPECTED: &str = "SELECT stream_id AS account, sum(CASE event_type \
-      WHEN 'MoneyDeposited' THEN (data->>'amount')::bigint \
-      WHEN 'MoneyWithdrawn' THEN -(data->>'amount')::bigint ELSE 0 END)::bigint AS amount \
-    FROM coord.events GROUP BY stream_id";
+/// Makes the amount of one event in `$1` (not the openings) a string: every
+/// kind of the projector fails on it.
+const BREAK_EVENTS: &str = "UPDATE coord.events SET data = jsonb_set(data, '{amount}', '\"n/a\"') \
+    WHERE position % $1::bigint = 0 AND event_type <> 'AccountOpened'";
 
-fn sql_config(name: &str) -> String {
-    format!(
-        r#"
-[[projector]]
-name = "{name}"
-version = "1.0.0"
-tables = """
-CREATE TABLE balances (account text PRIMARY KEY, amount bigint NOT NULL DEFAULT 0)
-  WITH (fillfactor = 50);
-"""
-
-[projector.handlers]
-AccountOpened  = "INSERT INTO balances (account) VALUES ($1)"
-MoneyDeposited = "UPDATE balances SET amount = amount + ($5->>'amount')::bigint WHERE account = $1"
-MoneyWithdrawn = "UPDATE balances SET amount = amount - ($5->>'amount')::bigint WHERE account = $1"
-"#
-    )
-}
-
-async fn connect(url: &str) -> anyhow::Result<Client> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .context("cannot connect")?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
-}
-
-/// `url` with its database replaced by `db`.
-fn with_database(url: &DatabaseUrl, db: &str) -> anyhow::Result<DatabaseUrl> {
-    let mut config = url.pg_config();
-    config.dbname(db);
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        _ => "127.0.0.1".to_owned(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let user = config.get_user().unwrap_or("postgres").to_owned();
-    let password = config
-        .get_password()
-        .map(|p| {
-            format!(
-                " password='{}'",
-                String::from_utf8_lossy(p).replace('\'', "\\'")
-            )
-        })
-        .unwrap_or_default();
-    DatabaseUrl::parse(&format!(
-        "host={host} port={port} user={user} dbname={db}{password}"
-    ))
-    .map_err(anyhow::Error::msg)
-}
-
-#[derive(serde::Serialize)]
+#[derive(Default, serde::Serialize)]
 struct Figures {
     events: i64,
     streams: i64,
     batch_size: usize,
+    batch_bytes: usize,
     generate_s: f64,
     raw_read_s: f64,
     raw_read_bytes: u64,
     raw_read_events_per_s: f64,
-    replay_s: f64,
-    replay_events_per_s: f64,
-    sql_replay_s: f64,
-    sql_replay_events_per_s: f64,
-    ratio: f64,
-    sql_ratio: f64,
+    replay_s: Option<f64>,
+    replay_events_per_s: Option<f64>,
+    ratio: Option<f64>,
+    sql_replay_s: Option<f64>,
+    sql_replay_events_per_s: Option<f64>,
+    sql_ratio: Option<f64>,
+    sql_batch_replay_s: Option<f64>,
+    sql_batch_events_per_s: Option<f64>,
+    sql_batch_ratio: Option<f64>,
     results_equal: bool,
+    /// Peak resident memory of coord-bench during the clean replays.
+    peak_rss_mb: f64,
+    fail_every: Option<i64>,
+    failing_events: Option<u64>,
+    park_events_per_s: Option<f64>,
+    park_ratio: Option<f64>,
+    sql_batch_park_events_per_s: Option<f64>,
+    sql_batch_park_ratio: Option<f64>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.events < 1 {
         bail!("--events must be at least 1");
     }
-    let admin_url = DatabaseUrl::parse(&args.database_url).map_err(anyhow::Error::msg)?;
-    let admin = connect(admin_url.expose()).await?;
-    let db = format!("coord_bench_replay_{}", std::process::id());
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .await
-        .context("cannot create the benchmark database")?;
-    let url = with_database(&admin_url, &db)?;
-    let result = bench(&args, &url).await;
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-        .await
-        .context("cannot drop the benchmark database")?;
+    if args.fail_every.is_some_and(|n| n < 2) {
+        bail!("--fail-every must be at least 2");
+    }
+    let db = BenchDb::create(&args.common.database_url, "replay").await?;
+    let result = bench(&args, &db).await;
+    db.drop_database().await?;
     let figures = result?;
-    match args.output {
+    match args.common.output {
         OutputFormat::Json => println!("{}", serde_json::to_string(&figures)?),
         OutputFormat::Text => print_text(&figures),
     }
@@ -156,154 +99,144 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn line(label: &str, secs: Option<f64>, rate: Option<f64>, ratio: Option<f64>) {
+    if let (Some(secs), Some(rate), Some(ratio)) = (secs, rate, ratio) {
+        println!("{label:<42}{secs:.2} s, {rate:.0} events/s, ratio {ratio:.2}");
+    }
+}
+
 fn print_text(f: &Figures) {
     println!(
-        "events: {} over {} streams (generated in {:.1} s), batch size {}",
-        f.events, f.streams, f.generate_s, f.batch_size
+        "events: {} over {} streams (generated in {:.1} s), batch size {}, batch bytes {}",
+        f.events, f.streams, f.generate_s, f.batch_size, f.batch_bytes
     );
     println!(
         "raw client read (binary COPY TO STDOUT): {:.2} s, {:.0} events/s ({} bytes)",
         f.raw_read_s, f.raw_read_events_per_s, f.raw_read_bytes
     );
-    println!(
-        "replay, Rust batch-aware projector:      {:.2} s, {:.0} events/s, ratio {:.2}",
-        f.replay_s, f.replay_events_per_s, f.ratio
+    line(
+        "replay, Rust batch-aware projector:",
+        f.replay_s,
+        f.replay_events_per_s,
+        f.ratio,
+    );
+    line(
+        "replay, config SQL projector:",
+        f.sql_replay_s,
+        f.sql_replay_events_per_s,
+        f.sql_ratio,
+    );
+    line(
+        "replay, set-based config SQL projector:",
+        f.sql_batch_replay_s,
+        f.sql_batch_events_per_s,
+        f.sql_batch_ratio,
     );
     println!(
-        "replay, config SQL projector:            {:.2} s, {:.0} events/s, ratio {:.2}",
-        f.sql_replay_s, f.sql_replay_events_per_s, f.sql_ratio
+        "peak RSS of coord-bench during the replays: {:.0} MB",
+        f.peak_rss_mb
     );
+    if let (Some(n), Some(failing)) = (f.fail_every, f.failing_events) {
+        println!("with one event in {n} failing ({failing} events), on_error = park:");
+        if let (Some(rate), Some(ratio)) = (f.park_events_per_s, f.park_ratio) {
+            println!("  Rust:      {rate:.0} events/s, {ratio:.2} of its clean run");
+        }
+        if let (Some(rate), Some(ratio)) = (f.sql_batch_park_events_per_s, f.sql_batch_park_ratio) {
+            println!("  set-based: {rate:.0} events/s, {ratio:.2} of its clean run");
+        }
+    }
     println!(
         "results equal to a from-scratch SQL computation: {}",
         f.results_equal
     );
 }
 
-async fn bench(args: &Args, url: &DatabaseUrl) -> anyhow::Result<Figures> {
-    let mut client = coord::connect(url, Duration::from_secs(10)).await?;
-    coord::migrate(&mut client).await?;
-    let streams = STREAMS.min(args.events);
+async fn bench(args: &Args, db: &BenchDb) -> anyhow::Result<Figures> {
+    let mut client = db.client().await?;
+    let streams = bank::STREAMS.min(args.events);
+    let n = args.events as f64;
+    let mut f = Figures {
+        events: args.events,
+        streams,
+        batch_size: args.batch_size,
+        batch_bytes: args.batch_bytes,
+        results_equal: true,
+        ..Figures::default()
+    };
 
     let started = Instant::now();
-    client
-        .execute(GENERATE, &[&args.events, &streams])
-        .await
-        .context("cannot generate events")?;
+    bank::generate(&client, 0, args.events, streams).await?;
     client.batch_execute("VACUUM ANALYZE coord.events").await?;
-    let generate_s = started.elapsed().as_secs_f64();
+    f.generate_s = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
     let stream = client.copy_out(RAW_READ).await?;
     pin_mut!(stream);
-    let mut raw_read_bytes = 0_u64;
     while let Some(chunk) = stream.next().await {
-        raw_read_bytes += chunk?.len() as u64;
+        f.raw_read_bytes += chunk?.len() as u64;
     }
-    let raw_read_s = started.elapsed().as_secs_f64();
+    f.raw_read_s = started.elapsed().as_secs_f64();
+    f.raw_read_events_per_s = n / f.raw_read_s;
 
-    let pool = coord::pool(url, 4)?;
-    let actor = Actor::new("bench", "coord-bench replay");
+    let pool = coord::pool(&db.url, 4)?;
     let options = ReplayOptions {
         batch_size: args.batch_size,
+        batch_bytes: args.batch_bytes,
         ..ReplayOptions::default()
     };
-    let relation = RelationName::default();
-
-    let rust: Arc<dyn Projector> = Arc::new(BalancesProjector::new(
-        ProjectorName::new("bench_rust").map_err(anyhow::Error::msg)?,
-        semver::Version::new(1, 0, 0),
-    ));
-    let replay_s = replay(
-        &pool,
-        &mut client,
-        rust.as_ref(),
-        &relation,
-        &options,
-        &actor,
-    )
-    .await?;
-
-    let config = Config::parse(&sql_config("bench_sql"), "bench").map_err(coord::Error::from)?;
-    let sql: Arc<dyn Projector> = Arc::new(SqlProjector::new(config.projectors[0].clone()));
-    let sql_replay_s = replay(
-        &pool,
-        &mut client,
-        sql.as_ref(),
-        &relation,
-        &options,
-        &actor,
-    )
-    .await?;
-
-    let mut results_equal = true;
-    for projector in [&rust, &sql] {
-        let table = format!(
-            "{}.balances",
-            coord::quote_ident(&projector_schema(projector))
-        );
-        let row = client
-            .query_one(
-                &format!(
-                    "SELECT count(*) FROM ({EXPECTED}) e FULL JOIN {table} r USING (account) \
-                     WHERE e.amount IS DISTINCT FROM r.amount"
-                ),
-                &[],
-            )
-            .await?;
-        let differing: i64 = row.get(0);
-        results_equal &= differing == 0;
+    reset_peak_rss();
+    for &kind in &args.kinds {
+        let name = format!("bench_{}", kind_name(kind));
+        let projector = bank::projector(kind, &name, OnError::Fail)?;
+        let secs = bank::replay(&pool, &mut client, projector.as_ref(), &options).await?;
+        f.results_equal &= bank::balances_equal(&client, projector.as_ref()).await?;
+        let (s, rate, ratio) = (Some(secs), Some(n / secs), Some(f.raw_read_s / secs));
+        match kind {
+            Kind::Rust => (f.replay_s, f.replay_events_per_s, f.ratio) = (s, rate, ratio),
+            Kind::Sql => {
+                (f.sql_replay_s, f.sql_replay_events_per_s, f.sql_ratio) = (s, rate, ratio)
+            }
+            Kind::SqlBatch => {
+                (
+                    f.sql_batch_replay_s,
+                    f.sql_batch_events_per_s,
+                    f.sql_batch_ratio,
+                ) = (s, rate, ratio)
+            }
+        }
     }
+    f.peak_rss_mb = peak_rss_mb();
 
-    let n = args.events as f64;
-    Ok(Figures {
-        events: args.events,
-        streams,
-        batch_size: args.batch_size,
-        generate_s,
-        raw_read_s,
-        raw_read_bytes,
-        raw_read_events_per_s: n / raw_read_s,
-        replay_s,
-        replay_events_per_s: n / replay_s,
-        sql_replay_s,
-        sql_replay_events_per_s: n / sql_replay_s,
-        ratio: raw_read_s / replay_s,
-        sql_ratio: raw_read_s / sql_replay_s,
-        results_equal,
-    })
+    if let Some(every) = args.fail_every {
+        let failing = client.execute(BREAK_EVENTS, &[&every]).await?;
+        client.batch_execute("VACUUM ANALYZE coord.events").await?;
+        f.fail_every = Some(every);
+        f.failing_events = Some(failing);
+        for &kind in &args.kinds {
+            let clean = match kind {
+                Kind::Rust => f.replay_events_per_s,
+                Kind::SqlBatch => f.sql_batch_events_per_s,
+                Kind::Sql => continue,
+            };
+            let name = format!("park_{}", kind_name(kind));
+            let projector = bank::projector(kind, &name, OnError::Park)?;
+            let secs = bank::replay(&pool, &mut client, projector.as_ref(), &options).await?;
+            f.results_equal &= bank::balances_equal(&client, projector.as_ref()).await?;
+            let rate = n / secs;
+            let ratio = clean.map(|c| rate / c);
+            match kind {
+                Kind::Rust => (f.park_events_per_s, f.park_ratio) = (Some(rate), ratio),
+                _ => (f.sql_batch_park_events_per_s, f.sql_batch_park_ratio) = (Some(rate), ratio),
+            }
+        }
+    }
+    Ok(f)
 }
 
-fn projector_schema(projector: &Arc<dyn Projector>) -> String {
-    coord::schema_name(projector.name(), projector.version())
-}
-
-/// Registers `projector` and runs one full pass; returns its duration.
-async fn replay(
-    pool: &deadpool_postgres::Pool,
-    client: &mut Client,
-    projector: &dyn Projector,
-    relation: &RelationName,
-    options: &ReplayOptions,
-    actor: &Actor,
-) -> anyhow::Result<f64> {
-    let started = Instant::now();
-    start_replay(client, projector, actor).await?;
-    let report = run_pass(
-        pool,
-        projector,
-        relation,
-        options,
-        &CancellationToken::new(),
-    )
-    .await?;
-    let secs = started.elapsed().as_secs_f64();
-    eprintln!(
-        "replayed {}@{}: {} events in {} batches, {:.2} s",
-        projector.name(),
-        projector.version(),
-        report.applied,
-        report.batches,
-        secs
-    );
-    Ok(secs)
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Rust => "rust",
+        Kind::Sql => "sql",
+        Kind::SqlBatch => "sql_batch",
+    }
 }

@@ -4,6 +4,22 @@ use anyhow::Context as _;
 use coord::DatabaseUrl;
 use tokio_postgres::Client;
 
+/// The arguments every benchmark of issue 11 shares.
+#[derive(Debug, clap::Args)]
+pub struct Common {
+    /// Server to create the benchmark database on.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = crate::OutputFormat::Text)]
+    pub output: crate::OutputFormat,
+}
+
 /// A database created for one run.
 pub struct BenchDb {
     admin: Client,
@@ -60,4 +76,24 @@ fn with_database(url: &str, db: &str) -> String {
         None => head,
     };
     format!("{base}/{db}{query}")
+}
+
+/// The process's peak resident set size so far (`VmHWM`), in MB; 0 where
+/// `/proc` is not available.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Resets the peak resident set size (Linux `clear_refs` 5), so that
+/// [`peak_rss_mb`] measures from here; does nothing where unsupported.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }

@@ -1,7 +1,8 @@
 //! A reference projector written in Rust against the batch-aware API: bank
 //! balances per account, folded in memory per batch and written with one
-//! statement per kind of change. Used by `coord-bench` and the tests; it is
-//! also a model for application projectors.
+//! statement per kind of change. Used by `coord-bench` and, through
+//! `#[path]`, by the integration tests; it uses only the public API, as an
+//! application projector would, and is not part of the library.
 
 use std::collections::HashMap;
 
@@ -10,8 +11,10 @@ use futures_util::future::try_join;
 use semver::Version;
 use tokio_postgres::Transaction;
 
-use crate::names::{sha256_hex, ProjectorName};
-use crate::projector::{ApplyContext, Event, HandlerError, Projector};
+use coord::projector::{copy_rows, EventError};
+use coord::{ApplyContext, Event, HandlerError, OnError, Phase, Projector, ProjectorName};
+use sha2::{Digest, Sha256};
+use tokio_postgres::types::{ToSql, Type};
 
 // Every batch updates most rows: free space on each page keeps those
 // updates HOT (no index entries, no page splits).
@@ -31,12 +34,24 @@ const UPDATE: &str = "UPDATE balances AS b SET amount = b.amount + d.delta \
 pub struct BalancesProjector {
     name: ProjectorName,
     version: Version,
+    on_error: OnError,
 }
 
 impl BalancesProjector {
-    /// The projector `name@version`.
+    /// The projector `name@version`, failing on a failing event.
     pub fn new(name: ProjectorName, version: Version) -> Self {
-        Self { name, version }
+        Self {
+            name,
+            version,
+            on_error: OnError::Fail,
+        }
+    }
+
+    /// The same with another `on_error` policy.
+    #[allow(dead_code)] // not every user of this file parks
+    pub fn with_on_error(mut self, on_error: OnError) -> Self {
+        self.on_error = on_error;
+        self
     }
 }
 
@@ -52,9 +67,13 @@ fn amount(event: &Event) -> Result<i64, HandlerError> {
         .get("amount")
         .and_then(serde_json::Value::as_i64)
         .ok_or_else(|| {
-            format!(
-                "event at position {} ({}) has no integer data.amount",
-                event.position, event.event_type
+            // Naming the event lets a replay park it without bisecting.
+            EventError::new(
+                event.position,
+                format!(
+                    "event at position {} ({}) has no integer data.amount",
+                    event.position, event.event_type
+                ),
             )
             .into()
         })
@@ -78,15 +97,20 @@ impl Projector for BalancesProjector {
     fn tables(&self) -> &str {
         TABLES
     }
+    fn on_error(&self) -> OnError {
+        self.on_error
+    }
     fn fingerprint(&self) -> String {
-        sha256_hex(&format!("rust BalancesProjector 1\0{TABLES}"))
+        hex::encode(Sha256::digest(format!(
+            "rust BalancesProjector 1\0{TABLES}"
+        )))
     }
 
     async fn apply(
         &self,
         tx: &Transaction<'_>,
         events: &[Event],
-        _ctx: &ApplyContext,
+        ctx: &ApplyContext,
     ) -> Result<(), HandlerError> {
         let mut order: Vec<&str> = Vec::new();
         let mut folds: HashMap<&str, Fold> = HashMap::new();
@@ -121,6 +145,25 @@ impl Projector for BalancesProjector {
                 accounts.push(account);
                 deltas.push(fold.delta);
             }
+        }
+        if ctx.phase == Phase::Rebuild && !new_accounts.is_empty() {
+            // The tables started empty in this replay: new rows go in by
+            // binary COPY, then the changes to older ones.
+            let mut rows: Vec<Vec<&(dyn ToSql + Sync)>> = Vec::with_capacity(new_accounts.len());
+            for (account, amount) in new_accounts.iter().zip(&new_amounts) {
+                rows.push(vec![account, amount]);
+            }
+            copy_rows(
+                tx,
+                "balances",
+                &[("account", Type::TEXT), ("amount", Type::INT8)],
+                rows,
+            )
+            .await?;
+            if !accounts.is_empty() {
+                tx.execute(UPDATE, &[&accounts, &deltas]).await?;
+            }
+            return Ok(());
         }
         // Pipelined; the two touch disjoint accounts.
         try_join(
