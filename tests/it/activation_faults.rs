@@ -318,7 +318,7 @@ async fn publishers_do_not_queue_behind_a_critical_section_waiting_for_a_long_tr
     let pool = coord::pool(&db.database_url(), 4).unwrap();
     let options = ActivateOptions {
         locks: LockPolicy {
-            deadline: Duration::from_secs(4),
+            deadline: Duration::from_secs(10),
             ..LockPolicy::default()
         },
         ..ActivateOptions::default()
@@ -337,9 +337,12 @@ async fn publishers_do_not_queue_behind_a_critical_section_waiting_for_a_long_tr
     assert!(matches!(err, Error::Busy(_)), "{err:?}");
     stop.store(true, Ordering::SeqCst);
     let (longest, refused) = probe.await.unwrap();
-    assert!(refused > 0, "the probe met the activation");
     assert!(
-        longest < Duration::from_secs(2),
+        refused > 0,
+        "the probe never met the activation (longest wait {longest:?})"
+    );
+    assert!(
+        longest < Duration::from_secs(5),
         "a publisher waited {longest:?} inside the gate"
     );
     assert_eq!(

@@ -7,7 +7,7 @@ async fn migrate_reports_what_it_applied_and_is_idempotent() {
     assert_exit(&first, 0);
     assert_eq!(
         stdout(&first),
-        "applied V1__coord_schema\napplied V2__publisher_gate\napplied V3__pruned_status\napplied V4__exact_inline_checkpoints\n"
+        "applied V1__coord_schema\napplied V2__publisher_gate\napplied V3__pruned_status\napplied V4__exact_inline_checkpoints\napplied V8__gate_refuses_during_critical_section\n"
     );
     let second = db.coord(&["migrate"]);
     assert_exit(&second, 0);

@@ -11,7 +11,8 @@ async fn migrate_twice_leaves_exactly_the_contract_tables() {
             "V1__coord_schema",
             "V2__publisher_gate",
             "V3__pruned_status",
-            "V4__exact_inline_checkpoints"
+            "V4__exact_inline_checkpoints",
+            "V8__gate_refuses_during_critical_section"
         ]
     );
     let second = coord::migrate(&mut client).await.unwrap();
@@ -69,7 +70,7 @@ async fn concurrent_migrations_both_succeed() {
     let (mut a, mut b) = (db.client().await, db.client().await);
     let (ra, rb) = tokio::join!(coord::migrate(&mut a), coord::migrate(&mut b));
     let (ra, rb) = (ra.unwrap(), rb.unwrap());
-    assert_eq!(ra.applied.len() + rb.applied.len(), 4, "{ra:?} {rb:?}");
+    assert_eq!(ra.applied.len() + rb.applied.len(), 5, "{ra:?} {rb:?}");
 }
 
 #[tokio::test]
