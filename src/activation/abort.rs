@@ -5,10 +5,10 @@
 
 use tokio_postgres::Client;
 
+use super::switch::activating_to_replaying;
 use crate::replay::{abort_in, AbortReport};
 use crate::schema_drop::Dependents;
-use crate::store::versions::{self, VersionStatus};
-use crate::store::{history, states, Actor};
+use crate::store::{states, Actor};
 use crate::{Error, Result};
 
 /// Held by a running `activate-current-config`, `rollback` or `rebuild`
@@ -46,23 +46,12 @@ pub async fn abort_projector(
                      wait for it to finish (`coord status`), or stop that process and run `coord abort --projector {name}` again"
                 )));
             }
-            states::put(
+            activating_to_replaying(
                 &tx,
-                name,
-                state.active_version.as_deref(),
-                None,
-                Some(version),
-            )
-            .await?;
-            versions::set_status(&tx, name, version, VersionStatus::Replaying).await?;
-            history::record(
-                &tx,
+                &state,
+                version,
                 actor,
-                name,
-                Some(version),
-                Some("activating"),
-                "replaying",
-                Some("interrupted activation backed out by coord abort"),
+                "interrupted activation backed out by coord abort",
             )
             .await?;
         }

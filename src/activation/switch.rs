@@ -237,26 +237,40 @@ async fn back_to_replaying(
     if state.activating_version.as_deref() != Some(version) {
         return Ok(());
     }
+    activating_to_replaying(&tx, &state, version, actor, &why.to_string()).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Inside the caller's transaction, with `state` read for update: the
+/// activating `version` goes back to replaying, with a transition saying `why`.
+pub(crate) async fn activating_to_replaying(
+    tx: &impl tokio_postgres::GenericClient,
+    state: &states::ProjectorState,
+    version: &str,
+    actor: &Actor,
+    why: &str,
+) -> Result<()> {
+    let name = state.name.as_str();
     states::put(
-        &tx,
+        tx,
         name,
         state.active_version.as_deref(),
         None,
         Some(version),
     )
     .await?;
-    versions::set_status(&tx, name, version, VersionStatus::Replaying).await?;
+    versions::set_status(tx, name, version, VersionStatus::Replaying).await?;
     history::record(
-        &tx,
+        tx,
         actor,
         name,
         Some(version),
         Some("activating"),
         "replaying",
-        Some(&why.to_string()),
+        Some(why),
     )
     .await?;
-    tx.commit().await?;
     Ok(())
 }
 

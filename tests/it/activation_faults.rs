@@ -29,6 +29,23 @@ async fn transitions(client: &Client, version: &str, to: &str) -> i64 {
         .get(0)
 }
 
+/// Publishers of the active version proceed (no retry allowed).
+async fn publish_v1_without_retrying(db: &TestDb) {
+    Publisher::new(set("1.0.0"))
+        .publish_with_retry(
+            &mut db.client().await,
+            "acc-2",
+            ExpectedVersion::Any,
+            &[NewEvent::new("MoneyDeposited", json!({"amount": 1}))],
+            RetryPolicy {
+                deadline: Duration::ZERO,
+                ..RetryPolicy::default()
+            },
+        )
+        .await
+        .unwrap();
+}
+
 /// A publisher of an unrelated event type between its gate check and its
 /// commit: the flip must wait for it (invariant 3).
 async fn long_unrelated_transaction(client: &mut Client) -> tokio_postgres::Transaction<'_> {
@@ -171,19 +188,7 @@ async fn terminating_the_critical_section_returns_the_version_to_replaying() {
         "{}",
         stderr(&out)
     );
-    Publisher::new(set("1.0.0"))
-        .publish_with_retry(
-            &mut db.client().await,
-            "acc-2",
-            ExpectedVersion::Any,
-            &[NewEvent::new("MoneyDeposited", json!({"amount": 1}))],
-            RetryPolicy {
-                deadline: Duration::ZERO,
-                ..RetryPolicy::default()
-            },
-        )
-        .await
-        .unwrap();
+    publish_v1_without_retrying(&db).await;
     long.commit().await.unwrap();
     assert_exit(&activate_cli(&db, "2.0.0", &[]), 0);
     assert_eq!(
@@ -248,19 +253,7 @@ async fn an_interrupted_activation_is_backed_out_by_abort() {
         stdout(&abort)
     );
     assert_eq!(state(&client).await, (Some("1.0.0".into()), None, None));
-    Publisher::new(set("1.0.0"))
-        .publish_with_retry(
-            &mut db.client().await,
-            "acc-2",
-            ExpectedVersion::Any,
-            &[NewEvent::new("MoneyDeposited", json!({"amount": 1}))],
-            RetryPolicy {
-                deadline: Duration::ZERO,
-                ..RetryPolicy::default()
-            },
-        )
-        .await
-        .unwrap();
+    publish_v1_without_retrying(&db).await;
     long.commit().await.unwrap();
     assert_exit(&activate_cli(&db, "2.0.0", &[]), 0);
     assert_eq!(
