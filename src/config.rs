@@ -4,7 +4,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
-use std::str::FromStr;
 
 use semver::Version;
 use serde::{Deserialize, Serialize};
@@ -64,7 +63,7 @@ impl DatabaseUrl {
     /// # Errors
     /// A message (without the password) when PostgreSQL's client cannot parse it.
     pub fn parse(url: &str) -> Result<Self, String> {
-        tokio_postgres::Config::from_str(url).map_err(|e| {
+        crate::db::parse_pg_config(url).map_err(|e| {
             format!("invalid database URL (not shown: it may hold a password): {e}")
         })?;
         Ok(Self(url.to_owned()))
@@ -77,7 +76,7 @@ impl DatabaseUrl {
 
     /// The connection settings.
     pub fn pg_config(&self) -> tokio_postgres::Config {
-        tokio_postgres::Config::from_str(&self.0).expect("validated in DatabaseUrl::parse")
+        crate::db::parse_pg_config(&self.0).expect("validated in DatabaseUrl::parse")
     }
 }
 
@@ -245,7 +244,8 @@ impl Config {
             problems,
         };
         let raw: RawConfig =
-            toml::from_str(text).map_err(|e| fail(vec![one_line(&e.to_string())]))?;
+            // The parser's message keeps its line, column and caret.
+            toml::from_str(text).map_err(|e| fail(vec![e.to_string().trim_end().to_owned()]))?;
         let mut problems = Vec::new();
 
         let database_url = raw.database_url.as_deref().and_then(|url| {

@@ -25,7 +25,20 @@
 //! # Ok(()) }
 //! ```
 
+extern crate self as coord;
+
+// The README's Rust examples compile as doc tests, exactly as printed.
+#[cfg(all(doctest, feature = "cli"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub mod activation;
+#[cfg(feature = "cli")]
+pub mod cli;
+// The CLI's modules name each other `crate::context`, `crate::output`, ...
+// (they were the `coord` binary's modules); keep those paths working.
+#[cfg(feature = "cli")]
+use cli::{commands, context, output, progress};
 pub mod config;
 mod db;
 mod error;
@@ -38,14 +51,16 @@ mod publisher;
 pub mod replay;
 mod runner;
 pub mod schema_drop;
+#[cfg(feature = "serve")]
 pub mod serve;
 mod sql_check;
 mod status;
 pub mod store;
+mod tls;
 mod url_redact;
 
 pub use config::{resolve_database_url, Config, DatabaseUrl, Mode, OnError, ProjectorConfig};
-pub use db::{connect, pool};
+pub use db::{connect, pool, with_connect_timeout};
 pub use error::{ConfigError, Error, Result};
 pub use event_relation::{check_event_store, EVENT_COLUMNS};
 pub use migrate::{ensure_writable, known_schema_version, migrate, MigrationReport};

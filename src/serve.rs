@@ -33,6 +33,37 @@ struct ServeState {
     pool: Pool,
     publisher: Publisher,
     event_store: RelationName,
+    /// Why `/ready` last answered 503 (`None` while ready): logged when it changes.
+    last_cause: std::sync::Mutex<Option<String>>,
+}
+
+/// Why `/ready` answers 503, in words an operator acts on:
+/// `database unreachable`, `coord schema missing: run coord migrate`, or the
+/// gate's refusal (`NewerProjectorIsActive (CO001): projector ...`).
+pub fn not_ready_cause(error: &Error) -> String {
+    let db = match error {
+        Error::Db(e) => Some(e),
+        Error::Pool(deadpool_postgres::PoolError::Backend(e)) => Some(e),
+        _ => None,
+    };
+    if let Some(e) = db {
+        return match e.code().map(tokio_postgres::error::SqlState::code) {
+            // schema "coord" / relation / function does not exist
+            Some("3F000" | "42P01" | "42883") => {
+                "coord schema missing: run coord migrate".to_owned()
+            }
+            Some(code) => format!(
+                "database error {code}: {}",
+                e.as_db_error().map_or("", |d| d.message())
+            ),
+            None => "database unreachable".to_owned(),
+        };
+    }
+    match error {
+        Error::Pool(_) | Error::Timeout(_) => "database unreachable".to_owned(),
+        // A gate refusal's text starts with its name and code already.
+        _ => error.to_string(),
+    }
 }
 
 /// The routes `GET /ready`, `GET /status` and `GET /metrics` for the
@@ -41,9 +72,11 @@ struct ServeState {
 ///
 /// * `/ready`: 200 `{"ready":true,"inline":[...]}` only while this
 ///   configuration may publish now; otherwise 503
-///   `{"ready":false,"error":...,"sqlstate":...,"exit_code":...,"retryable":...}`.
+///   `{"ready":false,"cause":...,"error":...,"sqlstate":...,"exit_code":...,"retryable":...}`
+///   with `cause` from [`not_ready_cause`], logged when it changes.
 /// * `/status`: the [`StatusReport`] as JSON; 500 with the error otherwise.
-/// * `/metrics`: [`render_metrics`] as [`METRICS_CONTENT_TYPE`].
+/// * `/metrics`: [`render_metrics`] as [`METRICS_CONTENT_TYPE`]; `coord_up 0`
+///   and `coord_ready 0` (HTTP 200) when coord's state cannot be read.
 ///
 /// ```no_run
 /// # async fn demo(pool: deadpool_postgres::Pool, config: coord::Config) -> coord::Result<()> {
@@ -66,6 +99,7 @@ pub fn router(pool: Pool, projectors: ProjectorSet, event_store: RelationName) -
         pool,
         publisher: Publisher::new(projectors),
         event_store,
+        last_cause: std::sync::Mutex::new(None),
     });
     Router::new()
         .route("/ready", get(ready_handler))
@@ -115,7 +149,19 @@ async fn with_deadline<T>(what: &str, work: impl Future<Output = Result<T>>) -> 
 }
 
 async fn ready_handler(State(state): State<Arc<ServeState>>) -> Response {
-    match with_deadline("readiness check", readiness(&state.pool, &state.publisher)).await {
+    let result = with_deadline("readiness check", readiness(&state.pool, &state.publisher)).await;
+    let cause = result.as_ref().err().map(not_ready_cause);
+    {
+        let mut last = state.last_cause.lock().unwrap_or_else(|e| e.into_inner());
+        if *last != cause {
+            match &cause {
+                Some(cause) => tracing::warn!(%cause, "/ready answers 503"),
+                None => tracing::info!("/ready answers 200"),
+            }
+            last.clone_from(&cause);
+        }
+    }
+    match result {
         Ok(inline) => (
             StatusCode::OK,
             Json(serde_json::json!({ "ready": true, "inline": inline })),
@@ -125,6 +171,7 @@ async fn ready_handler(State(state): State<Arc<ServeState>>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({
                 "ready": false,
+                "cause": cause,
                 "error": e.to_string(),
                 "sqlstate": e.sqlstate(),
                 "exit_code": e.exit_code(),
@@ -157,23 +204,42 @@ async fn metrics_handler(State(state): State<Arc<ServeState>>) -> Response {
         with_deadline("status", read_status(&state)),
     )
     .await;
-    match report {
-        Ok(report) => (
-            [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
-            render_metrics(&report, ready.is_ok()),
-        )
-            .into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            format!("{e}\n"),
-        )
-            .into_response(),
-    }
+    let body = match report {
+        Ok(report) => render_metrics(&report, ready.is_ok()),
+        Err(e) => {
+            // Still a scrape: Prometheus alerts on `coord_up == 0`, not on a
+            // failed scrape it cannot tell from a dead process.
+            tracing::warn!(cause = %not_ready_cause(&e), "/metrics: cannot read coord's state");
+            render_down()
+        }
+    };
+    ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], body).into_response()
+}
+
+/// The metrics when coord's state cannot be read: `coord_up 0`, `coord_ready 0`.
+fn render_down() -> String {
+    let mut out = String::new();
+    up(&mut out, false);
+    gauge(
+        &mut out,
+        "coord_ready",
+        "1 while this configuration may publish, else 0.",
+    );
+    line(&mut out, "coord_ready", &[], 0);
+    out
+}
+
+fn up(out: &mut String, up: bool) {
+    gauge(
+        out,
+        "coord_up",
+        "1 when coord read its state from the database for this scrape, else 0.",
+    );
+    line(out, "coord_up", &[], u8::from(up));
 }
 
 /// Renders `report` and `ready` in Prometheus' text exposition format:
-/// `coord_ready`, `coord_event_store_head_position`, and per projector
+/// `coord_up` (1: the state was read), `coord_ready`, `coord_event_store_head_position`, and per projector
 /// version (labels `projector`, `version`, `status`)
 /// `coord_projector_events_processed`, `coord_projector_events_parked`,
 /// `coord_projector_lag` and `coord_projector_lag_events` (events not yet
@@ -183,6 +249,7 @@ async fn metrics_handler(State(state): State<Arc<ServeState>>) -> Response {
 /// (labels `projector`, `version`; 1 for the active version, else 0).
 pub fn render_metrics(report: &StatusReport, ready: bool) -> String {
     let mut out = String::new();
+    up(&mut out, true);
     gauge(
         &mut out,
         "coord_ready",

@@ -1,13 +1,17 @@
 //! A small bank that uses coord as an application would: a balance projector
 //! written in Rust (v1 and v2 differ), publishers that go through the gate
-//! and retry while an activation holds their events back, and the same
-//! `activate-current-config` the `coord` command runs, embedded.
+//! and retry while an activation holds their events back, and every `coord`
+//! command with its Rust projector added (`bank coord ...`, through
+//! [`coord::cli::run_from`]), so a deploy pipeline runs
+//! `bank --app-version 2 coord activate-current-config` exactly as it would
+//! run `coord activate-current-config` for projectors defined in coord.toml.
 //!
 //! ```sh
-//! cargo run --release --example bank -- --app-version 1 load --events 300000
-//! cargo run --release --example bank -- --app-version 1 activate-current-config
-//! cargo run --release --example bank -- --app-version 1 publish --seconds 20 --out v1.json &
-//! cargo run --release --example bank -- --app-version 2 activate-current-config
+//! cargo run --example bank -- --app-version 1 load --events 300000
+//! cargo run --example bank -- --app-version 1 coord activate-current-config
+//! cargo run --example bank -- --app-version 1 publish --seconds 20 --out v1.json &
+//! cargo run --example bank -- --app-version 2 coord activate-current-config
+//! cargo run --example bank -- --app-version 2 coord status
 //! ```
 
 mod projectors;
@@ -15,16 +19,14 @@ mod projectors;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
+use std::ffi::OsString;
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
-use coord::activation::{self, ActivateOptions};
-use coord::store::Actor;
 use coord::{
-    DatabaseUrl, Error, ExpectedVersion, NewEvent, Projector, ProjectorSet, Publisher,
-    RelationName, RetryPolicy,
+    DatabaseUrl, Error, ExpectedVersion, NewEvent, Projector, ProjectorSet, Publisher, RetryPolicy,
 };
 use rand::{Rng, SeedableRng};
-use tokio_util::sync::CancellationToken;
 
 /// The bank application.
 #[derive(Debug, Parser)]
@@ -32,9 +34,9 @@ struct Cli {
     /// Which version of the application this instance runs (1 or 2).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
     app_version: u8,
-    /// PostgreSQL URL.
+    /// PostgreSQL URL (for `load` and `publish`; `coord` has its own --database-url).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    database_url: String,
+    database_url: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -50,8 +52,13 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         accounts: i64,
     },
-    /// Replay, verify and activate this version's projectors (coord's activate-current-config).
-    ActivateCurrentConfig,
+    /// Every `coord` command, with this version's Rust projectors: `bank coord activate-current-config`, `bank coord status`, ...
+    #[command(disable_help_flag = true)]
+    Coord {
+        /// The `coord` command line.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Publish deposits and withdrawals through the gate until told to stop or time runs out.
     Publish {
         /// Concurrent publishers.
@@ -74,13 +81,33 @@ fn projectors(app_version: u8) -> ProjectorSet {
     ProjectorSet::new(vec![balances]).expect("one projector")
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let url = DatabaseUrl::parse(&cli.database_url).map_err(anyhow::Error::msg)?;
+    if let Command::Coord { args } = cli.command {
+        let program = OsString::from(format!("bank --app-version {} coord", cli.app_version));
+        return coord::cli::run_from(
+            std::iter::once(program).chain(args),
+            projectors(cli.app_version),
+        );
+    }
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bank: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let url = cli.database_url.as_deref().ok_or_else(|| {
+        anyhow::anyhow!("no database URL: pass --database-url or set DATABASE_URL")
+    })?;
+    let url = DatabaseUrl::parse(url).map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Load { events, accounts } => load(&url, events, accounts).await,
-        Command::ActivateCurrentConfig => activate(&url, cli.app_version).await,
+        Command::Coord { .. } => unreachable!("handled in main"),
         Command::Publish {
             publishers,
             seconds,
@@ -131,56 +158,6 @@ async fn load(url: &DatabaseUrl, events: i64, accounts: i64) -> anyhow::Result<(
         "loaded {events} events over {accounts} accounts in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    Ok(())
-}
-
-async fn activate(url: &DatabaseUrl, app_version: u8) -> anyhow::Result<()> {
-    let pool = coord::pool(url, 6)?;
-    let actor = Actor::new(
-        gethostname::gethostname().to_string_lossy(),
-        format!("bank v{app_version} activate-current-config"),
-    );
-    let mut options = ActivateOptions::default();
-    let last_print = Arc::new(std::sync::Mutex::new(Instant::now()));
-    options.replay.progress = Some(Arc::new(move |p: &coord::replay::Progress| {
-        let mut last = last_print.lock().expect("not poisoned");
-        if last.elapsed() >= Duration::from_secs(1) {
-            *last = Instant::now();
-            let total = p.total.map_or_else(|| "?".to_owned(), |t| t.to_string());
-            eprintln!(
-                "  replaying {}: {}/{} events, {:.0} events/s",
-                p.projector, p.done, total, p.rate_per_s
-            );
-        }
-    }));
-    let report = activation::activate_current_config(
-        &pool,
-        url,
-        &projectors(app_version),
-        &RelationName::default(),
-        &options,
-        &actor,
-        &CancellationToken::new(),
-    )
-    .await
-    .context("activate-current-config")?;
-    for step in &report.steps {
-        let switch = step.switch.as_ref();
-        println!(
-            "{} {}: {} -> {}; replayed {} events in {:.1} s ({:.0} events/s); publishers held back {:.1} ms",
-            step.action,
-            step.projector,
-            switch.and_then(|s| s.from.as_deref()).unwrap_or("none"),
-            switch.and_then(|s| s.to.as_deref()).unwrap_or("none"),
-            step.replayed_events,
-            step.replay_seconds,
-            step.replayed_events as f64 / step.replay_seconds.max(1e-9),
-            switch.map_or(0.0, |s| s.held_back_ms),
-        );
-    }
-    if report.steps.is_empty() {
-        println!("nothing to do: v{app_version} is active");
-    }
     Ok(())
 }
 
@@ -253,6 +230,7 @@ async fn publish(
                         // Stale instance: fail fast; the load balancer takes it out.
                         summary.refused_newer_active += 1;
                         summary.max_publish_ms = summary.max_publish_ms.max(ms);
+                        // Its text starts with the error's name and SQLSTATE.
                         summary.first_refusal.get_or_insert_with(|| e.to_string());
                         break;
                     }

@@ -23,6 +23,8 @@ use crate::config::DatabaseUrl;
 use crate::store::Actor;
 use crate::{Error, Result};
 
+/// How often the lock's connection is checked for having ended.
+const WATCH_EVERY: Duration = Duration::from_millis(20);
 const TRY_LOCK: &str = "SELECT pg_try_advisory_lock(1668247413, 0)";
 /// Waits for the fenced transactions of a previous holder to end.
 const WAIT_FOR_FENCED: &str =
@@ -41,7 +43,7 @@ const HOLDER: &str = "SELECT a.application_name, coalesce(a.client_addr::text, '
 
 /// The held activation lock; dropping it releases it.
 pub struct ActivationLock {
-    client: Client,
+    client: Arc<Client>,
     pid: i32,
     lost: CancellationToken,
     released: Arc<AtomicBool>,
@@ -62,21 +64,27 @@ impl ActivationLock {
     pub async fn acquire(url: &DatabaseUrl, actor: &Actor, wait: Duration) -> Result<Self> {
         let mut config = url.pg_config();
         config.application_name(format!("{} on {}", actor.command, actor.host));
-        let (client, connection) = config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(Error::Db)?;
+        let client = Arc::new(crate::db::connect_with(url, config).await?);
         let lost = CancellationToken::new();
         let released = Arc::new(AtomicBool::new(false));
         {
-            let (lost, released) = (lost.clone(), released.clone());
+            // The connection task belongs to crate::db: watch the client
+            // instead (closed once that task ends).
+            let (lost, released, watched) =
+                (lost.clone(), released.clone(), Arc::downgrade(&client));
             tokio::spawn(async move {
-                let outcome = connection.await;
-                if !released.load(Ordering::SeqCst) {
-                    match outcome {
-                        Err(e) => tracing::warn!(error = %e, "activation lock connection lost"),
-                        Ok(()) => tracing::warn!("activation lock connection closed"),
+                loop {
+                    match watched.upgrade() {
+                        Some(client) if !client.is_closed() => {}
+                        Some(_) => {
+                            if !released.load(Ordering::SeqCst) {
+                                tracing::warn!("activation lock connection lost");
+                            }
+                            break;
+                        }
+                        None => break,
                     }
+                    tokio::time::sleep(WATCH_EVERY).await;
                 }
                 lost.cancel();
             });

@@ -123,6 +123,13 @@ async fn ready_is_503_with_co001_when_a_newer_version_is_active() {
     let body = reply.json();
     assert_eq!(body["ready"], false);
     assert_eq!(body["sqlstate"], "CO001");
+    assert!(
+        body["cause"]
+            .as_str()
+            .unwrap()
+            .starts_with("NewerProjectorIsActive (CO001): projector balances 1.0.0"),
+        "{body}"
+    );
     assert_eq!(body["exit_code"], 3);
     assert_eq!(body["retryable"], false);
     let error = body["error"].as_str().unwrap();
@@ -160,8 +167,17 @@ async fn ready_is_503_when_the_database_is_unreachable() {
     assert_eq!(body["exit_code"], 1);
     assert!(!body["error"].as_str().unwrap().is_empty());
 
+    assert_eq!(body["cause"], "database unreachable", "{body}");
+
+    // Still a scrape Prometheus can read: coord_up 0, not HTTP 500.
     let metrics = get(server.addr, "/metrics").await;
-    assert_eq!(metrics.status, 500, "{}", metrics.body);
+    assert_eq!(metrics.status, 200, "{}", metrics.body);
+    assert!(metrics.body.contains("\ncoord_up 0\n"), "{}", metrics.body);
+    assert!(
+        metrics.body.contains("\ncoord_ready 0\n"),
+        "{}",
+        metrics.body
+    );
     server.stop().await;
 }
 
@@ -206,6 +222,17 @@ async fn status_is_500_when_the_schema_is_not_migrated() {
     let reply = get(server.addr, "/status").await;
     assert_eq!(reply.status, 500, "{}", reply.body);
     assert!(reply.json()["error"].is_string());
+    let ready = get(server.addr, "/ready").await;
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert_eq!(
+        ready.json()["cause"],
+        "coord schema missing: run coord migrate",
+        "{}",
+        ready.body
+    );
+    let metrics = get(server.addr, "/metrics").await;
+    assert_eq!(metrics.status, 200, "{}", metrics.body);
+    assert!(metrics.body.contains("\ncoord_up 0\n"), "{}", metrics.body);
     server.stop().await;
 }
 
@@ -221,6 +248,7 @@ async fn metrics_report_readiness_head_position_and_per_version_gauges() {
     let text = reply.body;
     let lines: Vec<&str> = text.lines().collect();
     for expected in [
+        "coord_up 1",
         "coord_ready 1",
         "coord_event_store_head_position 1",
         r#"coord_projector_events_processed{projector="balances",version="1.0.0",status="active"} 0"#,
@@ -265,39 +293,14 @@ async fn unknown_paths_are_404() {
 async fn coord_serve_prints_the_bound_address_answers_and_stops_on_sigterm() {
     let db = TestDb::migrated().await;
     db.write_config("coord.toml", &balances_toml("1.0.0"));
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_coord"))
-        .current_dir(db.dir.path())
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("DATABASE_URL", &db.url)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
-        .await
-        .expect("coord serve prints its address within 30s")
-        .unwrap()
-        .expect("a line on stdout");
-    let addr: SocketAddr = line
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .unwrap();
+    let (mut child, addr) = spawn_serve(&db).await;
     assert_ne!(addr.port(), 0, "the printed address is the bound one");
 
     let reply = get(addr, "/ready").await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.json()["ready"], true);
 
-    let pid = child.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    sigterm(&child);
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
         .expect("coord serve stops within 30s of SIGTERM")
@@ -325,4 +328,73 @@ async fn coord_serve_reports_an_address_in_use_with_exit_1() {
     let err = stderr(&out);
     assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
     assert!(err.to_lowercase().contains("in use"), "{err}");
+}
+
+#[tokio::test]
+async fn coord_serve_logs_why_ready_is_503_once_per_change() {
+    // Not migrated: the cause is the missing schema.
+    let db = TestDb::new().await;
+    db.write_config("coord.toml", &balances_toml("1.0.0"));
+    let (child, addr) = spawn_serve(&db).await;
+    for _ in 0..3 {
+        let reply = get(addr, "/ready").await;
+        assert_eq!(reply.status, 503, "{}", reply.body);
+    }
+    sigterm(&child);
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("coord serve stops within 30s of SIGTERM")
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    let logged: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("/ready answers 503"))
+        .collect();
+    assert_eq!(
+        logged.len(),
+        1,
+        "one line for three probes with one cause:\n{log}"
+    );
+    assert!(
+        logged[0].contains("coord schema missing: run coord migrate"),
+        "{log}"
+    );
+}
+
+/// Starts `coord serve` on a free port in `db`'s directory; returns the
+/// child and the address it printed.
+async fn spawn_serve(db: &TestDb) -> (tokio::process::Child, SocketAddr) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_coord"))
+        .current_dir(db.dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
+        .await
+        .expect("coord serve prints its address within 30s")
+        .unwrap()
+        .expect("a line on stdout");
+    let addr: SocketAddr = line
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    (child, addr)
+}
+
+/// Sends SIGTERM to that child's own pid.
+fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
 }

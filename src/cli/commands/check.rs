@@ -1,7 +1,7 @@
 //! `coord check`: may this configuration publish now?
 
 use clap::Args;
-use coord::{ProjectorSet, Publisher};
+use coord::Publisher;
 
 use crate::context::Context;
 use crate::output;
@@ -18,7 +18,7 @@ pub async fn run(ctx: &Context, args: CheckArgs) -> anyhow::Result<()> {
     let config = ctx.config()?;
     let mut client = ctx.connect(Some(&config)).await?;
     coord::store::ensure_migrated(&client).await?;
-    let publisher = Publisher::new(ProjectorSet::from_config(&config));
+    let publisher = Publisher::new(ctx.projectors(&config));
     let types = (!args.event_types.is_empty()).then_some(args.event_types.as_slice());
     let tx = client.transaction().await?;
     let inline = publisher.check(&tx, types).await;

@@ -21,7 +21,7 @@ pub struct ReplayArgs {
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
     pub jobs: u16,
     /// Events per batch (one transaction each).
-    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = crate::context::BATCH_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_size: u32,
 }
 

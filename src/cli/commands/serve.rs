@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 
 use anyhow::Context as _;
 use clap::Args;
-use coord::ProjectorSet;
 
 use crate::context::Context;
 
@@ -30,11 +29,7 @@ pub async fn run(ctx: &Context, args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
-    let router = coord::serve::router(
-        pool,
-        ProjectorSet::from_config(&config),
-        config.event_store.clone(),
-    );
+    let router = coord::serve::router(pool, ctx.projectors(&config), config.event_store.clone());
     println!("listening on http://{addr}");
     tracing::info!(%addr, "serving /ready, /status, /metrics");
     coord::serve::serve(listener, router, shutdown_signal()).await?;

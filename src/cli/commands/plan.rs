@@ -20,28 +20,33 @@ pub async fn run(ctx: &Context) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The words for a step, shared by `plan` and `activate-current-config`.
+pub fn describe(step: &activation::Step) -> String {
+    let action = match &step.action {
+        Action::NoChange => "no change".to_owned(),
+        Action::Bootstrap => "bootstrap: replay from the start, then activate".to_owned(),
+        Action::Replay { from } => format!("replay beside {from}, then activate"),
+        Action::ResumeReplay => "resume the replay, then activate".to_owned(),
+        Action::ResumeActivation => "finish the interrupted activation".to_owned(),
+        Action::Reactivate { from } => format!(
+            "catch up and re-activate (no replay){}",
+            from.as_deref()
+                .map(|f| format!(", retiring {f}"))
+                .unwrap_or_default()
+        ),
+        Action::Retire { version } => format!("retire {version} (no longer configured)"),
+        Action::Refuse { reason } => format!("REFUSED: {reason}"),
+    };
+    match &step.abandons_replay_of {
+        Some(other) => format!("{action}; abandons the replay of {other}"),
+        None => action,
+    }
+}
+
 pub fn render(plan: &activation::Plan) -> String {
     let mut table = Table::new(&["PROJECTOR", "VERSION", "ACTION", "EVENTS"]);
     for step in &plan.steps {
-        let action = match &step.action {
-            Action::NoChange => "no change".to_owned(),
-            Action::Bootstrap => "bootstrap: replay from the start, then activate".to_owned(),
-            Action::Replay { from } => format!("replay beside {from}, then activate"),
-            Action::ResumeReplay => "resume the replay, then activate".to_owned(),
-            Action::ResumeActivation => "finish the interrupted activation".to_owned(),
-            Action::Reactivate { from } => format!(
-                "catch up and re-activate (no replay){}",
-                from.as_deref()
-                    .map(|f| format!(", retiring {f}"))
-                    .unwrap_or_default()
-            ),
-            Action::Retire { version } => format!("retire {version} (no longer configured)"),
-            Action::Refuse { reason } => format!("REFUSED: {reason}"),
-        };
-        let action = match &step.abandons_replay_of {
-            Some(other) => format!("{action}; abandons the replay of {other}"),
-            None => action,
-        };
+        let action = describe(step);
         table.row(vec![
             step.projector.clone(),
             step.version.clone().unwrap_or_else(|| "-".into()),

@@ -4,6 +4,8 @@ pub mod abort;
 pub mod activate;
 pub mod catch_up;
 pub mod check;
+pub mod completions;
+pub mod init;
 pub mod migrate;
 pub mod plan;
 pub mod publish;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Args;
-use coord::{ExpectedVersion, NewEvent, ProjectorSet, Publisher, RetryPolicy};
+use coord::{ExpectedVersion, NewEvent, Publisher, RetryPolicy};
 
 use crate::context::Context;
 use crate::output;
@@ -69,7 +69,7 @@ pub async fn run(ctx: &Context, args: PublishArgs) -> anyhow::Result<()> {
     let config = ctx.config()?;
     let mut client = ctx.connect(Some(&config)).await?;
     coord::ensure_writable(&client).await?;
-    let publisher = Publisher::new(ProjectorSet::from_config(&config));
+    let publisher = Publisher::new(ctx.projectors(&config));
     let event = NewEvent {
         event_type: args.event_type,
         data,

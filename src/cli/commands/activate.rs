@@ -19,7 +19,7 @@ pub struct ActivationArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     pub lock_deadline: f64,
     /// Events per replay batch.
-    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    #[arg(long, value_name = "N", default_value_t = crate::context::BATCH_SIZE as usize)]
     pub batch_size: usize,
     /// Projector versions replayed at once.
     #[arg(long, value_name = "N", default_value_t = 2)]
@@ -91,11 +91,13 @@ pub async fn activate(ctx: &Context, args: ActivateArgs) -> anyhow::Result<()> {
         println!("nothing to do: every configured version is active");
         return Ok(());
     }
-    print!("{}", render_steps(&report.steps));
+    print!("{}", render_steps(&report.steps, Some(&report.plan)));
     Ok(())
 }
 
-pub fn render_steps(steps: &[activation::StepReport]) -> String {
+/// The steps carried out; with the plan, each action in the words `coord
+/// plan` printed for it.
+pub fn render_steps(steps: &[activation::StepReport], plan: Option<&activation::Plan>) -> String {
     let mut table = Table::new(&[
         "PROJECTOR",
         "ACTION",
@@ -110,7 +112,8 @@ pub fn render_steps(steps: &[activation::StepReport]) -> String {
         let sw = s.switch.as_ref();
         table.row(vec![
             s.projector.clone(),
-            s.action.clone(),
+            plan.and_then(|p| p.steps.iter().find(|step| step.projector == s.projector))
+                .map_or_else(|| s.action.clone(), crate::commands::plan::describe),
             output::opt(sw.and_then(|w| w.from.clone())),
             output::opt(sw.and_then(|w| w.to.clone())),
             s.replayed_events.to_string(),
@@ -172,7 +175,7 @@ fn print_step(ctx: &Context, report: &activation::StepReport) -> anyhow::Result<
     if ctx.json() {
         return output::json(report);
     }
-    print!("{}", render_steps(std::slice::from_ref(report)));
+    print!("{}", render_steps(std::slice::from_ref(report), None));
     Ok(())
 }
 
@@ -225,22 +228,21 @@ pub async fn prune(ctx: &Context, args: PruneArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if !args.yes {
-        let stdin = std::io::stdin();
-        if !stdin.is_terminal() {
-            return Err(coord::Error::InvalidInput(
-                "coord prune drops schemas: confirm with --yes when not running at a terminal"
-                    .into(),
-            )
-            .into());
-        }
         eprintln!(
-            "coord prune will drop these schemas (their versions can no longer be rolled back to):"
+            "coord prune would drop these schemas (their versions can no longer be rolled back to):"
         );
         for v in &candidates {
             eprintln!(
                 "  {} ({}@{}, {})",
                 v.schema_name, v.name, v.version, v.status
             );
+        }
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return Err(coord::Error::InvalidInput(
+                "nothing dropped: confirm with --yes when not running at a terminal".into(),
+            )
+            .into());
         }
         eprint!("drop them? [y/N] ");
         std::io::stderr().flush()?;
@@ -292,11 +294,13 @@ pub async fn wait(ctx: &Context, args: WaitArgs) -> anyhow::Result<()> {
         .into());
     }
     let config = ctx.config()?;
-    let client = ctx.connect(Some(&config)).await?;
+    let mut client = ctx.connect(Some(&config)).await?;
     let Until::Active = args.until;
+    let projectors = ctx.projectors(&config);
+    refuse_if_superseded(&mut client, &projectors).await?;
     coord::activation::wait_until_active(
         &client,
-        &ctx.projectors(&config),
+        &projectors,
         Duration::from_secs_f64(args.timeout),
         Duration::from_millis(200),
     )
@@ -306,6 +310,27 @@ pub async fn wait(ctx: &Context, args: WaitArgs) -> anyhow::Result<()> {
     }
     println!("every configured version is active");
     Ok(())
+}
+
+/// Fails at once, with the gate's error, when this configuration can never
+/// become active: a newer version is already active, or a projector it does
+/// not have. Waiting for it would only run into the timeout.
+async fn refuse_if_superseded(
+    client: &mut tokio_postgres::Client,
+    projectors: &coord::ProjectorSet,
+) -> anyhow::Result<()> {
+    coord::store::ensure_migrated(&*client).await?;
+    let publisher = coord::Publisher::new(projectors.clone());
+    let tx = client.transaction().await?;
+    let gate = publisher.check(&tx, None).await;
+    tx.rollback().await?;
+    match gate {
+        Err(
+            e @ (coord::Error::NewerProjectorIsActive { .. }
+            | coord::Error::UnknownProjectorActive { .. }),
+        ) => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 /// Arguments of `coord rebuild`.
