@@ -43,10 +43,10 @@ pub struct Args {
     )]
     database_url: String,
     /// Keep a transaction of an unrelated event type open for this many
-    /// seconds from the start of the activation (it has passed the gate, so
-    /// the flip must wait for it): measures how long publishers of the
-    /// activated projector wait inside the gate meanwhile. The activation is
-    /// retried until it completes.
+    /// seconds from the start of the activation, after N+1 is replayed (it
+    /// has passed the gate, so the flip must wait for it): measures how long
+    /// publishers of the activated projector wait inside the gate meanwhile.
+    /// The activation is retried until it completes.
     #[arg(long, value_name = "SECONDS")]
     long_transaction: Option<f64>,
     /// Output format.
@@ -282,6 +282,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_secs(2)).await; // a baseline of ordinary publishing
     say("replaying and activating N+1 while N publishes...");
+    if args.long_transaction.is_some() {
+        // Replay first, so that the long transaction overlaps the critical
+        // section rather than the replay.
+        let v2_projectors: Vec<Arc<dyn Projector>> = v2.iter().cloned().collect();
+        for outcome in coord::replay::replay_many(
+            &pool,
+            &v2_projectors,
+            &events,
+            &options.replay,
+            &actor,
+            &cancel,
+        )
+        .await
+        {
+            outcome.result?;
+        }
+    }
     let activation_started = origin.elapsed();
     let long = match args.long_transaction {
         Some(seconds) => {
