@@ -160,7 +160,8 @@ async fn terminating_the_critical_section_returns_the_version_to_replaying() {
         let row = client
             .query_opt(
                 "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = 1668247411 AND objid = 0 \
-                 AND mode = 'ExclusiveLock' AND NOT granted LIMIT 1",
+                 AND mode = 'ExclusiveLock' AND NOT granted \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) LIMIT 1",
                 &[],
             )
             .await
