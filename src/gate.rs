@@ -110,6 +110,57 @@ pub async fn drain_all_publishers(tx: &mut Transaction<'_>, policy: LockPolicy) 
     with_bounded_waits(tx, policy, "all publishers", LOCK_GLOBAL_EXCLUSIVE).await
 }
 
+/// One bounded attempt at holding back every publisher of `event_types`
+/// (and those that name no types): `Ok(false)` when `policy.attempt_timeout`
+/// passed first, the transaction still usable and holding nothing new.
+///
+/// # Errors
+/// Database errors.
+pub async fn try_hold_back_publishers(
+    tx: &mut Transaction<'_>,
+    event_types: &[String],
+    policy: LockPolicy,
+) -> Result<bool> {
+    attempt_once(tx, policy, &hold_back_sql(event_types)).await
+}
+
+/// One bounded attempt at [`drain_all_publishers`]: `Ok(false)` when
+/// `policy.attempt_timeout` passed first (an in-flight transaction holds the
+/// shared global key).
+///
+/// # Errors
+/// Database errors.
+pub async fn try_drain_all_publishers(
+    tx: &mut Transaction<'_>,
+    policy: LockPolicy,
+) -> Result<bool> {
+    attempt_once(tx, policy, LOCK_GLOBAL_EXCLUSIVE).await
+}
+
+fn attempt_sql(policy: LockPolicy, lock_sql: &str) -> String {
+    let timeout_ms = policy.attempt_timeout.as_millis().max(1);
+    format!(
+        "SAVEPOINT coord_lock; SET LOCAL lock_timeout = '{timeout_ms}ms'; {lock_sql}; \
+         SET LOCAL lock_timeout = 0; RELEASE SAVEPOINT coord_lock"
+    )
+}
+
+async fn attempt_once(
+    tx: &mut Transaction<'_>,
+    policy: LockPolicy,
+    lock_sql: &str,
+) -> Result<bool> {
+    match tx.batch_execute(&attempt_sql(policy, lock_sql)).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.code().map(|c| c.code()) == Some("55P03") => {
+            tx.batch_execute("ROLLBACK TO SAVEPOINT coord_lock; RELEASE SAVEPOINT coord_lock")
+                .await?;
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Runs `lock_sql` inside a savepoint with a short `lock_timeout`, retrying
 /// until the deadline. Each attempt is one round trip (a simple-query batch);
 /// locks taken before stay held across retries.
@@ -120,16 +171,11 @@ async fn with_bounded_waits(
     lock_sql: &str,
 ) -> Result<()> {
     let started = Instant::now();
-    let timeout_ms = policy.attempt_timeout.as_millis().max(1);
-    let attempt = format!(
-        "SAVEPOINT coord_lock; SET LOCAL lock_timeout = '{timeout_ms}ms'; {lock_sql}; \
-         SET LOCAL lock_timeout = 0; RELEASE SAVEPOINT coord_lock"
-    );
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        match tx.batch_execute(&attempt).await {
-            Ok(()) => {
+        match attempt_once(tx, policy, lock_sql).await {
+            Ok(true) => {
                 if attempts > 1 {
                     tracing::debug!(
                         attempts,
@@ -140,9 +186,7 @@ async fn with_bounded_waits(
                 }
                 return Ok(());
             }
-            Err(e) if e.code().map(|c| c.code()) == Some("55P03") => {
-                tx.batch_execute("ROLLBACK TO SAVEPOINT coord_lock; RELEASE SAVEPOINT coord_lock")
-                    .await?;
+            Ok(false) => {
                 if started.elapsed() >= policy.deadline {
                     return Err(Error::Busy(format!(
                         "could not hold back {what} within {:?} ({attempts} attempts): a long-running \
@@ -152,7 +196,7 @@ async fn with_bounded_waits(
                 }
                 tokio::time::sleep(policy.pause).await;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
 }

@@ -2,16 +2,40 @@
 //! dedicated connection (never a pooled one, whose recycling could keep or
 //! drop it behind our back). Losing the connection releases it, so a killed
 //! process never leaves it held.
+//!
+//! Losing it is noticed (docs/decisions/0033-activation-fencing.md): the
+//! lock's connection watches itself and reports its end through
+//! [`ActivationLock::lost`], and every state change made under the lock runs
+//! [`ActivationLock::fence`] in its own transaction, which fails unless this
+//! lock's backend still holds the lock. The fence takes a shared advisory key
+//! that a new holder takes exclusively right after acquiring the lock, so a
+//! fenced transaction that passed its check commits before the next holder
+//! reads anything.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseUrl;
 use crate::store::Actor;
 use crate::{Error, Result};
 
+/// How often the lock's connection is checked for having ended.
+const WATCH_EVERY: Duration = Duration::from_millis(20);
 const TRY_LOCK: &str = "SELECT pg_try_advisory_lock(1668247413, 0)";
+/// Waits for the fenced transactions of a previous holder to end.
+const WAIT_FOR_FENCED: &str =
+    "SELECT pg_advisory_lock(1668247413, 1); SELECT pg_advisory_unlock(1668247413, 1)";
+/// In a fenced transaction: the shared fence key, then whether the backend
+/// `$1` still holds the activation lock.
+const FENCE: &str =
+    "SELECT pg_advisory_xact_lock_shared(1668247413, 1), EXISTS (SELECT 1 FROM pg_locks l \
+    WHERE l.locktype = 'advisory' AND l.classid = 1668247413 AND l.objid = 0 AND l.objsubid = 2 \
+    AND l.granted AND l.pid = $1 \
+    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))";
 const HOLDER: &str = "SELECT a.application_name, coalesce(a.client_addr::text, 'local'), \
     coord.iso(a.backend_start), a.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
     WHERE l.locktype = 'advisory' AND l.classid = 1668247413 AND l.objid = 0 AND l.granted \
@@ -19,12 +43,15 @@ const HOLDER: &str = "SELECT a.application_name, coalesce(a.client_addr::text, '
 
 /// The held activation lock; dropping it releases it.
 pub struct ActivationLock {
-    client: Client,
+    client: Arc<Client>,
+    pid: i32,
+    lost: CancellationToken,
+    released: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for ActivationLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ActivationLock")
+        write!(f, "ActivationLock(pid {})", self.pid)
     }
 }
 
@@ -37,12 +64,48 @@ impl ActivationLock {
     pub async fn acquire(url: &DatabaseUrl, actor: &Actor, wait: Duration) -> Result<Self> {
         let mut config = url.pg_config();
         config.application_name(format!("{} on {}", actor.command, actor.host));
-        let client = crate::db::connect_with(url, config).await?;
+        let client = Arc::new(crate::db::connect_with(url, config).await?);
+        let lost = CancellationToken::new();
+        let released = Arc::new(AtomicBool::new(false));
+        {
+            // The connection task belongs to crate::db: watch the client
+            // instead (closed once that task ends).
+            let (lost, released, watched) =
+                (lost.clone(), released.clone(), Arc::downgrade(&client));
+            tokio::spawn(async move {
+                loop {
+                    match watched.upgrade() {
+                        Some(client) if !client.is_closed() => {}
+                        Some(_) => {
+                            if !released.load(Ordering::SeqCst) {
+                                tracing::warn!("activation lock connection lost");
+                            }
+                            break;
+                        }
+                        None => break,
+                    }
+                    tokio::time::sleep(WATCH_EVERY).await;
+                }
+                lost.cancel();
+            });
+        }
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await?
+            .try_get(0)?;
         let started = Instant::now();
         loop {
             let got: bool = client.query_one(TRY_LOCK, &[]).await?.try_get(0)?;
             if got {
-                return Ok(Self { client });
+                // A previous holder that lost the lock may be inside a fenced
+                // transaction that already passed its check: let it end first.
+                client.batch_execute(WAIT_FOR_FENCED).await?;
+                return Ok(Self {
+                    client,
+                    pid,
+                    lost,
+                    released,
+                });
             }
             if started.elapsed() >= wait {
                 let holder = match client.query_opt(HOLDER, &[]).await? {
@@ -63,14 +126,75 @@ impl ActivationLock {
         }
     }
 
+    /// The server process id of the connection holding the lock.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Cancelled when the lock's connection ends (its backend was
+    /// terminated, the server restarted, the network failed): from then on
+    /// another run may hold the lock.
+    pub fn lost(&self) -> &CancellationToken {
+        &self.lost
+    }
+
+    /// The error of a run that lost the lock.
+    pub fn lost_error(&self, during: &str) -> Error {
+        Error::Failed(format!(
+            "lost the activation lock (its connection, server pid {}, ended) during {during}; stopped before \
+             committing anything more; another run may hold it now: run `coord activate-current-config` again \
+             (it finishes or resumes what this one left)",
+            self.pid
+        ))
+    }
+
+    /// The fencing check: call it inside every transaction that changes
+    /// state under the lock, before its first write. It fails unless this
+    /// lock's backend still holds the lock, and keeps the next holder from
+    /// reading anything until the transaction ends.
+    ///
+    /// # Errors
+    /// [`Error::Failed`] when the lock was lost; database errors.
+    pub async fn fence(&self, tx: &impl GenericClient, during: &str) -> Result<()> {
+        if self.lost.is_cancelled() {
+            return Err(self.lost_error(during));
+        }
+        let held: bool = tx.query_one(FENCE, &[&self.pid]).await?.try_get(1)?;
+        if held {
+            Ok(())
+        } else {
+            Err(self.lost_error(during))
+        }
+    }
+
     /// Releases the lock.
     ///
     /// # Errors
     /// Database errors (the lock is released anyway when the connection closes).
     pub async fn release(self) -> Result<()> {
+        self.released.store(true, Ordering::SeqCst);
         self.client
             .batch_execute("SELECT pg_advisory_unlock(1668247413, 0)")
             .await?;
         Ok(())
+    }
+}
+
+impl Drop for ActivationLock {
+    fn drop(&mut self) {
+        // Closing on purpose (an error path) is not a loss worth a warning.
+        self.released.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A fence that may be absent (library calls made without the lock).
+pub(crate) async fn fence(
+    lock: Option<&ActivationLock>,
+    tx: &impl GenericClient,
+    during: &str,
+) -> Result<()> {
+    match lock {
+        Some(lock) => lock.fence(tx, during).await,
+        None => Ok(()),
     }
 }

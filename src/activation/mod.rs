@@ -2,6 +2,7 @@
 //! `activate-current-config`, `rollback`, `prune`, `wait`. The only code that
 //! changes which version of a projector is active.
 
+mod abort;
 mod lock;
 mod maintenance;
 mod plan;
@@ -9,6 +10,7 @@ mod rebuild;
 mod run;
 mod switch;
 
+pub use abort::abort_projector;
 pub use lock::ActivationLock;
 pub use maintenance::{prunable, prune, wait_until_active};
 pub use plan::{plan, Action, Plan, Step};

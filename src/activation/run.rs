@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::lock::ActivationLock;
 use super::plan::{plan, Action, Plan};
-use super::switch::{activate_version, retire, SwitchReport};
+use super::switch::{activate_version_fenced, retire_fenced, SwitchReport};
 use crate::config::DatabaseUrl;
 use crate::gate::LockPolicy;
 use crate::names::{quote_ident, RelationName};
@@ -96,6 +96,8 @@ pub async fn activate_current_config(
     cancel: &CancellationToken,
 ) -> Result<ActivationReport> {
     let lock = ActivationLock::acquire(url, actor, options.lock_wait).await?;
+    // Losing the lock stops replays and catch-ups at their next batch.
+    let cancel = &linked(cancel, lock.lost());
     let plan = {
         let client = pool.get().await?;
         crate::migrate::ensure_writable(&**client).await?;
@@ -124,7 +126,10 @@ pub async fn activate_current_config(
     for step in plan.steps.iter().filter(|s| s.abandons_replay_of.is_some()) {
         let mut pooled = pool.get().await?;
         let client: &mut tokio_postgres::Client = &mut pooled;
-        let report = replay::abort_with(client, &step.projector, actor, options.dependents).await?;
+        let tx = client.transaction().await?;
+        lock.fence(&tx, "abandoning a replay").await?;
+        let report = replay::abort_in(&tx, &step.projector, actor, options.dependents).await?;
+        tx.commit().await?;
         tracing::info!(projector = %step.projector, version = %report.version, "abandoned replay");
     }
 
@@ -180,7 +185,7 @@ pub async fn activate_current_config(
                 replayed_events: 0,
                 replay_seconds: 0.0,
                 switch: Some(
-                    retire(pool, &step.projector, event_store, options.locks, actor).await?,
+                    retire_fenced(pool, &step.projector, options.locks, actor, Some(&lock)).await?,
                 ),
             },
             action => {
@@ -198,6 +203,7 @@ pub async fn activate_current_config(
                             projector.as_ref(),
                             actor,
                             "catching up to re-activate",
+                            &lock,
                         )
                         .await?
                     }
@@ -207,13 +213,18 @@ pub async fn activate_current_config(
                             projector.as_ref(),
                             actor,
                             "resuming an interrupted activation",
+                            &lock,
                         )
                         .await?
                     }
                     _ => {}
                 }
                 let replayed =
-                    build(pool, projector, event_store, &options.replay, actor, cancel).await?;
+                    build(pool, projector, event_store, &options.replay, actor, cancel).await;
+                if lock.lost().is_cancelled() {
+                    return Err(lock.lost_error(&format!("the replay of {}", projector.label())));
+                }
+                let replayed = replayed?;
                 if cancel.is_cancelled() {
                     return Err(Error::Failed(format!(
                         "cancelled during the replay of {}; its checkpoint is saved: run the command again to resume",
@@ -231,11 +242,21 @@ pub async fn activate_current_config(
                     ..options.replay.clone()
                 };
                 let extra =
-                    replay::catch_up(pool, projector.as_ref(), event_store, &last, cancel).await?;
+                    replay::catch_up(pool, projector.as_ref(), event_store, &last, cancel).await;
+                if lock.lost().is_cancelled() {
+                    return Err(lock.lost_error(&format!("the catch-up of {}", projector.label())));
+                }
+                let extra = extra?;
                 let replay_seconds = started.elapsed().as_secs_f64();
-                let switch =
-                    activate_version(pool, projector.as_ref(), event_store, options.locks, actor)
-                        .await?;
+                let switch = activate_version_fenced(
+                    pool,
+                    projector.as_ref(),
+                    event_store,
+                    options.locks,
+                    actor,
+                    Some(&lock),
+                )
+                .await?;
                 StepReport {
                     projector: step.projector.clone(),
                     version: step.version.clone(),
@@ -250,6 +271,19 @@ pub async fn activate_current_config(
     }
     lock.release().await?;
     Ok(ActivationReport { plan, steps })
+}
+
+/// A token cancelled when `cancel` is or when `lost` is (the activation lock's connection ended).
+fn linked(cancel: &CancellationToken, lost: &CancellationToken) -> CancellationToken {
+    let linked = cancel.child_token();
+    let (lost, trigger) = (lost.clone(), linked.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            () = lost.cancelled() => trigger.cancel(),
+            () = trigger.cancelled() => {}
+        }
+    });
+    linked
 }
 
 fn action_name(action: &Action) -> &'static str {
@@ -298,12 +332,14 @@ async fn mark_replaying(
     projector: &dyn Projector,
     actor: &Actor,
     why: &str,
+    lock: &ActivationLock,
 ) -> Result<()> {
     let name = projector.name().as_str();
     let version = projector.version().to_string();
     let mut pooled = pool.get().await?;
     let client: &mut tokio_postgres::Client = &mut pooled;
     let tx = client.transaction().await?;
+    lock.fence(&tx, why).await?;
     let state = states::get(&tx, name, true).await?;
     let active = state.as_ref().and_then(|s| s.active_version.clone());
     let record = versions::get(&tx, name, &version)
@@ -387,11 +423,19 @@ pub async fn rollback(
 ) -> Result<StepReport> {
     let name = projector.name().as_str();
     let lock = ActivationLock::acquire(url, actor, options.lock_wait).await?;
+    let cancel = &linked(cancel, lock.lost());
     let (active, target) = {
         let client = pool.get().await?;
         crate::migrate::ensure_writable(&**client).await?;
         crate::event_relation::check_event_store(&**client, event_store).await?;
         let state = states::get(&**client, name, false).await?;
+        if let Some(activating) = state.as_ref().and_then(|s| s.activating_version.clone()) {
+            return Err(Error::Refused(format!(
+                "projector {name} is activating {activating} (an interrupted activation): finish it with \
+                 `coord activate-current-config` (configuration of {activating}) or back it out with \
+                 `coord abort --projector {name}`, then roll back"
+            )));
+        }
         let active = state.and_then(|s| s.active_version);
         let target = versions::list_of(&**client, name)
             .await?
@@ -425,6 +469,7 @@ pub async fn rollback(
         projector.as_ref(),
         actor,
         &format!("rollback from {}", active.as_deref().unwrap_or("-")),
+        &lock,
     )
     .await?;
     let caught = replay::catch_up(
@@ -434,11 +479,22 @@ pub async fn rollback(
         &options.replay,
         cancel,
     )
-    .await?;
+    .await;
+    if lock.lost().is_cancelled() {
+        return Err(lock.lost_error(&format!("the catch-up of {}", projector.label())));
+    }
+    let caught = caught?;
     verify(pool, projector.as_ref()).await?;
     let replay_seconds = started.elapsed().as_secs_f64();
-    let switch =
-        activate_version(pool, projector.as_ref(), event_store, options.locks, actor).await?;
+    let switch = activate_version_fenced(
+        pool,
+        projector.as_ref(),
+        event_store,
+        options.locks,
+        actor,
+        Some(&lock),
+    )
+    .await?;
     lock.release().await?;
     Ok(StepReport {
         projector: name.to_owned(),

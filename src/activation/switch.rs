@@ -8,6 +8,7 @@ use std::time::Instant;
 use deadpool_postgres::Pool;
 use tokio_postgres::Transaction;
 
+use super::lock::{fence, ActivationLock};
 use crate::gate::{self, LockPolicy};
 use crate::names::RelationName;
 use crate::projector::{Projector, ProjectorExt};
@@ -41,11 +42,16 @@ pub struct SwitchReport {
 /// `active_version` and records the transitions. On failure the version is
 /// returned to replaying and the active version is untouched.
 ///
+/// The critical section is a series of short attempts
+/// (docs/decisions/0034-critical-section-attempts.md): each waits at most
+/// `policy.attempt_timeout` for each lock and, when one is not granted in
+/// time, rolls back and releases everything before the next attempt, so no
+/// publisher queues behind it for longer than one attempt.
+///
 /// # Errors
 /// [`Error::Busy`] when publishers could not be held back within the lock
 /// policy's deadline; [`Error::Refused`] when the version is not replaying
 /// or activating; handler and database errors.
-#[tracing::instrument(skip_all, fields(projector.name = %projector.name(), projector.version = %projector.version()), err(level = "debug"))]
 pub async fn activate_version(
     pool: &Pool,
     projector: &dyn Projector,
@@ -53,16 +59,31 @@ pub async fn activate_version(
     policy: LockPolicy,
     actor: &Actor,
 ) -> Result<SwitchReport> {
+    activate_version_fenced(pool, projector, event_store, policy, actor, None).await
+}
+
+/// [`activate_version`] under the activation lock `lock`: every transaction
+/// proves it still holds it (docs/decisions/0033-activation-fencing.md).
+#[tracing::instrument(skip_all, fields(projector.name = %projector.name(), projector.version = %projector.version()), err(level = "debug"))]
+pub(crate) async fn activate_version_fenced(
+    pool: &Pool,
+    projector: &dyn Projector,
+    event_store: &RelationName,
+    policy: LockPolicy,
+    actor: &Actor,
+    lock: Option<&ActivationLock>,
+) -> Result<SwitchReport> {
     let name = projector.name().as_str();
     let version = projector.version().to_string();
-    let mut pooled = pool.get().await?;
-    let client: &mut tokio_postgres::Client = &mut pooled;
 
     // Step 1, committed on its own: publishers of this projector's events
     // now get the retryable ProjectorIsActivating instead of queueing.
     let held_since = Instant::now();
     let (from, old) = {
+        let mut pooled = pool.get().await?;
+        let client: &mut tokio_postgres::Client = &mut pooled;
         let tx = client.transaction().await?;
+        fence(lock, &tx, "the activation").await?;
         let state = states::get(&tx, name, true)
             .await?
             .unwrap_or_else(|| empty_state(name));
@@ -101,58 +122,160 @@ pub async fn activate_version(
         (state.active_version, old)
     };
     let critical = Instant::now();
-    let result = {
-        let mut tx = client.transaction().await?;
-        match flip(&mut tx, projector, old.as_ref(), event_store, policy, actor).await {
-            Ok(final_events) => tx
-                .commit()
-                .await
-                .map(|()| final_events)
-                .map_err(Error::from),
-            Err(e) => {
-                let _ = tx.rollback().await;
-                Err(e)
-            }
-        }
-    };
+    let result = critical_section(
+        pool,
+        projector,
+        old.as_ref(),
+        event_store,
+        policy,
+        actor,
+        lock,
+    )
+    .await;
     match result {
-        Ok(final_events) => {
+        Ok((final_events, critical_ms)) => {
             let report = SwitchReport {
                 projector: name.to_owned(),
                 from,
                 to: Some(version),
                 final_events,
                 held_back_ms: held_since.elapsed().as_secs_f64() * 1e3,
-                critical_ms: critical.elapsed().as_secs_f64() * 1e3,
+                critical_ms,
             };
             tracing::info!(
                 held_back_ms = report.held_back_ms,
+                critical_ms,
+                waited_ms = critical.elapsed().as_secs_f64() * 1e3,
                 final_events,
                 "activated"
             );
             Ok(report)
         }
         Err(e) => {
-            // Back to replaying so publishers are not refused while nobody activates.
-            let tx = client.transaction().await?;
-            states::put(&tx, name, from.as_deref(), None, Some(&version)).await?;
-            versions::set_status(&tx, name, &version, VersionStatus::Replaying).await?;
-            history::record(
-                &tx,
-                actor,
-                name,
-                Some(&version),
-                Some("activating"),
-                "replaying",
-                Some(&e.to_string()),
-            )
-            .await?;
-            tx.commit().await?;
+            // Back to replaying so publishers are not refused while nobody
+            // activates: in a transaction of its own, on a fresh connection
+            // (the critical section's may be the one that died).
+            if let Err(revert) = back_to_replaying(pool, name, &version, actor, &e, lock).await {
+                tracing::warn!(error = %revert, "could not return the version to replaying");
+                return Err(Error::Failed(format!(
+                    "{e}; and {} stays activating ({revert}): run `coord activate-current-config` again to finish \
+                     it, or `coord abort --projector {name}` to back it out",
+                    projector.label()
+                )));
+            }
             Err(e)
         }
     }
 }
 
+/// The critical section, in attempts that each either complete the flip or
+/// release everything. Returns the events applied inside and the
+/// milliseconds of the successful attempt.
+async fn critical_section(
+    pool: &Pool,
+    projector: &dyn Projector,
+    old: Option<&VersionRecord>,
+    event_store: &RelationName,
+    policy: LockPolicy,
+    actor: &Actor,
+    lock: Option<&ActivationLock>,
+) -> Result<(u64, f64)> {
+    let started = Instant::now();
+    let mut pooled = pool.get().await?;
+    let client: &mut tokio_postgres::Client = &mut pooled;
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let attempt_started = Instant::now();
+        let mut tx = client.transaction().await?;
+        match flip(&mut tx, projector, old, event_store, policy, actor, lock).await {
+            Ok(Some(final_events)) => {
+                tx.commit().await?;
+                if attempts > 1 {
+                    tracing::info!(attempts, "critical section completed after retries");
+                }
+                return Ok((final_events, attempt_started.elapsed().as_secs_f64() * 1e3));
+            }
+            Ok(None) => {
+                // Release every lock before waiting: publishers of the
+                // projector's types now get ProjectorIsActivating at once.
+                tx.rollback().await?;
+                if started.elapsed() >= policy.deadline {
+                    return Err(Error::Busy(format!(
+                        "could not activate {} within {:?} ({attempts} attempts): a long-running transaction \
+                         kept publishers from being held back; it is back to replaying: retry later",
+                        projector.label(),
+                        policy.deadline
+                    )));
+                }
+                tokio::time::sleep(policy.pause).await;
+            }
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Returns an activating version to replaying after a failed critical section.
+async fn back_to_replaying(
+    pool: &Pool,
+    name: &str,
+    version: &str,
+    actor: &Actor,
+    why: &Error,
+    lock: Option<&ActivationLock>,
+) -> Result<()> {
+    let mut pooled = pool.get().await?;
+    let client: &mut tokio_postgres::Client = &mut pooled;
+    let tx = client.transaction().await?;
+    fence(lock, &tx, "returning the version to replaying").await?;
+    let Some(state) = states::get(&tx, name, true).await? else {
+        return Ok(());
+    };
+    if state.activating_version.as_deref() != Some(version) {
+        return Ok(());
+    }
+    activating_to_replaying(&tx, &state, version, actor, &why.to_string()).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Inside the caller's transaction, with `state` read for update: the
+/// activating `version` goes back to replaying, with a transition saying `why`.
+pub(crate) async fn activating_to_replaying(
+    tx: &impl tokio_postgres::GenericClient,
+    state: &states::ProjectorState,
+    version: &str,
+    actor: &Actor,
+    why: &str,
+) -> Result<()> {
+    let name = state.name.as_str();
+    states::put(
+        tx,
+        name,
+        state.active_version.as_deref(),
+        None,
+        Some(version),
+    )
+    .await?;
+    versions::set_status(tx, name, version, VersionStatus::Replaying).await?;
+    history::record(
+        tx,
+        actor,
+        name,
+        Some(version),
+        Some("activating"),
+        "replaying",
+        Some(why),
+    )
+    .await?;
+    Ok(())
+}
+
+/// One attempt: `Ok(None)` when a lock was not granted within the attempt
+/// timeout (the caller rolls back).
 async fn flip(
     tx: &mut Transaction<'_>,
     projector: &dyn Projector,
@@ -160,20 +283,26 @@ async fn flip(
     event_store: &RelationName,
     policy: LockPolicy,
     actor: &Actor,
-) -> Result<u64> {
+    lock: Option<&ActivationLock>,
+) -> Result<Option<u64>> {
     let name = projector.name().as_str();
     let version = projector.version().to_string();
+    fence(lock, &*tx, "the critical section").await?;
     let mut types = projector.event_types();
     if let Some(old) = old {
         types.extend(old.event_types.iter().cloned());
     }
     types.sort();
     types.dedup();
-    gate::hold_back_publishers(tx, &types, policy).await?;
+    if !gate::try_hold_back_publishers(tx, &types, policy).await? {
+        return Ok(None);
+    }
     let final_events = replay::pass_in_transaction(tx, projector, event_store).await?;
     // The old version keeps its own exact checkpoint (its publishers recorded
     // what they applied inline), so a later rollback catches it up from there.
-    gate::drain_all_publishers(tx, policy).await?;
+    if !gate::try_drain_all_publishers(tx, policy).await? {
+        return Ok(None);
+    }
     states::put(tx, name, Some(&version), None, None).await?;
     versions::set_status(tx, name, &version, VersionStatus::Active).await?;
     history::record(
@@ -199,7 +328,7 @@ async fn flip(
         )
         .await?;
     }
-    Ok(final_events)
+    Ok(Some(final_events))
 }
 
 /// Retires the active version of projector `name` (no longer configured):
@@ -217,10 +346,22 @@ pub async fn retire(
     policy: LockPolicy,
     actor: &Actor,
 ) -> Result<SwitchReport> {
+    retire_fenced(pool, name, policy, actor, None).await
+}
+
+/// [`retire`] under the activation lock `lock`, fenced.
+pub(crate) async fn retire_fenced(
+    pool: &Pool,
+    name: &str,
+    policy: LockPolicy,
+    actor: &Actor,
+    lock: Option<&ActivationLock>,
+) -> Result<SwitchReport> {
     let mut pooled = pool.get().await?;
     let client: &mut tokio_postgres::Client = &mut pooled;
     let started = Instant::now();
     let mut tx = client.transaction().await?;
+    fence(lock, &tx, "retiring a projector").await?;
     let state = states::get(&tx, name, false)
         .await?
         .unwrap_or_else(|| empty_state(name));

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::{assert_exit, balances_toml, eventually, stderr, stdout, TestDb};
 
-fn set(version: &str) -> ProjectorSet {
+pub(crate) fn set(version: &str) -> ProjectorSet {
     ProjectorSet::from_config(&Config::parse(&balances_toml(version), "coord.toml").unwrap())
 }
 
@@ -25,7 +25,7 @@ fn actor() -> Actor {
 }
 
 /// Balances computed straight from the store, the way a from-scratch replay would.
-async fn expected_balances(client: &Client) -> Vec<(String, i64)> {
+pub(crate) async fn expected_balances(client: &Client) -> Vec<(String, i64)> {
     client
         .query(
             "SELECT stream_id, sum(CASE event_type WHEN 'MoneyDeposited' THEN (data->>'amount')::bigint \
@@ -41,7 +41,7 @@ async fn expected_balances(client: &Client) -> Vec<(String, i64)> {
         .collect()
 }
 
-async fn balances(client: &Client, schema: &str) -> Vec<(String, i64)> {
+pub(crate) async fn balances(client: &Client, schema: &str) -> Vec<(String, i64)> {
     client
         .query(
             &format!("SELECT account, amount FROM {schema}.balances ORDER BY 1"),
@@ -54,7 +54,7 @@ async fn balances(client: &Client, schema: &str) -> Vec<(String, i64)> {
         .collect()
 }
 
-async fn state(client: &Client) -> (Option<String>, Option<String>, Option<String>) {
+pub(crate) async fn state(client: &Client) -> (Option<String>, Option<String>, Option<String>) {
     let row = client
         .query_one(
             "SELECT active_version, activating_version, replaying_version FROM coord.projector_states WHERE name = 'balances'",
@@ -67,7 +67,7 @@ async fn state(client: &Client) -> (Option<String>, Option<String>, Option<Strin
 
 /// Appends `accounts` opened accounts with `deposits` deposits each, straight
 /// into the store (as an import before coord manages it).
-async fn import(client: &Client, accounts: i64, deposits: i64) {
+pub(crate) async fn import(client: &Client, accounts: i64, deposits: i64) {
     client
         .execute(
             "INSERT INTO coord.events (stream_id, stream_version, event_type, data) \
@@ -138,7 +138,7 @@ fn spawn_publishers(
         .collect()
 }
 
-fn activate_cli(db: &TestDb, version: &str, extra: &[&str]) -> std::process::Output {
+pub(crate) fn activate_cli(db: &TestDb, version: &str, extra: &[&str]) -> std::process::Output {
     let file = format!("v{version}.toml");
     db.write_config(&file, &balances_toml(version));
     let mut args = vec!["activate-current-config", "--config", file.as_str()];

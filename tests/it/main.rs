@@ -2,6 +2,7 @@
 //! `DATABASE_URL` (default the local one), so they run in parallel.
 
 mod activation;
+mod activation_faults;
 mod bad_input;
 mod batch_bytes;
 mod batch_handlers;

@@ -12,7 +12,8 @@ async fn migrate_twice_leaves_exactly_the_contract_tables() {
             "V2__publisher_gate",
             "V3__pruned_status",
             "V4__exact_inline_checkpoints",
-            "V5__sql_publish_batch_handlers"
+            "V5__sql_publish_batch_handlers",
+            "V8__gate_refuses_during_critical_section"
         ]
     );
     let second = coord::migrate(&mut client).await.unwrap();

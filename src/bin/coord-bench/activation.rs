@@ -42,6 +42,13 @@ pub struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
+    /// Keep a transaction of an unrelated event type open for this many
+    /// seconds from the start of the activation, after N+1 is replayed (it
+    /// has passed the gate, so the flip must wait for it): measures how long
+    /// publishers of the activated projector wait inside the gate meanwhile.
+    /// The activation is retried until it completes.
+    #[arg(long, value_name = "SECONDS")]
+    long_transaction: Option<f64>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
@@ -64,6 +71,13 @@ struct Report {
     baseline_publish_ms_p99: f64,
     blocked_window_ms_max: f64,
     blocked_window_ms_p99: f64,
+    /// The longest single publish attempt (gate, append, inline handler)
+    /// while the activation ran: the time a publisher waited inside the gate.
+    longest_gate_wait_ms: f64,
+    /// Seconds the unrelated long transaction stayed open (`--long-transaction`).
+    long_transaction_s: Option<f64>,
+    /// Activation attempts that gave up on the lock deadline before one completed.
+    activations_given_up: u32,
     lost: i64,
     applied_twice: i64,
 }
@@ -124,11 +138,55 @@ impl Projector for Ledger {
     }
 }
 
-/// One publish attempt: when it started and ended (since the bench began).
+/// One publish (with its retries): when it started and ended (since the
+/// bench began), and its longest single attempt.
 #[derive(Clone, Copy)]
 struct Attempt {
     start: Duration,
     end: Duration,
+    longest_try: Duration,
+}
+
+/// Publishes like [`Publisher::publish_with_retry`] (retrying
+/// `ProjectorIsActivating` with a short backoff), timing each attempt:
+/// returns the result and the longest attempt.
+async fn publish_timed(
+    publisher: &Publisher,
+    client: &mut tokio_postgres::Client,
+    account: &str,
+    event: NewEvent,
+    policy: RetryPolicy,
+) -> (Result<(), Error>, Duration) {
+    let started = Instant::now();
+    let mut pause = policy.first_pause;
+    let mut longest = Duration::ZERO;
+    loop {
+        let attempt = Instant::now();
+        let outcome = async {
+            let tx = client.transaction().await?;
+            publisher
+                .publish(
+                    &tx,
+                    account,
+                    ExpectedVersion::Any,
+                    std::slice::from_ref(&event),
+                )
+                .await?;
+            tx.commit().await?;
+            Ok::<(), Error>(())
+        }
+        .await;
+        longest = longest.max(attempt.elapsed());
+        match outcome {
+            Err(Error::ProjectorIsActivating { .. })
+                if started.elapsed() + pause <= policy.deadline =>
+            {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(policy.max_pause);
+            }
+            other => return (other, longest),
+        }
+    }
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -202,18 +260,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     first_pause: Duration::from_millis(1),
                     max_pause: Duration::from_millis(5),
                 };
-                let result = publisher
-                    .publish_with_retry(
-                        &mut client,
-                        &account,
-                        ExpectedVersion::Any,
-                        &[event],
-                        policy,
-                    )
-                    .await;
+                let (result, longest_try) =
+                    publish_timed(&publisher, &mut client, &account, event, policy).await;
                 attempts.lock().expect("not poisoned").push(Attempt {
                     start,
                     end: origin.elapsed(),
+                    longest_try,
                 });
                 match result {
                     Ok(_) => published += 1,
@@ -230,10 +282,64 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_secs(2)).await; // a baseline of ordinary publishing
     say("replaying and activating N+1 while N publishes...");
-    let report = activation::activate_current_config(
-        &pool, &db.url, &v2, &events, &options, &actor, &cancel,
-    )
-    .await?;
+    if args.long_transaction.is_some() {
+        // Replay first, so that the long transaction overlaps the critical
+        // section rather than the replay.
+        let v2_projectors: Vec<Arc<dyn Projector>> = v2.iter().cloned().collect();
+        for outcome in coord::replay::replay_many(
+            &pool,
+            &v2_projectors,
+            &events,
+            &options.replay,
+            &actor,
+            &cancel,
+        )
+        .await
+        {
+            outcome.result?;
+        }
+    }
+    let activation_started = origin.elapsed();
+    let long = match args.long_transaction {
+        Some(seconds) => {
+            let mut long_client = db.client().await?;
+            let ready = Arc::new(tokio::sync::Notify::new());
+            let notified = ready.clone();
+            let task = tokio::spawn(async move {
+                let tx = long_client.transaction().await?;
+                tx.execute(
+                    "SELECT coord.check_publish('{\"ledger\": \"1.0.0\"}'::jsonb, ARRAY['SomethingElse'])",
+                    &[],
+                )
+                .await?;
+                notified.notify_one();
+                // The scenario's length, not an ordering device.
+                tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+                tx.commit().await?;
+                anyhow::Ok(())
+            });
+            ready.notified().await;
+            Some(task)
+        }
+        None => None,
+    };
+    let mut activations_given_up = 0u32;
+    let report = loop {
+        match activation::activate_current_config(
+            &pool, &db.url, &v2, &events, &options, &actor, &cancel,
+        )
+        .await
+        {
+            Err(Error::Busy(why)) if long.is_some() => {
+                say(&format!("activation gave up ({why}); retrying"));
+                activations_given_up += 1;
+            }
+            other => break other?,
+        }
+    };
+    if let Some(task) = long {
+        task.await??;
+    }
     let flipped = origin.elapsed();
     let step = &report.steps[0];
     let switch = step.switch.as_ref().expect("an activation");
@@ -271,6 +377,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .filter(|a| a.end >= hold_start && a.start <= flipped)
         .map(|a| (a.end - a.start).as_secs_f64() * 1e3)
         .collect();
+    let longest_gate_wait_ms = attempts
+        .iter()
+        .filter(|a| a.end >= activation_started)
+        .map(|a| a.longest_try.as_secs_f64() * 1e3)
+        .fold(0.0, f64::max);
     let mut baseline: Vec<f64> = attempts
         .iter()
         .filter(|a| a.end < hold_start.saturating_sub(Duration::from_secs(1)) || a.start > flipped)
@@ -309,6 +420,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         baseline_publish_ms_p99: percentile(&mut baseline, 0.99),
         blocked_window_ms_max: during.iter().copied().fold(0.0, f64::max),
         blocked_window_ms_p99: percentile(&mut during, 0.99),
+        longest_gate_wait_ms,
+        long_transaction_s: args.long_transaction,
+        activations_given_up,
         lost,
         applied_twice,
     };
@@ -320,6 +434,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "activation over {} events with {} publishers of N:\n  replay of N+1: {:.1} s ({:.0} events/s) while N published {} events\n  \
          publishers held back {:.1} ms (critical section {:.1} ms, {} events caught up inside)\n  \
          blocked window: max {:.1} ms, p99 {:.1} ms (ordinary publish p99 {:.1} ms)\n  \
+         longest wait inside the gate during the activation: {:.1} ms{}\n  \
          refused N publishers: {}; N+1 published {}\n  lost: {}, applied twice: {}",
         report.events_in_store,
         report.publishers,
@@ -332,6 +447,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         report.blocked_window_ms_max,
         report.blocked_window_ms_p99,
         report.baseline_publish_ms_p99,
+        report.longest_gate_wait_ms,
+        match report.long_transaction_s {
+            Some(s) => format!(
+                " (an unrelated transaction open {s} s; activations given up: {})",
+                report.activations_given_up
+            ),
+            None => String::new(),
+        },
         report.refused,
         report.published_by_n_plus_1,
         report.lost,

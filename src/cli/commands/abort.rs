@@ -25,14 +25,14 @@ pub async fn run(ctx: &Context, args: &AbortArgs) -> anyhow::Result<()> {
         None => states::list(&client)
             .await?
             .into_iter()
-            .filter(|s| s.replaying_version.is_some())
+            .filter(|s| s.replaying_version.is_some() || s.activating_version.is_some())
             .map(|s| s.name)
             .collect(),
     };
     let mut reports = Vec::new();
     for name in &names {
         reports.push(
-            coord::abort_with(
+            coord::activation::abort_projector(
                 &mut client,
                 name,
                 &ctx.actor,
