@@ -7,13 +7,8 @@ async fn migrate_reports_what_it_applied_and_is_idempotent() {
     assert_exit(&first, 0);
     assert_eq!(
         stdout(&first),
-        "applied V1__coord_schema
-applied V2__publisher_gate
-applied V3__pruned_status
-applied V4__exact_inline_checkpoints
-applied V5__sql_publish_batch_handlers
-applied V8__gate_refuses_during_critical_section
-"
+        "applied V1__coord_schema\napplied V2__publisher_gate\napplied V3__pruned_status\napplied V4__exact_inline_checkpoints\n\
+         applied V5__sql_publish_batch_handlers\napplied V8__gate_refuses_during_critical_section\n"
     );
     let second = db.coord(&["migrate"]);
     assert_exit(&second, 0);
