@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::types::Type;
 use tokio_postgres::{GenericClient, Transaction};
 
+use crate::locks::key;
 use crate::names::quote_literal;
 use crate::{Error, Result};
 
@@ -49,13 +50,23 @@ const GATE: &str = "SELECT coord.gate_inline($1::jsonb, $2::text[])";
 fn hold_back_sql(event_types: &[String]) -> String {
     let types: Vec<String> = event_types.iter().map(|t| quote_literal(t)).collect();
     format!(
-        "SELECT count(pg_advisory_xact_lock(1668247410, h)) FROM (SELECT DISTINCT hashtext(t) AS h \
-         FROM unnest(ARRAY[{}]::text[]) AS t ORDER BY 1) AS keys; \
-         SELECT pg_advisory_xact_lock(1668247411, 1)",
+        concat!(
+            "SELECT count(pg_advisory_xact_lock(",
+            key!(gate_event_type),
+            ", h)) FROM (SELECT DISTINCT hashtext(t) AS h \
+             FROM unnest(ARRAY[{}]::text[]) AS t ORDER BY 1) AS keys; \
+             SELECT pg_advisory_xact_lock(",
+            key!(gate_publishers),
+            ", 1)"
+        ),
         types.join(", ")
     )
 }
-const LOCK_GLOBAL_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock(1668247411, 0)";
+const LOCK_GLOBAL_EXCLUSIVE: &str = concat!(
+    "SELECT pg_advisory_xact_lock(",
+    key!(gate_publishers),
+    ", 0)"
+);
 
 /// How long each lock wait may last before it is abandoned and retried, and
 /// how long to keep retrying.

@@ -43,6 +43,8 @@ pub mod config;
 mod db;
 mod error;
 mod event_relation;
+#[doc(hidden)]
+pub mod locks;
 pub mod gate;
 mod migrate;
 pub mod names;

@@ -3,6 +3,7 @@
 
 use tokio_postgres::{Client, GenericClient};
 
+use crate::locks::key;
 use crate::{Error, Result};
 
 mod embedded {
@@ -13,8 +14,8 @@ mod embedded {
 /// leaves nothing outside it.
 const HISTORY_TABLE: &str = "coord.schema_history";
 /// Session advisory lock held while migrating.
-const MIGRATE_LOCK: &str = "SELECT pg_advisory_lock(1668247412, 0)";
-const MIGRATE_UNLOCK: &str = "SELECT pg_advisory_unlock(1668247412, 0)";
+const MIGRATE_LOCK: &str = concat!("SELECT pg_advisory_lock(", key!(migrate), ", 0)");
+const MIGRATE_UNLOCK: &str = concat!("SELECT pg_advisory_unlock(", key!(migrate), ", 0)");
 
 /// What [`migrate`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]

@@ -6,6 +6,7 @@
 use tokio_postgres::Client;
 
 use super::switch::activating_to_replaying;
+use crate::locks::key;
 use crate::replay::{abort_in, AbortReport};
 use crate::schema_drop::Dependents;
 use crate::store::{states, Actor};
@@ -13,7 +14,11 @@ use crate::{Error, Result};
 
 /// Held by a running `activate-current-config`, `rollback` or `rebuild`
 /// (session level); a transaction-level try on the same key fails while one runs.
-const TRY_ACTIVATION_LOCK: &str = "SELECT pg_try_advisory_xact_lock(1668247413, 0)";
+const TRY_ACTIVATION_LOCK: &str = concat!(
+    "SELECT pg_try_advisory_xact_lock(",
+    key!(activation),
+    ", 0)"
+);
 
 /// Drops projector `name`'s version in progress, in one transaction: a
 /// replay (as [`crate::abort_with`]) or an activation that was interrupted

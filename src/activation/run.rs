@@ -374,6 +374,8 @@ pub async fn verify(pool: &Pool, projector: &dyn Projector) -> Result<()> {
     let mut pooled = pool.get().await?;
     let client: &mut tokio_postgres::Client = &mut pooled;
     let tx = client.build_transaction().read_only(true).start().await?;
+    // `crate::replay::batch::set_search_path` once helper A's replay/mod.rs
+    // makes `batch` pub(crate).
     tx.query_one(
         "SELECT set_config('search_path', $1, true)",
         &[&quote_ident(&projector.schema())],
