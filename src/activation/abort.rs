@@ -5,10 +5,11 @@
 
 use tokio_postgres::Client;
 
-use super::switch::activating_to_replaying;
+use super::critical::back_to_replaying;
 use crate::locks::key;
 use crate::replay::{abort_in, AbortReport};
 use crate::schema_drop::Dependents;
+use crate::store::versions::VersionStatus;
 use crate::store::{states, Actor};
 use crate::{Error, Result};
 
@@ -51,10 +52,11 @@ pub async fn abort_projector(
                      wait for it to finish (`coord status`), or stop that process and run `coord abort --projector {name}` again"
                 )));
             }
-            activating_to_replaying(
+            back_to_replaying(
                 &tx,
-                &state,
+                name,
                 version,
+                VersionStatus::Activating,
                 actor,
                 "interrupted activation backed out by coord abort",
             )

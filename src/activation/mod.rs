@@ -3,6 +3,7 @@
 //! changes which version of a projector is active.
 
 mod abort;
+mod critical;
 mod lock;
 mod maintenance;
 mod plan;

@@ -13,17 +13,17 @@ use semver::{BuildMetadata, Version};
 use tokio_postgres::Transaction;
 use tokio_util::sync::CancellationToken;
 
+use super::critical::{critical_section, Change};
 use super::lock::ActivationLock;
 use super::run::{verify, ActivateOptions, StepReport};
 use super::switch::SwitchReport;
 use crate::config::{DatabaseUrl, Mode, OnError};
-use crate::gate;
-use crate::names::{quote_ident, ProjectorName, RelationName};
+use crate::names::{ProjectorName, RelationName};
 use crate::projector::{ApplyContext, Event, HandlerError, Projector, ProjectorExt};
 use crate::replay;
 use crate::schema_drop::{drop_schemas, ensure_droppable, Dependents};
-use crate::store::versions::{self, VersionStatus};
-use crate::store::{checkpoint, history, states, Actor};
+use crate::store::versions;
+use crate::store::{states, Actor};
 use crate::{Error, Result};
 
 /// The projector under its shadow version: same definition, own schema.
@@ -70,6 +70,15 @@ impl Projector for Shadow {
     }
     fn fingerprint(&self) -> String {
         self.inner.fingerprint()
+    }
+    fn replay_reads_payload(&self) -> bool {
+        self.inner.replay_reads_payload()
+    }
+    fn handler_sql(&self) -> Option<std::collections::BTreeMap<String, String>> {
+        self.inner.handler_sql()
+    }
+    fn stored_definition(&self) -> Option<serde_json::Value> {
+        self.inner.stored_definition()
     }
     async fn apply(
         &self,
@@ -162,42 +171,19 @@ pub async fn rebuild(
     let critical = Instant::now();
     let live = projector.schema();
     let retired = format!("{}_old", &live[..live.len().min(59)]);
-    let mut pooled = pool.get().await?;
-    let client: &mut tokio_postgres::Client = &mut pooled;
-    let mut tx = client.transaction().await?;
-    gate::hold_back_publishers(&mut tx, &projector.event_types(), options.locks).await?;
-    let final_events = replay::pass_in_transaction(&tx, &shadow, event_store).await?;
-    gate::drain_all_publishers(&mut tx, options.locks).await?;
-    tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = '{}ms'; ALTER SCHEMA {} RENAME TO {}; ALTER SCHEMA {} RENAME TO {}; SET LOCAL lock_timeout = 0",
-        options.locks.deadline.as_millis().max(1),
-        quote_ident(&live),
-        quote_ident(&retired),
-        quote_ident(&shadow.schema()),
-        quote_ident(&live),
-    ))
-    .await?;
-    // The active version inherits the shadow's checkpoint (async versions
-    // are followed from it); the shadow's registration goes.
-    checkpoint::adopt(&tx, name, &shadow.version.to_string(), &version).await?;
-    versions::delete(&tx, name, &shadow.version.to_string()).await?;
-    states::put(&tx, name, Some(&version), None, None).await?;
-    versions::set_status(&tx, name, &version, VersionStatus::Active).await?;
-    history::record(
-        &tx,
-        actor,
-        name,
-        Some(&version),
-        Some("active"),
-        "active",
-        Some("rebuilt in place"),
-    )
-    .await?;
-    tx.commit().await?;
+    let change = Change::Rebuild {
+        projector: projector.as_ref(),
+        shadow: &shadow,
+        retired_schema: &retired,
+        rename_timeout: options.locks.deadline,
+    };
+    let (final_events, _) =
+        critical_section(pool, &change, event_store, options.locks, actor, Some(&lock)).await?;
     let critical_ms = critical.elapsed().as_secs_f64() * 1e3;
 
     // Outside the critical section: readers of the old tables may hold locks.
-    drop_old_tables(client, &retired, options.dependents).await;
+    let mut pooled = pool.get().await?;
+    drop_old_tables(&mut pooled, &retired, options.dependents).await;
     lock.release().await?;
     Ok(StepReport {
         projector: name.to_owned(),

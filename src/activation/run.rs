@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
 
+use super::critical::back_to_replaying;
 use super::lock::ActivationLock;
 use super::plan::{plan, Action, Plan};
 use super::switch::{activate_version_fenced, retire_fenced, SwitchReport};
@@ -16,7 +17,7 @@ use crate::names::{quote_ident, RelationName};
 use crate::projector::{Projector, ProjectorExt, ProjectorSet};
 use crate::replay::{self, ReplayOptions};
 use crate::store::versions::{self, VersionStatus};
-use crate::store::{history, states, Actor};
+use crate::store::{states, Actor};
 use crate::{Error, Result};
 
 /// How `activate-current-config` and `rollback` run.
@@ -340,23 +341,11 @@ async fn mark_replaying(
     let client: &mut tokio_postgres::Client = &mut pooled;
     let tx = client.transaction().await?;
     lock.fence(&tx, why).await?;
-    let state = states::get(&tx, name, true).await?;
-    let active = state.as_ref().and_then(|s| s.active_version.clone());
+    states::get(&tx, name, true).await?;
     let record = versions::get(&tx, name, &version)
         .await?
         .ok_or_else(|| Error::Refused(format!("{} was never built", projector.label())))?;
-    states::put(&tx, name, active.as_deref(), None, Some(&version)).await?;
-    versions::set_status(&tx, name, &version, VersionStatus::Replaying).await?;
-    history::record(
-        &tx,
-        actor,
-        name,
-        Some(&version),
-        Some(record.status.as_str()),
-        "replaying",
-        Some(why),
-    )
-    .await?;
+    back_to_replaying(&tx, name, &version, record.status, actor, why).await?;
     tx.commit().await?;
     Ok(())
 }

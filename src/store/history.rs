@@ -2,6 +2,7 @@
 
 use tokio_postgres::{GenericClient, Row};
 
+use super::versions::VersionStatus;
 use super::Actor;
 use crate::Result;
 
@@ -60,10 +61,11 @@ pub async fn record(
     actor: &Actor,
     name: &str,
     version: Option<&str>,
-    from: Option<&str>,
-    to: &str,
+    from: Option<VersionStatus>,
+    to: VersionStatus,
     detail: Option<&str>,
 ) -> Result<()> {
+    let (from, to) = (from.map(VersionStatus::as_str), to.as_str());
     client
         .execute(
             INSERT,
