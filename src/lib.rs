@@ -12,7 +12,10 @@
 //!   ([`schema_name`]), so N and N+1 live side by side.
 //! * [`replay`] builds a projector version's tables from the event store in
 //!   batches with a durable checkpoint, and drops a replay ([`abort()`]).
-//! * [`status()`] reports what every projector is doing.
+//! * [`status()`] reports what every projector is doing; [`records`] reads
+//!   coord's own tables (states, versions, transitions, parked events).
+//! * [`activation`] activates, retires, rolls back and rebuilds versions,
+//!   recording each change with the [`Actor`] that made it.
 //!
 //! ```no_run
 //! # async fn demo() -> coord::Result<()> {
@@ -51,6 +54,7 @@ pub mod names;
 pub mod privileges;
 pub mod projector;
 mod publisher;
+pub mod records;
 pub mod replay;
 mod runner;
 pub mod schema_drop;
@@ -58,6 +62,12 @@ pub mod schema_drop;
 pub mod serve;
 mod sql_check;
 mod status;
+// `pub(crate)`: everything outside the crate goes through [`records`],
+// [`Actor`], [`ensure_migrated`] and the operations. Still `pub` (hidden)
+// only for two files of other work in progress, tests/it/replay.rs and
+// src/bin/coord-bench/activation.rs, and the doc example of src/replay/mod.rs;
+// once they use the public API this line becomes `pub(crate) mod store;`.
+#[doc(hidden)]
 pub mod store;
 mod tls;
 mod url_redact;
@@ -83,4 +93,5 @@ pub use replay::{
 pub use runner::run_projectors as run_async_projectors;
 pub use runner::{run_projectors, RunOptions, RunnerExit};
 pub use schema_drop::Dependents;
+pub use store::{ensure_migrated, Actor};
 pub use status::{status, ProjectorStatus, StatusReport, VersionStatusReport};

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use coord::store::Actor;
+use coord::Actor;
 use coord::{Config, DatabaseUrl, ProjectorSet};
 
 /// The default of every command's `--batch-size`: the library's

@@ -16,9 +16,9 @@ pub struct Transition {
     /// Projector version, if the transition concerns one.
     pub version: Option<String>,
     /// Status before.
-    pub from_status: Option<String>,
+    pub from_status: Option<VersionStatus>,
     /// Status after.
-    pub to_status: String,
+    pub to_status: VersionStatus,
     /// When, ISO 8601 UTC.
     pub at: String,
     /// Host that made it.
@@ -30,14 +30,17 @@ pub struct Transition {
 }
 
 impl TryFrom<&Row> for Transition {
-    type Error = tokio_postgres::Error;
-    fn try_from(row: &Row) -> Result<Self, Self::Error> {
+    type Error = crate::Error;
+    fn try_from(row: &Row) -> Result<Self> {
         Ok(Self {
             id: row.try_get("id")?,
             name: row.try_get("name")?,
             version: row.try_get("version")?,
-            from_status: row.try_get("from_status")?,
-            to_status: row.try_get("to_status")?,
+            from_status: row
+                .try_get::<_, Option<&str>>("from_status")?
+                .map(VersionStatus::parse)
+                .transpose()?,
+            to_status: VersionStatus::parse(row.try_get("to_status")?)?,
             at: row.try_get("at")?,
             host: row.try_get("host")?,
             command: row.try_get("command")?,
@@ -95,7 +98,7 @@ pub async fn latest_per_projector(client: &impl GenericClient) -> Result<Vec<Tra
     Ok(rows
         .iter()
         .map(Transition::try_from)
-        .collect::<Result<_, _>>()?)
+        .collect::<Result<_>>()?)
 }
 
 /// Every transition of `name` (or of all projectors), oldest first.
@@ -110,5 +113,5 @@ pub async fn list(client: &impl GenericClient, name: Option<&str>) -> Result<Vec
     Ok(rows
         .iter()
         .map(Transition::try_from)
-        .collect::<Result<_, _>>()?)
+        .collect::<Result<_>>()?)
 }

@@ -132,17 +132,3 @@ pub async fn retire(client: &impl GenericClient, name: &str) -> Result<()> {
     client.execute(RETIRE, &[&name]).await?;
     Ok(())
 }
-
-/// Deletes the row of `name` (a projector no longer used anywhere).
-///
-/// # Errors
-/// Database errors.
-pub async fn delete(client: &impl GenericClient, name: &str) -> Result<()> {
-    client
-        .execute(
-            "DELETE FROM coord.projector_states WHERE name = $1",
-            &[&name],
-        )
-        .await?;
-    Ok(())
-}

@@ -66,6 +66,12 @@ impl VersionStatus {
     }
 }
 
+impl PartialEq<&str> for VersionStatus {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 impl fmt::Display for VersionStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -301,25 +307,6 @@ pub async fn set_status(
             "projector version {name}@{version} is not registered"
         )));
     }
-    Ok(())
-}
-
-/// Records (or clears) the last error of `name@version`.
-///
-/// # Errors
-/// Database errors.
-pub async fn set_last_error(
-    client: &impl GenericClient,
-    name: &str,
-    version: &str,
-    error: Option<&str>,
-) -> Result<()> {
-    client
-        .execute(
-            "UPDATE coord.projector_versions SET last_error = $3, updated_at = now() WHERE name = $1 AND version = $2",
-            &[&name, &version, &error],
-        )
-        .await?;
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use coord::activation::{self, ActivateOptions};
-use coord::store::Actor;
+use coord::Actor;
 use coord::{
     Config, Error, ExpectedVersion, NewEvent, ProjectorSet, Publisher, RelationName, RetryPolicy,
 };

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use coord::activation::{self, ActivateOptions};
 use coord::gate::LockPolicy;
-use coord::store::Actor;
+use coord::Actor;
 use coord::{Error, ExpectedVersion, NewEvent, Publisher, RelationName, RetryPolicy};
 use serde_json::json;
 use tokio_postgres::Client;

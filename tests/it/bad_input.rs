@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use coord::activation::{self, ActivateOptions};
-use coord::store::Actor;
+use coord::Actor;
 use coord::{Config, Error, ExpectedVersion, NewEvent, ProjectorSet, Publisher, RelationName};
 
 use crate::contents::{digest, refused_and_unchanged};

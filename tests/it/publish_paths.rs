@@ -240,7 +240,7 @@ async fn assert_equals_a_fresh_replay(db: &TestDb, schema: &str, fresh: &str, se
     let set = set_of(fresh);
     let projector = set.get("ledger").unwrap();
     let mut client = db.client().await;
-    let actor = coord::store::Actor::new("test", "fresh replay");
+    let actor = coord::Actor::new("test", "fresh replay");
     coord::replay::start_replay(&mut client, projector.as_ref(), &actor)
         .await
         .unwrap();
