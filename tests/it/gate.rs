@@ -653,15 +653,16 @@ async fn publishers_do_not_serialise_against_each_other() {
     assert_eq!(event_count(&db.client().await).await, 16);
 }
 
+/// Whether backend `pid` waits for a lock (false once it has ended).
 async fn waiting_on_lock(client: &Client, pid: i32) -> bool {
     client
-        .query_one(
+        .query_opt(
             "SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = $1",
             &[&pid],
         )
         .await
         .unwrap()
-        .get(0)
+        .is_some_and(|row| row.get(0))
 }
 
 async fn backend_pid(client: &Client) -> i32 {
