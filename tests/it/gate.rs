@@ -798,7 +798,8 @@ async fn holding_back_a_projector_blocks_only_its_event_types() {
 }
 
 /// A long-running publisher transaction makes activation give up with
-/// `Busy` (exit code 7) instead of queueing everyone behind it.
+/// `Busy` (exit code 7) instead of queueing everyone behind it; while it
+/// retries, other publishers get through.
 #[tokio::test]
 async fn lock_waits_are_bounded() {
     let db = TestDb::migrated().await;
@@ -832,12 +833,43 @@ async fn lock_waits_are_bounded() {
     );
     tx.rollback().await.unwrap();
 
-    // Between attempts publishers got through: one publishes fine now.
+    // While an activation keeps retrying (its deadline far away), other
+    // publishers get through between its attempts instead of queueing
+    // behind its exclusive request.
+    let activation_pid = backend_pid(&activation_client).await;
+    let retrying = tokio::spawn(async move {
+        let mut tx = activation_client.transaction().await.unwrap();
+        let policy = LockPolicy {
+            attempt_timeout: Duration::from_millis(10),
+            pause: Duration::from_millis(20),
+            deadline: Duration::from_secs(120),
+        };
+        gate::drain_all_publishers(&mut tx, policy).await.unwrap();
+        tx.commit().await.unwrap();
+    });
+    let observer = db.client().await;
+    eventually(
+        Duration::from_secs(30),
+        "the activation to wait for the long transaction",
+        || waiting_on_lock(&observer, activation_pid),
+    )
+    .await;
     let mut other = db.client().await;
-    publish(&mut other, &publisher("1.0.0"), "fast", "MoneyDeposited")
-        .await
-        .unwrap();
+    // A generous "does not hang" bound: without bounded attempts the
+    // publisher would wait for the long transaction (until the end of the test).
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        publish(&mut other, &publisher("1.0.0"), "fast", "MoneyDeposited"),
+    )
+    .await
+    .expect("a publisher queued behind the retrying activation")
+    .unwrap();
+    assert!(
+        !retrying.is_finished(),
+        "the activation gave up or got through before the publisher"
+    );
     long.commit().await.unwrap();
+    retrying.await.unwrap();
 }
 
 /// Invariant 3 under load: publishers of N publish continuously, with random
