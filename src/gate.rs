@@ -77,7 +77,7 @@ pub struct LockPolicy {
     pub attempt_timeout: Duration,
     /// Pause between attempts, letting queued publishers through.
     pub pause: Duration,
-    /// Give up with [`Error::Busy`] after this long.
+    /// Give up with [`Error::LockDeadline`] after this long.
     pub deadline: Duration,
 }
 
@@ -96,7 +96,7 @@ impl Default for LockPolicy {
 /// for the ones in flight to finish.
 ///
 /// # Errors
-/// [`Error::Busy`] when the deadline passes; database errors.
+/// [`Error::LockDeadline`] when the deadline passes; database errors.
 pub async fn hold_back_publishers(
     tx: &mut Transaction<'_>,
     event_types: &[String],
@@ -116,7 +116,7 @@ pub async fn hold_back_publishers(
 /// only for the flip of `active_version`.
 ///
 /// # Errors
-/// [`Error::Busy`] when the deadline passes; database errors.
+/// [`Error::LockDeadline`] when the deadline passes; database errors.
 pub async fn drain_all_publishers(tx: &mut Transaction<'_>, policy: LockPolicy) -> Result<()> {
     with_bounded_waits(tx, policy, "all publishers", LOCK_GLOBAL_EXCLUSIVE).await
 }
@@ -199,11 +199,12 @@ async fn with_bounded_waits(
             }
             Ok(false) => {
                 if started.elapsed() >= policy.deadline {
-                    return Err(Error::Busy(format!(
-                        "could not hold back {what} within {:?} ({attempts} attempts): a long-running \
-                         transaction holds them; retry later",
-                        policy.deadline
-                    )));
+                    return Err(Error::LockDeadline {
+                        operation: format!("hold back {what}"),
+                        deadline: policy.deadline,
+                        attempts,
+                        after: "",
+                    });
                 }
                 tokio::time::sleep(policy.pause).await;
             }

@@ -46,9 +46,9 @@ pub mod config;
 mod db;
 mod error;
 mod event_relation;
+pub mod gate;
 #[doc(hidden)]
 pub mod locks;
-pub mod gate;
 mod migrate;
 pub mod names;
 pub mod privileges;
@@ -74,7 +74,7 @@ mod url_redact;
 
 pub use config::{resolve_database_url, Config, DatabaseUrl, Mode, OnError, ProjectorConfig};
 pub use db::{connect, pool, with_connect_timeout};
-pub use error::{ConfigError, Error, Result};
+pub use error::{ConfigError, Error, Result, Steps};
 pub use event_relation::{check_event_store, EVENT_COLUMNS};
 pub use migrate::{ensure_writable, known_schema_version, migrate, MigrationReport};
 pub use names::{
@@ -93,5 +93,5 @@ pub use replay::{
 pub use runner::run_projectors as run_async_projectors;
 pub use runner::{run_projectors, RunOptions, RunnerExit};
 pub use schema_drop::Dependents;
-pub use store::{ensure_migrated, Actor};
 pub use status::{status, ProjectorStatus, StatusReport, VersionStatusReport};
+pub use store::{ensure_migrated, Actor};

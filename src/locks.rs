@@ -95,7 +95,10 @@ mod tests {
                 let open = rest.find('(').unwrap() + 1;
                 let comma = open + rest[open..].find(',').unwrap();
                 let id: i32 = rest[open..comma].trim().parse().unwrap_or_else(|e| {
-                    panic!("{file}: lock key {:?} is not a number: {e}", &rest[open..comma])
+                    panic!(
+                        "{file}: lock key {:?} is not a number: {e}",
+                        &rest[open..comma]
+                    )
                 });
                 assert!(
                     known.contains(&id),

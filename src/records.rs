@@ -25,7 +25,10 @@ pub async fn projector_states(client: &impl GenericClient) -> Result<Vec<Project
 ///
 /// # Errors
 /// Database errors.
-pub async fn projector_state(client: &impl GenericClient, name: &str) -> Result<Option<ProjectorState>> {
+pub async fn projector_state(
+    client: &impl GenericClient,
+    name: &str,
+) -> Result<Option<ProjectorState>> {
     states::get(client, name, false).await
 }
 
@@ -58,7 +61,10 @@ pub async fn version(
 ///
 /// # Errors
 /// Database errors.
-pub async fn transitions(client: &impl GenericClient, name: Option<&str>) -> Result<Vec<Transition>> {
+pub async fn transitions(
+    client: &impl GenericClient,
+    name: Option<&str>,
+) -> Result<Vec<Transition>> {
     history::list(client, name).await
 }
 

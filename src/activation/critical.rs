@@ -85,23 +85,27 @@ impl Change<'_> {
         types
     }
 
-    /// What is being done, for the message when the deadline passes.
-    fn busy_message(&self, deadline: Duration, attempts: u32) -> String {
-        let what = match self {
-            Change::Activate { projector, .. } => format!("activate {}", projector.label()),
-            Change::Retire { name, .. } => format!("retire projector {name}"),
-            Change::Rebuild { projector, .. } => {
-                format!("swap in the rebuilt tables of {}", projector.label())
+    /// The error when the deadline passes.
+    fn deadline_passed(&self, deadline: Duration, attempts: u32) -> Error {
+        let (operation, after) = match self {
+            Change::Activate { projector, .. } => (
+                format!("activate {}", projector.label()),
+                "; it is back to replaying",
+            ),
+            Change::Retire { name, .. } => {
+                (format!("retire projector {name}"), "; nothing changed")
             }
+            Change::Rebuild { projector, .. } => (
+                format!("swap in the rebuilt tables of {}", projector.label()),
+                "; nothing changed",
+            ),
         };
-        let after = match self {
-            Change::Activate { .. } => "; it is back to replaying",
-            Change::Retire { .. } | Change::Rebuild { .. } => "; nothing changed",
-        };
-        format!(
-            "could not {what} within {deadline:?} ({attempts} attempts): a long-running transaction \
-             kept publishers from being held back{after}: retry later"
-        )
+        Error::LockDeadline {
+            operation,
+            deadline,
+            attempts,
+            after,
+        }
     }
 
     /// The version whose final events are applied inside, if any.
@@ -120,10 +124,28 @@ impl Change<'_> {
             Change::Activate { projector, old } => {
                 let version = projector.version().to_string();
                 states::activate(tx, name, &version).await?;
-                set_status(tx, actor, name, &version, VersionStatus::Activating, VersionStatus::Active, None).await?;
+                set_status(
+                    tx,
+                    actor,
+                    name,
+                    &version,
+                    VersionStatus::Activating,
+                    VersionStatus::Active,
+                    None,
+                )
+                .await?;
                 if let Some(old) = old {
                     let why = format!("{version} is active");
-                    set_status(tx, actor, name, &old.version, VersionStatus::Active, VersionStatus::Retired, Some(&why)).await?;
+                    set_status(
+                        tx,
+                        actor,
+                        name,
+                        &old.version,
+                        VersionStatus::Active,
+                        VersionStatus::Retired,
+                        Some(&why),
+                    )
+                    .await?;
                 }
             }
             Change::Retire { records, .. } => {
@@ -162,7 +184,16 @@ impl Change<'_> {
                 versions::delete(tx, name, &shadow_version).await?;
                 states::activate(tx, name, &version).await?;
                 let why = Some("rebuilt in place");
-                set_status(tx, actor, name, &version, VersionStatus::Active, VersionStatus::Active, why).await?;
+                set_status(
+                    tx,
+                    actor,
+                    name,
+                    &version,
+                    VersionStatus::Active,
+                    VersionStatus::Active,
+                    why,
+                )
+                .await?;
             }
         }
         Ok(())
@@ -185,12 +216,12 @@ async fn set_status(
 
 /// Carries out `change` in attempts that each either complete it or
 /// release everything: each attempt waits at most `policy.attempt_timeout`
-/// for each lock, and gives up with [`Error::Busy`] after `policy.deadline`.
+/// for each lock, and gives up with [`Error::LockDeadline`] after `policy.deadline`.
 /// Every attempt proves that `lock` is still held. Returns the events
 /// applied inside and the milliseconds of the successful attempt.
 ///
 /// # Errors
-/// [`Error::Busy`] at the deadline; handler, fencing and database errors.
+/// [`Error::LockDeadline`] at the deadline; handler, fencing and database errors.
 pub(crate) async fn critical_section(
     pool: &Pool,
     change: &Change<'_>,
@@ -220,7 +251,7 @@ pub(crate) async fn critical_section(
                 // projector's types get through (or ProjectorIsActivating) at once.
                 tx.rollback().await?;
                 if started.elapsed() >= policy.deadline {
-                    return Err(Error::Busy(change.busy_message(policy.deadline, attempts)));
+                    return Err(change.deadline_passed(policy.deadline, attempts));
                 }
                 tokio::time::sleep(policy.pause).await;
             }
@@ -275,5 +306,14 @@ pub(crate) async fn back_to_replaying(
     why: &str,
 ) -> Result<()> {
     states::start_replaying(tx, name, version).await?;
-    set_status(tx, actor, name, version, from, VersionStatus::Replaying, Some(why)).await
+    set_status(
+        tx,
+        actor,
+        name,
+        version,
+        from,
+        VersionStatus::Replaying,
+        Some(why),
+    )
+    .await
 }

@@ -9,6 +9,7 @@ mod maintenance;
 mod plan;
 mod rebuild;
 mod run;
+mod steps;
 mod switch;
 
 pub use abort::abort_projector;

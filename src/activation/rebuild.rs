@@ -95,8 +95,8 @@ impl Projector for Shadow {
 ///
 /// # Errors
 /// [`Error::Refused`] when `projector`'s version is not the active one or its
-/// definition differs from the active one's; [`Error::Busy`] for the
-/// activation lock or the critical section's deadline; handler, verify and
+/// definition differs from the active one's; [`Error::Busy`] for the activation lock, [`Error::LockDeadline`] for
+/// the critical section's deadline; handler, verify and
 /// database errors.
 #[tracing::instrument(skip_all, fields(projector.name = %projector.name()), err(level = "debug"))]
 pub async fn rebuild(
@@ -155,10 +155,9 @@ pub async fn rebuild(
         .await?
         .applied;
     if cancel.is_cancelled() {
-        return Err(Error::Failed(format!(
-            "cancelled during the rebuild of {}; run it again to resume",
-            projector.label()
-        )));
+        return Err(Error::Cancelled {
+            during: format!("the rebuild of {}", projector.label()),
+        });
     }
     verify(pool, &shadow).await?;
     options_replay.lag_threshold = 1;
@@ -177,8 +176,15 @@ pub async fn rebuild(
         retired_schema: &retired,
         rename_timeout: options.locks.deadline,
     };
-    let (final_events, _) =
-        critical_section(pool, &change, event_store, options.locks, actor, Some(&lock)).await?;
+    let (final_events, _) = critical_section(
+        pool,
+        &change,
+        event_store,
+        options.locks,
+        actor,
+        Some(&lock),
+    )
+    .await?;
     let critical_ms = critical.elapsed().as_secs_f64() * 1e3;
 
     // Outside the critical section: readers of the old tables may hold locks.

@@ -47,7 +47,7 @@ pub struct SwitchReport {
 /// publisher queues behind it for longer than one attempt.
 ///
 /// # Errors
-/// [`Error::Busy`] when publishers could not be held back within the lock
+/// [`Error::LockDeadline`] when publishers could not be held back within the lock
 /// policy's deadline; [`Error::Refused`] when the version is not replaying
 /// or activating; handler and database errors.
 pub async fn activate_version(
@@ -185,7 +185,7 @@ async fn revert_activation(
 /// `event_store` is unused since every version's checkpoint is exact. An interrupted activation of it is abandoned.
 ///
 /// # Errors
-/// [`Error::Busy`] when publishers could not be held back in time; database errors.
+/// [`Error::LockDeadline`] when publishers could not be held back in time; database errors.
 #[tracing::instrument(skip_all, fields(projector.name = %name), err(level = "debug"))]
 pub async fn retire(
     pool: &Pool,

@@ -152,7 +152,15 @@ pub async fn start_replay_in(
             (StartOutcome::Started, None)
         }
         Some(record) if record.status == VersionStatus::Aborted => {
-            checkpoint::reset(tx, name, &version, &fingerprint, &event_types, mode.as_str()).await?;
+            checkpoint::reset(
+                tx,
+                name,
+                &version,
+                &fingerprint,
+                &event_types,
+                mode.as_str(),
+            )
+            .await?;
             versions::set_definition(tx, name, &version, definition.as_ref()).await?;
             drop_schemas(
                 tx,

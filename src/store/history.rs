@@ -95,10 +95,7 @@ pub async fn latest_per_projector(client: &impl GenericClient) -> Result<Vec<Tra
         "SELECT DISTINCT ON (name) {COLUMNS} FROM coord.transitions ORDER BY name, id DESC"
     );
     let rows = client.query(&sql, &[]).await?;
-    Ok(rows
-        .iter()
-        .map(Transition::try_from)
-        .collect::<Result<_>>()?)
+    rows.iter().map(Transition::try_from).collect()
 }
 
 /// Every transition of `name` (or of all projectors), oldest first.
@@ -110,8 +107,5 @@ pub async fn list(client: &impl GenericClient, name: Option<&str>) -> Result<Vec
         "SELECT {COLUMNS} FROM coord.transitions WHERE $1::text IS NULL OR name = $1 ORDER BY id"
     );
     let rows = client.query(&sql, &[&name]).await?;
-    Ok(rows
-        .iter()
-        .map(Transition::try_from)
-        .collect::<Result<_>>()?)
+    rows.iter().map(Transition::try_from).collect()
 }

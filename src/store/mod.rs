@@ -55,14 +55,12 @@ const IS_MIGRATED: &str = "SELECT to_regclass('coord.projector_versions') IS NOT
 /// Fails with a clear message when `coord migrate` has not been run.
 ///
 /// # Errors
-/// [`Error::Failed`] naming the fix.
+/// [`Error::NotMigrated`].
 pub async fn ensure_migrated(client: &impl GenericClient) -> Result<()> {
     let row = client.query_one(IS_MIGRATED, &[]).await?;
     if row.try_get::<_, bool>(0)? {
         crate::migrate::warn_if_newer(client).await
     } else {
-        Err(Error::Failed(
-            "the coord schema is missing or out of date in this database: run `coord migrate` first".into(),
-        ))
+        Err(Error::NotMigrated)
     }
 }

@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
-use coord::replay::{catch_up, start_replay, CancellationToken, CatchUpReport, ReplayOptions};
 use coord::records::{parked_events, version};
+use coord::replay::{catch_up, start_replay, CancellationToken, CatchUpReport, ReplayOptions};
 use coord::Actor;
 use coord::{Config, ExpectedVersion, NewEvent, Projector, ProjectorSet, Publisher, SqlProjector};
 use rand::rngs::StdRng;
@@ -341,10 +341,7 @@ async fn a_failing_batch_statement_stops_just_before_the_failing_event_under_fai
         "{}",
         stderr(&out)
     );
-    let v = version(&client, "picky", "1.0.0")
-        .await
-        .unwrap()
-        .unwrap();
+    let v = version(&client, "picky", "1.0.0").await.unwrap().unwrap();
     assert_eq!(v.events_processed, 36, "the events before it are committed");
     assert_eq!(rows(&client, "picky_v1_0_0.deposits").await, 36);
 }

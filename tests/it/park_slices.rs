@@ -8,8 +8,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use coord::replay::{start_replay, ReplayOptions};
 use coord::records::{parked_events, version};
+use coord::replay::{start_replay, ReplayOptions};
 use coord::Actor;
 use coord::{Config, SqlProjector};
 
@@ -132,10 +132,7 @@ async fn slices_keep_order_under_fail() {
         error.contains(&format!("failed at position {}", bad[0])),
         "{error}"
     );
-    let v = version(&client, "sliced", "1.0.0")
-        .await
-        .unwrap()
-        .unwrap();
+    let v = version(&client, "sliced", "1.0.0").await.unwrap().unwrap();
     let before_first = bad[0] - 1;
     assert_eq!(v.events_processed, before_first);
     let rows: i64 = client

@@ -45,23 +45,11 @@ pub async fn run(ctx: &Context, args: &CatchUpArgs) -> anyhow::Result<()> {
     let outcomes =
         catch_up_configured(&pool, &selected, &config.event_store, &options, &cancel).await;
     bars.finish();
-    let outcomes = outcomes?;
-    let total = outcomes.len();
-    let mut reports = Vec::new();
-    let mut failure = None;
-    for outcome in outcomes {
-        match outcome.result {
-            Ok(r) => reports.push(r),
-            Err(e) if failure.is_none() => failure = Some((outcome.label, e)),
-            Err(e) => tracing::error!(projector = %outcome.label, error = %e, "catch-up failed"),
-        }
-    }
-    if let Some((label, e)) = failure {
-        return Err(anyhow::Error::from(e).context(format!(
-            "caught up {} of {total} projector versions; {label} failed",
-            reports.len()
-        )));
-    }
+    let reports = coord::Steps::collect(
+        "caught up",
+        "projector versions",
+        outcomes?.into_iter().map(|o| (o.label, o.result)),
+    )?;
     if ctx.json() {
         return output::json(&serde_json::json!({ "projectors": reports }));
     }

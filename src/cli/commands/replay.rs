@@ -79,22 +79,11 @@ pub async fn run(ctx: &Context, args: &ReplayArgs) -> anyhow::Result<()> {
     .await;
     bars.finish();
 
-    let total = outcomes.len();
-    let mut done = Vec::new();
-    let mut failures = Vec::new();
-    for outcome in outcomes {
-        match outcome.result {
-            Ok(d) => done.push(d),
-            Err(e) => failures.push((outcome.label, e)),
-        }
-    }
-    if let Some((label, first)) = failures.into_iter().next() {
-        let message = format!(
-            "replayed {} of {total} projectors; {label} failed",
-            done.len()
-        );
-        return Err(anyhow::Error::from(first).context(message));
-    }
+    let done = coord::Steps::collect(
+        "replayed",
+        "projectors",
+        outcomes.into_iter().map(|o| (o.label, o.result)),
+    )?;
     let cancelled = done
         .iter()
         .any(|d| d.catch_up.as_ref().is_some_and(|c| c.cancelled));
