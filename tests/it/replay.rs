@@ -14,7 +14,9 @@ use coord::{Config, Projector, ProjectorName, RelationName, SqlProjector};
 use tokio_postgres::Client;
 
 use crate::reference::BalancesProjector;
-use crate::support::{assert_exit, balances_toml, eventually, stderr, stdout, TestDb};
+use crate::support::{
+    assert_exit, balances_toml, eventually, stderr, stdout, until_backend, TestDb,
+};
 
 const APPEND: &str = "INSERT INTO coord.events (stream_id, stream_version, event_type, data) \
     SELECT 'acct-' || (i % $3::bigint), i / $3::bigint + 1, \
@@ -733,26 +735,71 @@ async fn replay_refuses_a_second_version_a_changed_definition_and_an_unknown_pro
     assert_eq!(mismatches(&client, "balances_v2_0_0").await, 0);
 }
 
+/// The advisory lock the gated balances handlers wait for.
+const GATE: i64 = 4_242_424;
+
+/// `balances_toml(version)` whose deposits wait for the advisory lock
+/// [`GATE`] (shared, until their transaction ends): while a test holds it, a
+/// replay of a store from [`append`] applies the batches that open the
+/// accounts, then waits inside the first batch with a deposit.
+fn gated_balances_toml(version: &str) -> String {
+    let plain = "MoneyDeposited = \"UPDATE balances SET amount = amount + ($5->>'amount')::bigint WHERE account = $1\"";
+    let toml = balances_toml(version);
+    assert!(toml.contains(plain), "{toml}");
+    toml.replace(
+        plain,
+        &format!(
+            "MoneyDeposited = \"UPDATE balances SET amount = amount + ($5->>'amount')::bigint \
+             WHERE account = $1 AND pg_advisory_xact_lock_shared({GATE})::text = ''\""
+        ),
+    )
+}
+
+/// Holds [`GATE`] on its own connection until [`Gate::open`].
+struct Gate(Client);
+
+impl Gate {
+    async fn close(db: &TestDb) -> Self {
+        let client = db.client().await;
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&GATE])
+            .await
+            .unwrap();
+        Self(client)
+    }
+
+    async fn open(self) {
+        self.0
+            .execute("SELECT pg_advisory_unlock($1)", &[&GATE])
+            .await
+            .unwrap();
+    }
+}
+
+/// Starts `coord replay --batch-size 10` of [`gated_balances_toml`] over
+/// 4,000 events on 40 accounts behind a closed [`Gate`], and returns once
+/// it has committed the 4 batches that open the accounts and waits for the
+/// gate inside the fifth.
+async fn replay_held_at_the_gate(db: &TestDb, client: &Client) -> (std::process::Child, Gate) {
+    append(client, 0, 4000, 40).await;
+    db.write_config("coord.toml", &gated_balances_toml("2.0.0"));
+    let gate = Gate::close(db).await;
+    let child = db.spawn_coord_as("held-replay", &["replay", "--batch-size", "10"]);
+    until_backend(db, "held-replay", "UPDATE balances", true).await;
+    assert_eq!(processed(client, "balances", "2.0.0").await, 40);
+    (child, gate)
+}
+
 #[tokio::test]
 async fn replay_survives_kill_9_and_a_rerun_applies_every_event_exactly_once() {
     let db = TestDb::migrated().await;
     let client = db.client().await;
-    append(&client, 0, 4000, 40).await;
-    db.write_config("coord.toml", &balances_toml("2.0.0"));
-    let mut child = db.spawn_coord(&["replay", "--batch-size", "10"]);
-    eventually(
-        Duration::from_secs(30),
-        "the replay to commit a batch",
-        || async { processed(&client, "balances", "2.0.0").await > 0 },
-    )
-    .await;
+    let (mut child, gate) = replay_held_at_the_gate(&db, &client).await;
     child.kill().unwrap();
     child.wait().unwrap();
-    let at_kill = processed(&client, "balances", "2.0.0").await;
-    assert!(
-        at_kill < 4000,
-        "the replay finished before it could be killed; make it longer"
-    );
+    gate.open().await;
+    // The batch in flight died with the process: nothing of it is applied.
+    assert_eq!(processed(&client, "balances", "2.0.0").await, 40);
     let rerun = db.coord(&["replay", "--batch-size", "500"]);
     assert_exit(&rerun, 0);
     assert_eq!(processed(&client, "balances", "2.0.0").await, 4000);
@@ -827,26 +874,34 @@ MoneyDeposited = "UPDATE counts SET n = n + 1 WHERE stream = $1"
 async fn ctrl_c_stops_coord_replay_at_a_batch_boundary_with_the_checkpoint_saved() {
     let db = TestDb::migrated().await;
     let client = db.client().await;
-    append(&client, 0, 4000, 40).await;
-    db.write_config("coord.toml", &balances_toml("2.0.0"));
-    let child = db.spawn_coord(&["replay", "--batch-size", "10"]);
-    eventually(
-        Duration::from_secs(30),
-        "the replay to commit a batch",
-        || async { processed(&client, "balances", "2.0.0").await > 0 },
-    )
-    .await;
+    let (mut child, gate) = replay_held_at_the_gate(&db, &client).await;
+    let mut stderr_lines = lines_of(child.stderr.take().unwrap());
     let sent = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(sent.success());
+    // coord says it took the interrupt; only then may the batch go on.
+    let mut err = String::new();
+    while !err.contains("interrupted") {
+        let line = tokio::time::timeout(Duration::from_secs(60), stderr_lines.recv())
+            .await
+            .expect("coord replay to report the interrupt on stderr")
+            .unwrap_or_else(|| panic!("stderr closed: {err}"));
+        err.push_str(&line);
+        err.push('\n');
+    }
+    gate.open().await;
     let out = child.wait_with_output().unwrap();
-    assert_exit(&out, 1);
-    assert!(stderr(&out).contains("checkpoint"), "{}", stderr(&out));
+    while let Some(line) = stderr_lines.recv().await {
+        err.push_str(&line);
+        err.push('\n');
+    }
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("checkpoint"), "{err}");
     let at_stop = processed(&client, "balances", "2.0.0").await;
-    assert!(at_stop < 4000, "the replay finished before Ctrl-C");
-    assert_eq!(at_stop % 10, 0, "stopped at a batch boundary");
+    // The batch in flight commits, then the replay stops: no further batch.
+    assert_eq!(at_stop, 50, "stopped after the batch in flight");
     let v = versions::get(&client, "balances", "2.0.0")
         .await
         .unwrap()
@@ -859,20 +914,34 @@ async fn ctrl_c_stops_coord_replay_at_a_batch_boundary_with_the_checkpoint_saved
     assert_eq!(mismatches(&client, "balances_v2_0_0").await, 0);
 }
 
+/// The lines `stream` yields, read on a thread, as they come.
+fn lines_of(
+    stream: impl std::io::Read + Send + 'static,
+) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    use std::io::BufRead;
+    let (send, receive) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    receive
+}
+
 #[tokio::test]
 async fn abort_during_a_running_replay_stops_it_without_applying_into_a_dropped_schema() {
     let db = TestDb::migrated().await;
     let client = db.client().await;
-    append(&client, 0, 4000, 40).await;
-    db.write_config("coord.toml", &balances_toml("2.0.0"));
-    let child = db.spawn_coord(&["replay", "--batch-size", "10"]);
-    eventually(
-        Duration::from_secs(30),
-        "the replay to commit a batch",
-        || async { processed(&client, "balances", "2.0.0").await > 0 },
-    )
-    .await;
-    let abort = db.coord(&["abort"]);
+    let (child, gate) = replay_held_at_the_gate(&db, &client).await;
+    // The abort waits for the batch in flight (it locks the version's row
+    // first); the batch waits for the gate.
+    let abort = db.spawn_coord_as("test-abort", &["abort"]);
+    until_backend(&db, "test-abort", "projector_versions", true).await;
+    gate.open().await;
+    let abort = abort.wait_with_output().unwrap();
     assert_exit(&abort, 0);
     assert!(stdout(&abort).contains("aborted the replay of balances@2.0.0"));
     let out = child.wait_with_output().unwrap();
