@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, NoTls};
 
+mod snapshot;
+
 /// The server tests run against: `DATABASE_URL`, default the local one.
 pub fn admin_url() -> String {
     std::env::var("DATABASE_URL")
