@@ -201,12 +201,7 @@ mod tests {
     #[test]
     fn counts_render_as_integers() {
         let mut out = String::new();
-        line(
-            &mut out,
-            "c",
-            &[("projector", "a".into())],
-            123_456_789_i64 as f64,
-        );
+        line(&mut out, "c", &[("projector", "a".into())], 123_456_789_f64);
         line(&mut out, "s", &[], 0.25);
         assert_eq!(out, "c{projector=\"a\"} 123456789\ns 0.25\n");
     }

@@ -9,14 +9,16 @@ use coord::replay::{
     catch_up, checkpoint_through_current_snapshot, pass_in_transaction, run_pass, start_replay,
     CancellationToken, ReplayOptions, StartOutcome,
 };
-use coord::store::{parked, states, versions, Actor};
+use coord::store::history::Transition;
+use coord::store::parked::ParkedEvent;
+use coord::store::states::ProjectorState;
+use coord::store::versions::{VersionRecord, VersionStatus};
+use coord::store::{history, parked, states, versions, Actor};
 use coord::{Config, Projector, ProjectorName, RelationName, SqlProjector};
 use tokio_postgres::Client;
 
 use crate::reference::BalancesProjector;
-use crate::support::{
-    assert_exit, balances_toml, eventually, stderr, stdout, until_backend, TestDb,
-};
+use crate::support::{assert_exit, balances_toml, stderr, stdout, until_backend, TestDb};
 
 const APPEND: &str = "INSERT INTO coord.events (stream_id, stream_version, event_type, data) \
     SELECT 'acct-' || (i % $3::bigint), i / $3::bigint + 1, \
@@ -72,10 +74,36 @@ fn options(batch_size: usize) -> ReplayOptions {
     }
 }
 
-async fn processed(client: &Client, name: &str, version: &str) -> i64 {
-    versions::get(client, name, version)
+// coord's records this file reads, in one place.
+
+async fn record(client: &Client, name: &str, version: &str) -> Option<VersionRecord> {
+    versions::get(client, name, version).await.unwrap()
+}
+
+async fn version_record(client: &Client, name: &str, version: &str) -> VersionRecord {
+    record(client, name, version)
+        .await
+        .unwrap_or_else(|| panic!("{name}@{version} is not registered"))
+}
+
+async fn projector_state(client: &Client, name: &str) -> ProjectorState {
+    states::get(client, name, false)
         .await
         .unwrap()
+        .unwrap_or_else(|| panic!("projector {name} has no state"))
+}
+
+async fn parked_events(client: &Client, name: &str, version: &str) -> Vec<ParkedEvent> {
+    parked::list(client, name, version).await.unwrap()
+}
+
+async fn transitions(client: &Client, name: &str) -> Vec<Transition> {
+    history::list(client, Some(name)).await.unwrap()
+}
+
+async fn processed(client: &Client, name: &str, version: &str) -> i64 {
+    record(client, name, version)
+        .await
         .map_or(0, |v| v.events_processed)
 }
 
@@ -120,7 +148,7 @@ async fn replay_equals_a_from_scratch_computation() {
         let name = projector.name().to_string();
         let version = projector.version().to_string();
         assert_eq!(processed(&client, &name, &version).await, 3000);
-        let state = states::get(&client, &name, false).await.unwrap().unwrap();
+        let state = projector_state(&client, &name).await;
         assert_eq!(state.replaying_version.as_deref(), Some(version.as_str()));
         assert_eq!(state.active_version, None);
     }
@@ -533,7 +561,7 @@ async fn a_failing_event_is_parked_and_replay_goes_on_under_the_park_policy() {
     .await
     .unwrap();
     assert_eq!((report.applied, report.parked), (59, 1));
-    let parked = parked::list(&client, "picky", "1.0.0").await.unwrap();
+    let parked = parked_events(&client, "picky", "1.0.0").await;
     assert_eq!(parked.len(), 1);
     assert_eq!(parked[0].position, bad);
     assert!(
@@ -541,10 +569,7 @@ async fn a_failing_event_is_parked_and_replay_goes_on_under_the_park_policy() {
         "{}",
         parked[0].error
     );
-    let v = versions::get(&client, "picky", "1.0.0")
-        .await
-        .unwrap()
-        .unwrap();
+    let v = version_record(&client, "picky", "1.0.0").await;
     assert_eq!((v.events_processed, v.events_parked), (59, 1));
     let rows: i64 = client
         .query_one("SELECT count(*) FROM picky_v1_0_0.deposits", &[])
@@ -582,10 +607,7 @@ async fn a_failing_event_stops_replay_just_before_it_under_the_fail_policy() {
         "{error}"
     );
     assert!(error.contains("check constraint"), "{error}");
-    let v = versions::get(&client, "picky", "1.0.0")
-        .await
-        .unwrap()
-        .unwrap();
+    let v = version_record(&client, "picky", "1.0.0").await;
     assert_eq!(
         v.events_processed, 36,
         "the events before the failing one are committed"
@@ -648,21 +670,13 @@ async fn abort_drops_the_replaying_schema_and_leaves_the_active_version_untouche
         .unwrap()
         .get(0);
     assert_eq!(schemas, 0);
-    let state = states::get(&client, "balances", false)
-        .await
-        .unwrap()
-        .unwrap();
+    let state = projector_state(&client, "balances").await;
     assert_eq!(state.active_version.as_deref(), Some("1.0.0"));
     assert_eq!(state.replaying_version, None);
     assert_eq!(mismatches(&client, "balances_v1_0_0").await, 0);
-    let v2 = versions::get(&client, "balances", "2.0.0")
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(v2.status, versions::VersionStatus::Aborted);
-    let last = coord::store::history::list(&client, Some("balances"))
-        .await
-        .unwrap();
+    let v2 = version_record(&client, "balances", "2.0.0").await;
+    assert_eq!(v2.status, VersionStatus::Aborted);
+    let last = transitions(&client, "balances").await;
     assert_eq!(last.last().unwrap().to_status, "aborted");
 
     let nothing = db.coord(&["abort", "--projector", "balances"]);
@@ -902,11 +916,8 @@ async fn ctrl_c_stops_coord_replay_at_a_batch_boundary_with_the_checkpoint_saved
     let at_stop = processed(&client, "balances", "2.0.0").await;
     // The batch in flight commits, then the replay stops: no further batch.
     assert_eq!(at_stop, 50, "stopped after the batch in flight");
-    let v = versions::get(&client, "balances", "2.0.0")
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(v.status, versions::VersionStatus::Replaying);
+    let v = version_record(&client, "balances", "2.0.0").await;
+    assert_eq!(v.status, VersionStatus::Replaying);
     let rerun = db.coord(&["replay"]);
     assert_exit(&rerun, 0);
     assert!(stdout(&rerun).contains("resumed"), "{}", stdout(&rerun));
@@ -947,16 +958,10 @@ async fn abort_during_a_running_replay_stops_it_without_applying_into_a_dropped_
     let out = child.wait_with_output().unwrap();
     assert_exit(&out, 2);
     assert!(stderr(&out).contains("was aborted"), "{}", stderr(&out));
-    let state = states::get(&client, "balances", false)
-        .await
-        .unwrap()
-        .unwrap();
+    let state = projector_state(&client, "balances").await;
     assert_eq!(state.replaying_version, None);
-    let v = versions::get(&client, "balances", "2.0.0")
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(v.status, versions::VersionStatus::Aborted);
+    let v = version_record(&client, "balances", "2.0.0").await;
+    assert_eq!(v.status, VersionStatus::Aborted);
     let schemas: i64 = client
         .query_one(
             "SELECT count(*) FROM pg_namespace WHERE nspname = 'balances_v2_0_0'",

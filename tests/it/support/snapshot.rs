@@ -2,10 +2,10 @@
 //! in a coord table or in a projection table, makes it differ, so "the
 //! database is unchanged" checks cannot pass over a changed state.
 
-use crate::support::{assert_exit, balances_toml, TestDb};
-
 #[tokio::test]
 async fn an_update_of_one_row_changes_the_snapshot() {
+    use crate::support::{assert_exit, balances_toml, TestDb};
+
     let db = TestDb::migrated().await;
     db.write_config("coord.toml", &balances_toml("1.0.0"));
     assert_exit(&db.coord(&["activate-current-config"]), 0);
