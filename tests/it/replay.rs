@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use coord::replay::{
     catch_up, checkpoint_through_current_snapshot, pass_in_transaction, run_pass, start_replay,
-    CancellationToken, ReplayOptions, StartOutcome,
+    CancellationToken, CatchUpReport, ReplayOptions, StartOutcome,
 };
 use coord::store::history::Transition;
 use coord::store::parked::ParkedEvent;
@@ -15,6 +15,7 @@ use coord::store::states::ProjectorState;
 use coord::store::versions::{VersionRecord, VersionStatus};
 use coord::store::{history, parked, states, versions, Actor};
 use coord::{Config, Projector, ProjectorName, RelationName, SqlProjector};
+use deadpool_postgres::Pool;
 use tokio_postgres::Client;
 
 use crate::reference::BalancesProjector;
@@ -101,6 +102,20 @@ async fn transitions(client: &Client, name: &str) -> Vec<Transition> {
     history::list(client, Some(name)).await.unwrap()
 }
 
+/// Catches `projector` up over the default event store in batches of
+/// `batch_size`, never cancelled.
+async fn catch_up_in(batch_size: usize, pool: &Pool, projector: &dyn Projector) -> CatchUpReport {
+    catch_up(
+        pool,
+        projector,
+        &RelationName::default(),
+        &options(batch_size),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap()
+}
+
 async fn processed(client: &Client, name: &str, version: &str) -> i64 {
     record(client, name, version)
         .await
@@ -132,15 +147,7 @@ async fn replay_equals_a_from_scratch_computation() {
             .await
             .unwrap();
         assert_eq!(start.outcome, StartOutcome::Started);
-        let report = catch_up(
-            &pool,
-            projector.as_ref(),
-            &RelationName::default(),
-            &options(400),
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+        let report = catch_up_in(400, &pool, projector.as_ref()).await;
         assert_eq!(report.applied, 3000);
         assert_eq!(report.remaining, 0);
         let schema = coord::schema_name(projector.name(), projector.version());
@@ -372,15 +379,7 @@ async fn a_rolled_back_transaction_leaves_a_gap_that_does_not_stall_replay() {
     let projector = sql_projector(&balances_toml("2.0.0"));
     register(&db, projector.as_ref()).await;
     let pool = coord::pool(&db.database_url(), 4).unwrap();
-    let report = catch_up(
-        &pool,
-        projector.as_ref(),
-        &RelationName::default(),
-        &options(7),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let report = catch_up_in(7, &pool, projector.as_ref()).await;
     assert_eq!(report.applied, 101);
     assert_eq!(report.remaining, 0);
     assert_eq!(mismatches(&client, "balances_v2_0_0").await, 0);
@@ -410,15 +409,7 @@ async fn a_cancelled_replay_stops_at_a_batch_boundary_and_resumes_exactly_once()
     assert!(first.cancelled);
     assert_eq!(first.applied, 100);
     assert_eq!(processed(&client, "balances", "2.0.0").await, 100);
-    let rest = catch_up(
-        &pool,
-        projector.as_ref(),
-        &RelationName::default(),
-        &options(100),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let rest = catch_up_in(100, &pool, projector.as_ref()).await;
     assert_eq!(rest.applied, 900);
     assert_eq!(processed(&client, "balances", "2.0.0").await, 1000);
     assert_eq!(mismatches(&client, "balances_v2_0_0").await, 0);
@@ -433,15 +424,7 @@ async fn pass_in_transaction_applies_the_final_delta_with_the_callers_commit() {
     register(&db, projector.as_ref()).await;
     let pool = coord::pool(&db.database_url(), 4).unwrap();
     let relation = RelationName::default();
-    catch_up(
-        &pool,
-        projector.as_ref(),
-        &relation,
-        &options(100),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    catch_up_in(100, &pool, projector.as_ref()).await;
     append(&client, 500, 120, 10).await;
     let tx = client.transaction().await.unwrap();
     let applied = pass_in_transaction(&tx, projector.as_ref(), &relation)
@@ -494,15 +477,7 @@ async fn a_version_checkpointed_through_the_current_snapshot_applies_only_later_
     tx.commit().await.unwrap();
     append(&client, 300, 90, 10).await;
     let pool = coord::pool(&db.database_url(), 4).unwrap();
-    let report = catch_up(
-        &pool,
-        projector.as_ref(),
-        &relation,
-        &options(50),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let report = catch_up_in(50, &pool, projector.as_ref()).await;
     assert_eq!(report.applied, 90);
     assert_eq!(mismatches(&client, "balances_v1_0_0").await, 0);
 }
@@ -551,15 +526,7 @@ async fn a_failing_event_is_parked_and_replay_goes_on_under_the_park_policy() {
     let projector = sql_projector(&picky_toml("park"));
     register(&db, projector.as_ref()).await;
     let pool = coord::pool(&db.database_url(), 4).unwrap();
-    let report = catch_up(
-        &pool,
-        projector.as_ref(),
-        &RelationName::default(),
-        &options(25),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let report = catch_up_in(25, &pool, projector.as_ref()).await;
     assert_eq!((report.applied, report.parked), (59, 1));
     let parked = parked_events(&client, "picky", "1.0.0").await;
     assert_eq!(parked.len(), 1);
@@ -578,15 +545,7 @@ async fn a_failing_event_is_parked_and_replay_goes_on_under_the_park_policy() {
         .get(0);
     assert_eq!(rows, 59);
     // A parked event is not retried by the next pass.
-    let again = catch_up(
-        &pool,
-        projector.as_ref(),
-        &RelationName::default(),
-        &options(25),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let again = catch_up_in(25, &pool, projector.as_ref()).await;
     assert_eq!((again.applied, again.parked), (0, 0));
 }
 
@@ -995,15 +954,7 @@ async fn a_pass_cancelled_before_it_reads_anything_does_not_move_the_horizon() {
     .unwrap();
     assert!(report.cancelled);
     assert_eq!(report.applied, 0);
-    let rest = catch_up(
-        &pool,
-        projector.as_ref(),
-        &relation,
-        &options(50),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let rest = catch_up_in(50, &pool, projector.as_ref()).await;
     assert_eq!(rest.applied, 300, "no event was skipped");
     assert_eq!(mismatches(&client, "balances_v2_0_0").await, 0);
 }

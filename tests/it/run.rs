@@ -14,6 +14,15 @@ fn async_toml(version: &str) -> String {
     )
 }
 
+/// `coord publish` of one event to stream `a` with the configuration of v1.
+fn publish(db: &TestDb, event_type: &str, data: &str) {
+    let args = ["publish", "--config", "v1.toml", "--stream", "a"];
+    assert_exit(
+        &db.coord(&[&args[..], &["--type", event_type, "--data", data]].concat()),
+        0,
+    );
+}
+
 /// Starts `coord run --config config`, its connections named `name`.
 fn spawn_run(db: &TestDb, name: &str, config: &str) -> Child {
     db.spawn_coord_as(name, &["run", "--config", config])
@@ -60,34 +69,8 @@ async fn coord_run_applies_async_events_hands_over_and_stops_when_superseded() {
     );
 
     // Publishers do not run async projectors inline.
-    assert_exit(
-        &db.coord(&[
-            "publish",
-            "--config",
-            "v1.toml",
-            "--stream",
-            "a",
-            "--type",
-            "AccountOpened",
-            "--data",
-            "{}",
-        ]),
-        0,
-    );
-    assert_exit(
-        &db.coord(&[
-            "publish",
-            "--config",
-            "v1.toml",
-            "--stream",
-            "a",
-            "--type",
-            "MoneyDeposited",
-            "--data",
-            "{\"amount\": 5}",
-        ]),
-        0,
-    );
+    publish(&db, "AccountOpened", "{}");
+    publish(&db, "MoneyDeposited", "{\"amount\": 5}");
     assert_eq!(amount(&db, "balances_v1_0_0", "a").await, None);
 
     let mut first = spawn_run(&db, "first-runner", "v1.toml");
@@ -107,20 +90,7 @@ async fn coord_run_applies_async_events_hands_over_and_stops_when_superseded() {
     // The leader dies; the standby takes over.
     first.kill().unwrap();
     first.wait().unwrap();
-    assert_exit(
-        &db.coord(&[
-            "publish",
-            "--config",
-            "v1.toml",
-            "--stream",
-            "a",
-            "--type",
-            "MoneyDeposited",
-            "--data",
-            "{\"amount\": 7}",
-        ]),
-        0,
-    );
+    publish(&db, "MoneyDeposited", "{\"amount\": 7}");
     eventually(
         Duration::from_secs(60),
         "the standby to take over",
