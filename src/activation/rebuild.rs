@@ -14,8 +14,8 @@ use tokio_postgres::Transaction;
 use tokio_util::sync::CancellationToken;
 
 use super::critical::{critical_section, Change};
-use super::lock::ActivationLock;
 use super::run::{verify, ActivateOptions, StepReport};
+use super::steps::lock_and_check;
 use super::switch::SwitchReport;
 use crate::config::{DatabaseUrl, Mode, OnError};
 use crate::names::{ProjectorName, RelationName};
@@ -110,11 +110,8 @@ pub async fn rebuild(
 ) -> Result<StepReport> {
     let name = projector.name().as_str();
     let version = projector.version().to_string();
-    let lock = ActivationLock::acquire(url, actor, options.lock_wait).await?;
+    let (lock, client) = lock_and_check(pool, url, event_store, options, actor).await?;
     {
-        let client = pool.get().await?;
-        crate::migrate::ensure_writable(&**client).await?;
-        crate::event_relation::check_event_store(&**client, event_store).await?;
         let active = states::get(&**client, name, false)
             .await?
             .and_then(|s| s.active_version);
@@ -142,6 +139,7 @@ pub async fn rebuild(
         )
         .await?;
     }
+    drop(client); // back to the pool for the replay
     let shadow = Shadow::of(projector.clone());
     let started = Instant::now();
     let mut applied = 0;

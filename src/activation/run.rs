@@ -9,7 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::lock::ActivationLock;
 use super::plan::{plan, Plan};
-use super::steps::{linked, mark_replaying, run_step, verify_and_activate, StepContext};
+use super::steps::{
+    linked, lock_and_check, mark_replaying, run_step, verify_and_activate, StepContext,
+};
 use super::switch::SwitchReport;
 use crate::config::DatabaseUrl;
 use crate::gate::LockPolicy;
@@ -230,12 +232,9 @@ pub async fn rollback(
     cancel: &CancellationToken,
 ) -> Result<StepReport> {
     let name = projector.name().as_str();
-    let lock = ActivationLock::acquire(url, actor, options.lock_wait).await?;
+    let (lock, client) = lock_and_check(pool, url, event_store, options, actor).await?;
     let cancel = &linked(cancel, lock.lost());
     let (active, target) = {
-        let client = pool.get().await?;
-        crate::migrate::ensure_writable(&**client).await?;
-        crate::event_relation::check_event_store(&**client, event_store).await?;
         let state = states::get(&**client, name, false).await?;
         if let Some(activating) = state.as_ref().and_then(|s| s.activating_version.clone()) {
             return Err(Error::Refused(format!(
@@ -252,6 +251,7 @@ pub async fn rollback(
             .max_by(|a, b| a.retired_at.cmp(&b.retired_at));
         (active, target)
     };
+    drop(client); // back to the pool for the catch-up
     let Some(target) = target else {
         return Err(Error::Refused(format!(
             "projector {name} has no retired version to roll back to"

@@ -137,6 +137,25 @@ pub(super) async fn run_step(ctx: &StepContext<'_>, step: &Step) -> Result<Optio
     Ok(Some(report))
 }
 
+/// What rollback and rebuild start with: the activation lock, then a
+/// connection on which coord may write and the event store is usable.
+///
+/// # Errors
+/// [`Error::Busy`] for the lock; as `ensure_writable` and `check_event_store`.
+pub(super) async fn lock_and_check(
+    pool: &Pool,
+    url: &crate::config::DatabaseUrl,
+    event_store: &RelationName,
+    options: &ActivateOptions,
+    actor: &Actor,
+) -> Result<(ActivationLock, deadpool_postgres::Object)> {
+    let lock = ActivationLock::acquire(url, actor, options.lock_wait).await?;
+    let client = pool.get().await?;
+    crate::migrate::ensure_writable(&**client).await?;
+    crate::event_relation::check_event_store(&**client, event_store).await?;
+    Ok((lock, client))
+}
+
 /// Verifies `projector`'s version, catches it up a last time outside the
 /// critical section (so that what the critical section applies, with
 /// publishers held back, stays small), and activates it. Returns the

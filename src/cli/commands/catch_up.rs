@@ -27,13 +27,7 @@ pub async fn run(ctx: &Context, args: &CatchUpArgs) -> anyhow::Result<()> {
     let config = ctx.config()?;
     let set = ctx.projectors(&config);
     let selected = ProjectorSet::new(select(&set, args.projector.as_deref())?)?;
-    let url = ctx.database_url(Some(&config))?;
-    let pool = coord::pool(&url, 3)?;
-    {
-        let client = pool.get().await.map_err(coord::Error::from)?;
-        coord::ensure_writable(&**client).await?;
-        coord::check_event_store(&**client, &config.event_store).await?;
-    }
+    let pool = ctx.writable_pool(&config, 3).await?;
     let cancel = crate::progress::cancel_on_ctrl_c();
     let bars = Bars::new(!ctx.json());
     let options = ReplayOptions {

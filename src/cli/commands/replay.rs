@@ -51,14 +51,8 @@ pub async fn run(ctx: &Context, args: &ReplayArgs) -> anyhow::Result<()> {
     let config = ctx.config()?;
     let set = ctx.projectors(&config);
     let selected = select(&set, args.projector.as_deref())?;
-    let url = ctx.database_url(Some(&config))?;
     let jobs = usize::from(args.jobs);
-    let pool = coord::pool(&url, jobs * 2 + 1)?;
-    {
-        let client = pool.get().await.map_err(coord::Error::from)?;
-        coord::ensure_writable(&**client).await?;
-        coord::check_event_store(&**client, &config.event_store).await?;
-    }
+    let pool = ctx.writable_pool(&config, jobs * 2 + 1).await?;
     let cancel = crate::progress::cancel_on_ctrl_c();
     let bars = Bars::new(!ctx.json());
     let options = ReplayOptions {
