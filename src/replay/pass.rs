@@ -268,7 +268,7 @@ pub async fn run_pass(
         let tx = writer.transaction().await?;
         let (ck, ()) = futures_util::future::try_join(
             checkpoint::lock(&*tx, name, &version),
-            batch::set_search_path(&tx, &start.schema_name),
+            batch::set_search_path(&*tx, &start.schema_name),
         )
         .await?;
         ensure_owner(&ck, &snapshot, cursor, &label)?;
