@@ -31,7 +31,7 @@ const UNPREPARED_MAX_EVENTS: usize = 4;
 
 /// A projector defined in `coord.toml`: one SQL statement per event type,
 /// run either once per event (`handlers`) or once per batch over the
-/// relation [`BATCH_RELATION`] (`batch_handlers`).
+/// relation [`BATCH_RELATION`](crate::projector::BATCH_RELATION) (`batch_handlers`).
 ///
 /// Within one call of [`Projector::apply`], events with per-event handlers
 /// split the batch into runs: each run of consecutive events with batch

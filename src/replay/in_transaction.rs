@@ -28,7 +28,7 @@ const IN_TRANSACTION_BYTES: i64 = crate::replay::options::DEFAULT_BATCH_BYTES as
 /// Returns the number of events applied.
 ///
 /// # Errors
-/// [`Error::Handler`] when a handler fails under the `fail` policy (roll
+/// [`Error::Handler`](crate::Error::Handler) when a handler fails under the `fail` policy (roll
 /// `tx` back); database errors.
 pub async fn pass_in_transaction(
     tx: &Transaction<'_>,
@@ -103,7 +103,7 @@ async fn drain(
 /// publishers of these event types are held back.
 ///
 /// # Errors
-/// [`Error::Failed`] when the version is not registered; database errors.
+/// [`Error::Failed`](crate::Error::Failed) when the version is not registered; database errors.
 pub async fn checkpoint_through_current_snapshot(
     tx: &Transaction<'_>,
     name: &str,
