@@ -46,6 +46,7 @@ pub mod config;
 mod db;
 mod error;
 mod event_relation;
+mod event_store;
 pub mod gate;
 #[doc(hidden)]
 pub mod locks;

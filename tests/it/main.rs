@@ -14,6 +14,7 @@ mod config;
 mod connect;
 mod contents;
 mod gate;
+mod handler_errors;
 mod migrate;
 mod park_slices;
 mod parking;
