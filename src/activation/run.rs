@@ -15,7 +15,7 @@ use super::steps::{
 use super::switch::SwitchReport;
 use crate::config::DatabaseUrl;
 use crate::gate::LockPolicy;
-use crate::names::{quote_ident, RelationName};
+use crate::names::RelationName;
 use crate::projector::{Projector, ProjectorExt, ProjectorSet};
 use crate::replay::{self, ReplayOptions};
 use crate::store::states;
@@ -181,13 +181,7 @@ pub async fn verify(pool: &Pool, projector: &dyn Projector) -> Result<()> {
     let mut pooled = pool.get().await?;
     let client: &mut tokio_postgres::Client = &mut pooled;
     let tx = client.build_transaction().read_only(true).start().await?;
-    // `crate::replay::batch::set_search_path` once helper A's replay/mod.rs
-    // makes `batch` pub(crate).
-    tx.query_one(
-        "SELECT set_config('search_path', $1, true)",
-        &[&quote_ident(&projector.schema())],
-    )
-    .await?;
+    crate::projector::set_search_path(&tx, &projector.schema()).await?;
     for (i, sql) in assertions.iter().enumerate() {
         let outcome = match tx.query_opt(sql.as_str(), &[]).await {
             Ok(Some(row)) => match row.try_get::<_, Option<bool>>(0) {

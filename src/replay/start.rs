@@ -245,10 +245,7 @@ async fn create_tables(
             projector.label()
         ))
     })?;
-    // Back to the caller's path (a list, not one schema: set_search_path
-    // would quote it as one name).
-    tx.execute("SELECT set_config('search_path', $1, true)", &[&previous])
-        .await?;
+    crate::projector::restore_search_path(tx, &previous).await?;
     Ok(())
 }
 

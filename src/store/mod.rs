@@ -5,9 +5,6 @@
 //! decides policy: callers (replay, activation) do.
 
 pub mod checkpoint;
-// Helper A moves the event reads out of `store`; until then a decoder
-// only its tests use is dead code here.
-#[allow(dead_code)]
 pub mod events;
 pub mod history;
 pub mod parked;
