@@ -77,6 +77,9 @@ pub use config::{resolve_database_url, Config, DatabaseUrl, Mode, OnError, Proje
 pub use db::{connect, pool, with_connect_timeout};
 pub use error::{ConfigError, Error, Result, Steps};
 pub use event_relation::{check_event_store, EVENT_COLUMNS};
+/// A pass's query, for tests that inspect its plan (tests/it/replay.rs).
+#[doc(hidden)]
+pub use event_store::PassQuery;
 pub use migrate::{ensure_writable, known_schema_version, migrate, MigrationReport};
 pub use names::{
     check_event_type, quote_ident, quote_literal, schema_name, ProjectorName, RelationName,
