@@ -152,12 +152,23 @@ async fn waiting_backend(client: &Client, ended: &[i32]) -> Option<i32> {
         .map(|r| r.get(0))
 }
 
-/// Waits until a backend other than those in `ended` waits at the gate.
-async fn until_waiting(client: &Client, ended: &[i32]) -> i32 {
+/// Waits until a backend other than those in `ended` waits at the gate;
+/// fails at once, with its output, if `replay` (a `coord` process) ended
+/// instead.
+async fn until_waiting(client: &Client, ended: &[i32], mut replay: Option<&mut Child>) -> i32 {
     let deadline = Instant::now() + DOES_NOT_HANG;
     loop {
         if let Some(pid) = waiting_backend(client, ended).await {
             return pid;
+        }
+        if let Some(child) = replay.as_deref_mut() {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut log = String::new();
+                if let Some(mut err) = child.stderr.take() {
+                    std::io::Read::read_to_string(&mut err, &mut log).unwrap();
+                }
+                panic!("coord ended ({status}) instead of waiting at the gate:\n{log}");
+            }
         }
         assert!(Instant::now() < deadline, "no batch waits at the gate");
         tokio::time::sleep(POLL).await;
@@ -196,13 +207,13 @@ async fn output_of(child: Child) -> Output {
 async fn replay_retries_a_terminated_batch_and_ends_exact() {
     let (db, client, first_gated) = ledger_db().await;
     let gate = Gate::close(&db).await;
-    let child = db.spawn_coord(&["replay", "--batch-size", BATCH]);
-    let first = until_waiting(&client, &[]).await;
+    let mut child = db.spawn_coord(&["replay", "--batch-size", BATCH]);
+    let first = until_waiting(&client, &[], Some(&mut child)).await;
     assert_eq!(processed(&client).await, FIRST_GATED);
     terminate(&client, first).await;
     // The retry resumes from the committed checkpoint, on a new connection,
     // and waits at the gate again in the same batch.
-    until_waiting(&client, &[first]).await;
+    until_waiting(&client, &[first], Some(&mut child)).await;
     assert_eq!(processed(&client).await, FIRST_GATED);
     gate.open().await;
     let out = output_of(child).await;
@@ -281,7 +292,7 @@ async fn catch_up_without_retries_fails_naming_the_version_the_step_and_the_posi
             catch_up(&pool, projector.as_ref(), &store, &options, &cancel).await
         })
     };
-    let pid = until_waiting(&client, &[]).await;
+    let pid = until_waiting(&client, &[], None).await;
     terminate(&client, pid).await;
     let err = tokio::time::timeout(DOES_NOT_HANG, caught)
         .await
