@@ -1,10 +1,12 @@
 //! Passes (docs/decisions/0002-checkpoint-horizon.md): [`run_pass`] applies,
 //! batch by batch, the handled events visible in one snapshot, each batch a
-//! transaction with its checkpoint; [`catch_up`] runs passes until the lag is
-//! small. A pass is a pipeline of named stages: begin (or resume) the pass,
+//! transaction with its checkpoint; [`catch_up`](crate::replay::catch_up)
+//! runs passes until the lag is small. A pass is a pipeline of named stages: begin (or resume) the pass,
 //! read and decode (`pipeline`), apply and record each batch
 //! (`apply`, shared with the passes inside a caller's transaction in
-//! `in_transaction`), and finish (move the horizon). SQL lives in
+//! `in_transaction`), and finish (move the horizon). Each stage names
+//! itself in errors, and a pass that loses its connection is retried from
+//! its last committed batch (`retry`, decision 0061). SQL lives in
 //! `store::checkpoint` and `event_store`; this module decides the order of
 //! things.
 
