@@ -203,11 +203,17 @@ async fn output_of(child: Child) -> Output {
         .unwrap()
 }
 
-#[tokio::test]
-async fn replay_retries_a_terminated_batch_and_ends_exact() {
+/// Runs `coord <command> --batch-size 100` over the gated store, terminates
+/// its batch's backend while it waits at the gate, and checks that it
+/// retries from its checkpoint and ends exact. With `register_first`, the version
+/// is registered first (for `catch-up`, which follows replaying versions).
+async fn retried_and_exact(command: &str, register_first: bool) {
     let (db, client, first_gated) = ledger_db().await;
+    if register_first {
+        register(&db, ledger_projector().as_ref()).await;
+    }
     let gate = Gate::close(&db).await;
-    let mut child = db.spawn_coord(&["replay", "--batch-size", BATCH]);
+    let mut child = db.spawn_coord(&[command, "--batch-size", BATCH]);
     let first = until_waiting(&client, &[], Some(&mut child)).await;
     assert_eq!(processed(&client).await, FIRST_GATED);
     terminate(&client, first).await;
@@ -226,6 +232,16 @@ async fn replay_retries_a_terminated_batch_and_ends_exact() {
     );
     assert_eq!(processed(&client).await, EVENTS);
     assert_eq!(differences(&client).await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn replay_retries_a_terminated_batch_and_ends_exact() {
+    retried_and_exact("replay", false).await;
+}
+
+#[tokio::test]
+async fn catch_up_retries_a_terminated_batch_and_ends_exact() {
+    retried_and_exact("catch-up", true).await;
 }
 
 #[tokio::test]
@@ -262,6 +278,14 @@ async fn replay_whose_retries_run_out_names_the_version_the_step_and_the_positio
     assert_eq!(differences(&client).await, Vec::<String>::new());
 }
 
+/// Registers `projector`'s version (replaying), as `coord replay` would
+/// before its first pass.
+async fn register(db: &TestDb, projector: &dyn Projector) {
+    let mut client = db.client().await;
+    let actor = coord::store::Actor::new("test-host", "test");
+    start_replay(&mut client, projector, &actor).await.unwrap();
+}
+
 fn ledger_projector() -> Arc<dyn Projector> {
     let config = Config::parse(&ledger_toml(), "test").unwrap();
     Arc::new(SqlProjector::new(config.projectors[0].clone()))
@@ -271,11 +295,7 @@ fn ledger_projector() -> Arc<dyn Projector> {
 async fn catch_up_without_retries_fails_naming_the_version_the_step_and_the_position() {
     let (db, client, first_gated) = ledger_db().await;
     let projector = ledger_projector();
-    let mut registering = db.client().await;
-    let actor = coord::store::Actor::new("test-host", "test");
-    start_replay(&mut registering, projector.as_ref(), &actor)
-        .await
-        .unwrap();
+    register(&db, projector.as_ref()).await;
     let pool = coord::pool(&db.database_url(), 4).unwrap();
     let options = ReplayOptions {
         batch_size: 100,
