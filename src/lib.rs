@@ -63,13 +63,9 @@ pub mod schema_drop;
 pub mod serve;
 mod sql_check;
 mod status;
-// `pub(crate)`: everything outside the crate goes through [`records`],
-// [`Actor`], [`ensure_migrated`] and the operations. Still `pub` (hidden)
-// only for two files of other work in progress, tests/it/replay.rs and
-// src/bin/coord-bench/activation.rs, and the doc example of src/replay/mod.rs;
-// once they use the public API this line becomes `pub(crate) mod store;`.
-#[doc(hidden)]
-pub mod store;
+// Private: everything outside the crate goes through [`records`],
+// [`Actor`], [`ensure_migrated`] and the operations.
+pub(crate) mod store;
 mod tls;
 mod url_redact;
 

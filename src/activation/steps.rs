@@ -52,7 +52,7 @@ pub(super) async fn run_step(ctx: &StepContext<'_>, step: &Step) -> Result<Optio
             // Nothing pending: write nothing, so a second run stays a no-op.
             let pending = {
                 let client = pool.get().await?;
-                crate::store::checkpoint::pending(
+                crate::event_store::pending(
                     &**client,
                     projector.name().as_str(),
                     &projector.version().to_string(),

@@ -2,10 +2,13 @@
 //! (`coord.projector_states`, `coord.projector_versions`, `coord.transitions`,
 //! `coord.applied_ahead`, `coord.parked_events`). Functions take a
 //! [`GenericClient`] so callers compose them in one transaction. Nothing here
-//! decides policy: callers (replay, activation) do.
+//! decides policy: callers (replay, activation) do. The one exception: the
+//! statements that also read or append the event store (the publisher's
+//! `applied_ahead` rows, marking a snapshot) live in `crate::event_store`
+//! (docs/decisions/0050-event-store-module.md). Private to the crate:
+//! applications read coord's records through `crate::records`.
 
 pub mod checkpoint;
-pub mod events;
 pub mod history;
 pub mod parked;
 pub mod states;
