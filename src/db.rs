@@ -143,12 +143,13 @@ fn watch(config: &mut tokio_postgres::Config) {
 /// seconds of its client going away: it checks the socket every 2 s during a
 /// statement (`client_connection_check_interval`, PostgreSQL 14 and later;
 /// absent before, so nothing is set there) and probes an idle link with TCP
-/// keepalives. Settings the server or the URL already give are kept.
+/// keepalives. Settings the server's configuration, the role, the database or
+/// the URL's `options` give are kept.
 const SESSION_SETTINGS: &str = "SELECT set_config(name, CASE name \
     WHEN 'client_connection_check_interval' THEN '2s' WHEN 'tcp_keepalives_idle' THEN '10s' \
     WHEN 'tcp_keepalives_interval' THEN '5s' ELSE '3' END, false) FROM pg_settings \
     WHERE name IN ('client_connection_check_interval', 'tcp_keepalives_idle', \
-    'tcp_keepalives_interval', 'tcp_keepalives_count') AND setting = '0'";
+    'tcp_keepalives_interval', 'tcp_keepalives_count') AND source = 'default'";
 
 /// The TLS connector for `url`'s `sslmode` and `sslrootcert`.
 fn tls_connector(url: &DatabaseUrl) -> Result<MakeRustlsConnect> {

@@ -108,7 +108,7 @@ mod tests {
         assert_eq!(owner_of("app@host pid 12"), None);
         assert_eq!(
             owner_of(&owner_name("coord", "h\u{e9}", 1)),
-            Some(("h?", 1))
+            Some(("coord", "h?", 1))
         );
     }
 
