@@ -13,6 +13,7 @@ mod cli_tools;
 mod config;
 mod connect;
 mod contents;
+mod faults;
 mod gate;
 mod migrate;
 mod park_slices;
