@@ -14,6 +14,7 @@ mod config;
 mod connect;
 mod contents;
 mod faults;
+mod faults_suite;
 mod gate;
 mod migrate;
 mod park_slices;
