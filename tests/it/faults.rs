@@ -15,48 +15,53 @@ use crate::support::{assert_exit, eventually, run_coord, stderr, stdout, TestDb}
 /// Generous: the point is "does not hang", not a timing.
 pub const DOES_NOT_HANG: Duration = Duration::from_secs(60);
 
-/// A config-SQL projector `ledger` at `version`: totals per account and how
-/// many events it applied there (an event applied twice shows). Each event
-/// first sleeps `public.knob.delay` seconds, so a test can make a batch
-/// last as long as it needs.
+/// A config-SQL projector `ledger` at `version` with `handlers` (a TOML
+/// section): totals per account and how many events it applied there (an
+/// event applied twice shows).
+fn ledger(version: &str, handlers: &str) -> String {
+    format!(
+        r#"
+[[projector]]
+name = "ledger"
+version = "{version}"
+tables = """
+CREATE TABLE totals (account text PRIMARY KEY, amount bigint NOT NULL, applied bigint NOT NULL);
+"""
+
+{handlers}
+"#
+    )
+}
+
+/// [`ledger`] with a per-event handler. With `slow`, each event first
+/// sleeps `public.knob.delay` seconds, so a test can make a batch last as
+/// long as it needs.
 pub fn ledger_toml(version: &str, slow: bool) -> String {
     let amount = if slow {
         "($5->>'amount')::bigint + (SELECT 0 FROM pg_sleep((SELECT delay FROM public.knob)))"
     } else {
         "($5->>'amount')::bigint"
     };
-    format!(
-        r#"
-[[projector]]
-name = "ledger"
-version = "{version}"
-tables = """
-CREATE TABLE totals (account text PRIMARY KEY, amount bigint NOT NULL, applied bigint NOT NULL);
-"""
-
-[projector.handlers]
-Deposited = "INSERT INTO totals VALUES ($1, {amount}, 1) ON CONFLICT (account) DO UPDATE SET amount = totals.amount + EXCLUDED.amount, applied = totals.applied + 1"
-"#
+    ledger(
+        version,
+        &format!(
+            "[projector.handlers]\nDeposited = \"INSERT INTO totals VALUES ($1, {amount}, 1) ON CONFLICT (account) \
+             DO UPDATE SET amount = totals.amount + EXCLUDED.amount, applied = totals.applied + 1\""
+        ),
     )
 }
 
-/// [`ledger_toml`] with a set-based batch handler instead: one statement
-/// per batch, sleeping `public.knob.delay` seconds per event, so that a
-/// batch is one long statement (the case a dead client is not noticed in
-/// without `client_connection_check_interval`).
+/// [`ledger`] with a set-based batch handler instead: one statement per
+/// batch, sleeping `public.knob.delay` seconds per event, so that a batch is
+/// one long statement (the case a dead client is not noticed in without
+/// `client_connection_check_interval`).
 fn ledger_batch_toml(version: &str) -> String {
-    format!(
-        r#"
-[[projector]]
-name = "ledger"
-version = "{version}"
-tables = """
-CREATE TABLE totals (account text PRIMARY KEY, amount bigint NOT NULL, applied bigint NOT NULL);
-"""
-
-[projector.batch_handlers]
-Deposited = "INSERT INTO totals SELECT stream_id, sum((data->>'amount')::bigint + length(pg_sleep(k.delay)::text)), count(*) FROM batch_events CROSS JOIN public.knob k GROUP BY stream_id ON CONFLICT (account) DO UPDATE SET amount = totals.amount + EXCLUDED.amount, applied = totals.applied + EXCLUDED.applied"
-"#
+    ledger(
+        version,
+        "[projector.batch_handlers]\nDeposited = \"INSERT INTO totals SELECT stream_id, \
+         sum((data->>'amount')::bigint + length(pg_sleep(k.delay)::text)), count(*) \
+         FROM batch_events CROSS JOIN public.knob k GROUP BY stream_id ON CONFLICT (account) \
+         DO UPDATE SET amount = totals.amount + EXCLUDED.amount, applied = totals.applied + EXCLUDED.applied\"",
     )
 }
 

@@ -37,6 +37,9 @@ struct Figures {
     lost: u64,
     applied_twice: u64,
     stuck: u64,
+    /// Rollbacks killed inside their critical section, finished by the
+    /// command the refusal of a re-run recommends.
+    rollbacks_finished_by_activate: u64,
 }
 
 /// Everything the publishers and writers acknowledged.
@@ -247,6 +250,11 @@ async fn fault_suite() {
         .map(|s| s.parse().expect("COORD_FAULT_SEED is a number"))
         .unwrap_or_else(|_| rand::random());
     eprintln!("fault suite: seed {seed} (repeat with COORD_FAULT_SEED={seed})");
+    let progress = |trial: u64, figures: &Figures| {
+        if long && trial % 10 == 0 {
+            eprintln!("fault suite: seed {seed}: {trial} trials done: {figures:?}");
+        }
+    };
     let mut rng = StdRng::seed_from_u64(seed);
     let started = Instant::now();
 
@@ -291,7 +299,9 @@ async fn fault_suite() {
         figures.trials += 1;
         let trial = figures.trials;
         let config = |v: &str| format!("{v}.toml");
-        let op = rng.gen_range(0..10);
+        // While a version is replaying, only it may be replayed or activated
+        // (rebuild and rollback refuse then, as they should).
+        let op = rng.gen_range(if replaying.is_some() { 4 } else { 0 }..10);
         let step = if op < 2 && previous.is_some() {
             let to = previous.take().unwrap();
             Step {
@@ -367,9 +377,14 @@ async fn fault_suite() {
         let first = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
             .await
             .unwrap();
-        // Re-run to completion (a rollback that already flipped is done).
+        // Re-run to completion (a rollback that already flipped is done). A
+        // rollback interrupted inside its critical section leaves its target
+        // activating; re-running rollback refuses and recommends
+        // activate-current-config with the target's configuration: follow
+        // the recommendation (counted: the recommended command must work).
         let mut done = first.status.success();
         let mut last = stderr(&first);
+        let mut rerun: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
         for _ in 0..3 {
             if done {
                 break;
@@ -382,9 +397,20 @@ async fn fault_suite() {
                     break;
                 }
             }
-            let out = db.coord(&args);
+            let out = db.coord(&rerun.iter().map(String::as_str).collect::<Vec<_>>());
             done = out.status.success();
             last = stderr(&out);
+            if !done
+                && step.args[0] == "rollback"
+                && last.contains("finish it with `coord activate-current-config`")
+            {
+                figures.rollbacks_finished_by_activate += 1;
+                rerun = vec![
+                    "activate-current-config".into(),
+                    "--config".into(),
+                    step.args[3].clone(),
+                ];
+            }
         }
         if !done {
             figures.stuck += 1;
@@ -433,6 +459,7 @@ async fn fault_suite() {
             outside_before,
             "seed {seed}, trial {trial}: something outside coord's schemas changed"
         );
+        progress(trial, &figures);
     }
     work.stop.store(true, Ordering::SeqCst);
     for task in tasks {
@@ -454,7 +481,8 @@ async fn fault_suite() {
     let failed = work.failed.lock().unwrap().clone();
     eprintln!(
         "fault suite: seed {seed}, {} trials, {} kill -9, {} backend terminations ({} backends), \
-         {} events acknowledged, {} refusals; lost {}, applied twice {}, stuck {}; {:.0} s",
+         {} events acknowledged, {} refusals; lost {}, applied twice {}, stuck {}; \
+         {} interrupted rollbacks finished by activate-current-config as recommended; {:.0} s",
         figures.trials,
         figures.kills,
         figures.terminations,
@@ -464,6 +492,7 @@ async fn fault_suite() {
         figures.lost,
         figures.applied_twice,
         figures.stuck,
+        figures.rollbacks_finished_by_activate,
         started.elapsed().as_secs_f64()
     );
     assert!(
