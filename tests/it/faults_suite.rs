@@ -226,6 +226,22 @@ async fn terminate_coord_backends(client: &Client) -> u64 {
         .map_or(0, |rows| rows.len() as u64)
 }
 
+/// The last transitions, for a failure's message.
+async fn history(client: &Client) -> String {
+    let rows = client
+        .query(
+            "SELECT version || ' ' || coalesce(from_status, '-') || '->' || to_status || ' by ' || command \
+             FROM coord.transitions ORDER BY id DESC LIMIT 12",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// The command of a trial and what it leaves active when done.
 struct Step {
     args: Vec<String>,
@@ -303,7 +319,23 @@ async fn fault_suite() {
         // (rebuild and rollback refuse then, as they should).
         let op = rng.gen_range(if replaying.is_some() { 4 } else { 0 }..10);
         let step = if op < 2 && previous.is_some() {
-            let to = previous.take().unwrap();
+            let expected = previous.take().unwrap();
+            // The version rollback goes back to: the last one retired.
+            let to: String = client
+                .query_one(
+                    "SELECT version FROM coord.transitions WHERE name = 'ledger' \
+                     AND to_status = 'retired' ORDER BY id DESC LIMIT 1",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if to != expected {
+                eprintln!(
+                    "fault suite: seed {seed}, trial {trial}: the last retired version is {to}, not {expected} as this harness expected; history: {}",
+                    history(&client).await
+                );
+            }
             Step {
                 args: vec![
                     "rollback".into(),
@@ -415,8 +447,9 @@ async fn fault_suite() {
         if !done {
             figures.stuck += 1;
             panic!(
-                "seed {seed}, trial {trial}: `coord {}` did not complete after a fault {fault} at {at:?}: {last}; {figures:?}",
-                args.join(" ")
+                "seed {seed}, trial {trial}: `coord {}` did not complete after a fault {fault} at {at:?}: {last}; {figures:?}; history: {}",
+                args.join(" "),
+                history(&client).await
             );
         }
         if let Some(v) = step.then_active {
