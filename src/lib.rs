@@ -43,6 +43,7 @@ pub mod config;
 mod db;
 mod error;
 mod event_relation;
+mod event_store;
 pub mod gate;
 mod migrate;
 pub mod names;

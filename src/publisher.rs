@@ -1,16 +1,19 @@
 //! Publishing through the gate: check, append with optimistic concurrency,
 //! and run the configuration's active inline projectors, all in the caller's
-//! transaction. Appends go to the bundled store `coord.events`.
+//! transaction. Appends go to the bundled store `coord.events`, through
+//! the event-store module (`crate::event_store`), which owns the statement.
 
 use std::time::{Duration, Instant};
 
 use futures_util::future::join;
-use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 
 use crate::config::Mode;
-use crate::names::quote_ident;
-use crate::projector::{ApplyContext, Event, Phase, ProjectorExt, ProjectorSet};
+use crate::event_store::{self, Append};
+use crate::projector::{
+    handler_failure, restore_search_path, set_search_path, ApplyContext, Event, Phase,
+    ProjectorExt, ProjectorSet,
+};
 use crate::{Error, Result};
 
 /// An event to append.
@@ -78,39 +81,6 @@ impl Default for RetryPolicy {
         }
     }
 }
-
-/// The gate, the append and the record of inline application in one
-/// statement. The materialised `gate` CTE runs first (its locks are held
-/// until commit, and it reads the states with a snapshot taken after them)
-/// and returns the inline versions that may apply these events now (the
-/// stream's last handled event is applied, see `coord.inline_runnable`);
-/// the rows are inserted, and one `coord.applied_ahead` row per event and
-/// version that handles it (`$9`, `name/type` pairs of this configuration)
-/// records the inline application in the same transaction, so a follower
-/// never applies it again. A refusal aborts the statement. It also returns
-/// the versions to run and the caller's `search_path`, so a publish costs
-/// one statement before the handlers. The lookups live in plpgsql, whose
-/// plans are cached: this statement is planned on every call.
-const APPEND: &str = "WITH gate AS MATERIALIZED ( \
-        SELECT CASE WHEN $6::bool THEN coord.gate_run($7::jsonb, $8::text[], $1) END AS run), \
-    cur AS (SELECT coalesce(max(stream_version), 0) AS v FROM coord.events WHERE stream_id = $1), \
-    ins AS (INSERT INTO coord.events (stream_id, stream_version, event_type, data, metadata) \
-        SELECT $1, cur.v + e.ord, e.t, e.d, e.m \
-        FROM gate, cur, unnest($2::text[], $3::jsonb[], $4::jsonb[]) WITH ORDINALITY AS e(t, d, m, ord) \
-        WHERE $5::bigint IS NULL OR cur.v = $5 \
-        ORDER BY e.ord \
-        RETURNING position, stream_version, recorded_at, event_type, xact_id), \
-    ahead AS (INSERT INTO coord.applied_ahead (name, version, position, xact_id, inline) \
-        SELECT r.name, $7::jsonb -> r.name ->> 'version', ins.position, ins.xact_id, true \
-        FROM gate, unnest(gate.run) AS r(name), ins \
-        WHERE r.name || '/' || ins.event_type = ANY($9::text[])) \
-    SELECT ins.position, ins.stream_version, ins.recorded_at, (SELECT run FROM gate), \
-        current_setting('search_path') FROM ins ORDER BY ins.position";
-
-const STREAM_VERSION: &str =
-    "SELECT coalesce(max(stream_version), 0) FROM coord.events WHERE stream_id = $1";
-
-const SEARCH_PATH: &str = "SELECT set_config('search_path', $1, true)";
 
 /// Publishes events through the gate for one configuration of projectors.
 #[derive(Clone, Debug)]
@@ -205,37 +175,30 @@ impl Publisher {
             .map(|e| e.metadata.as_ref().unwrap_or(&empty))
             .collect();
         let expected_param = expected.as_param();
-
-        let params: [(&(dyn ToSql + Sync), Type); 9] = [
-            (&stream_id, Type::TEXT),
-            (&event_types, Type::TEXT_ARRAY),
-            (&data, Type::JSONB_ARRAY),
-            (&metadata, Type::JSONB_ARRAY),
-            (&expected_param, Type::INT8),
-            (&self.gate, Type::BOOL),
-            (&self.versions, Type::JSONB),
-            (&types, Type::TEXT_ARRAY),
-            (&self.handled, Type::TEXT_ARRAY),
-        ];
-        let rows = tx
-            .query_typed(APPEND, &params)
-            .await
-            .map_err(|e| append_error(e, stream_id, expected))?;
-        if rows.len() != events.len() {
-            let actual: i64 = tx
-                .query_one(STREAM_VERSION, &[&stream_id])
-                .await?
-                .try_get(0)?;
+        let appended = event_store::append(
+            tx,
+            &Append {
+                stream_id,
+                event_types: &event_types,
+                data: &data,
+                metadata: &metadata,
+                expected: expected_param,
+                gate: self.gate,
+                versions: &self.versions,
+                types: &types,
+                handled: &self.handled,
+            },
+        )
+        .await?;
+        if appended.rows.len() != events.len() {
             return Err(Error::StreamVersionConflict {
                 stream: stream_id.to_owned(),
                 expected: expected_param.unwrap_or_default(),
-                actual,
+                actual: event_store::stream_version(tx, stream_id).await?,
             });
         }
         let inline: Vec<String> = if self.gate {
-            rows[0]
-                .try_get::<_, Option<Vec<String>>>(3)?
-                .unwrap_or_default()
+            appended.inline.unwrap_or_default()
         } else {
             self.projectors
                 .iter()
@@ -243,19 +206,20 @@ impl Publisher {
                 .map(|p| p.name().to_string())
                 .collect()
         };
-        let search_path: String = rows[0].try_get(4)?;
-        let mut stored = Vec::with_capacity(events.len());
-        for (event, row) in events.iter().zip(&rows) {
-            stored.push(Event {
-                position: row.try_get(0)?,
+        let search_path = appended.search_path.unwrap_or_default();
+        let stored: Vec<Event> = events
+            .iter()
+            .zip(appended.rows)
+            .map(|(event, row)| Event {
+                position: row.position,
                 stream_id: stream_id.to_owned(),
-                stream_version: row.try_get(1)?,
+                stream_version: row.stream_version,
                 event_type: event.event_type.clone(),
                 data: event.data.clone(),
                 metadata: event.metadata.clone().unwrap_or_else(|| empty.clone()),
-                recorded_at: row.try_get(2)?,
-            });
-        }
+                recorded_at: row.recorded_at,
+            })
+            .collect();
         self.run_inline(tx, &inline, &stored, &search_path).await?;
         Ok(stored)
     }
@@ -283,27 +247,18 @@ impl Publisher {
                 continue;
             }
             changed = true;
-            let schema = projector.schema();
-            let quoted = quote_ident(&schema);
             let ctx = ApplyContext {
-                schema,
+                schema: projector.schema(),
                 phase: Phase::Inline,
             };
-            let set_params: [(&(dyn ToSql + Sync), Type); 1] = [(&quoted, Type::TEXT)];
-            let set = tx.query_typed(SEARCH_PATH, &set_params);
+            // Pipelined: the server runs the handlers after `search_path` is set.
+            let set = set_search_path(tx, &ctx.schema);
             let (set, applied) = join(set, projector.apply(tx, &handled, &ctx)).await;
             set?;
-            applied.map_err(|e| Error::Handler {
-                projector: projector.name().to_string(),
-                version: projector.version().to_string(),
-                position: handled[0].position,
-                event_type: handled[0].event_type.clone(),
-                message: handler_message(&*e),
-            })?;
+            applied.map_err(|e| handler_failure(projector.as_ref(), &handled[0], &e))?;
         }
         if changed {
-            tx.query_typed(SEARCH_PATH, &[(&search_path, Type::TEXT)])
-                .await?;
+            restore_search_path(tx, search_path).await?;
         }
         Ok(())
     }
@@ -367,30 +322,4 @@ pub(crate) fn gate_json(set: &ProjectorSet) -> serde_json::Value {
         })
         .collect();
     serde_json::Value::Object(map)
-}
-
-fn append_error(e: tokio_postgres::Error, stream_id: &str, expected: ExpectedVersion) -> Error {
-    let unique = e.as_db_error().is_some_and(|d| {
-        d.code().code() == "23505" && d.constraint() == Some("events_stream_version")
-    });
-    if unique {
-        // A concurrent publisher appended to the same stream first.
-        return Error::StreamVersionConflict {
-            stream: stream_id.to_owned(),
-            expected: expected.as_param().unwrap_or_default(),
-            actual: -1,
-        };
-    }
-    Error::from(e)
-}
-
-/// A handler error's message, with PostgreSQL's own message when there is one.
-pub(crate) fn handler_message(e: &(dyn std::error::Error + 'static)) -> String {
-    match e
-        .downcast_ref::<tokio_postgres::Error>()
-        .and_then(|pg| pg.as_db_error())
-    {
-        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => e.to_string(),
-    }
 }

@@ -188,6 +188,15 @@ fn leading_control(words: &[String]) -> Option<String> {
 mod tests {
     use super::*;
 
+    /// A table named `end` and a function whose `BEGIN ATOMIC` body holds
+    /// `END` and `;`: two statements, neither transaction control.
+    macro_rules! atomic_body {
+        () => {
+            "CREATE TABLE \"end\" (x int); CREATE FUNCTION f() RETURNS int LANGUAGE sql \
+             BEGIN ATOMIC SELECT CASE WHEN true THEN 1 END; SELECT 2; END;"
+        };
+    }
+
     fn refused(sql: &str, expect: Expect) -> String {
         check(sql, expect).expect_err(sql)
     }
@@ -212,8 +221,7 @@ mod tests {
         for sql in [
             "CREATE TABLE a (x int PRIMARY KEY); CREATE TABLE b (y text);",
             "CREATE TABLE a (data jsonb); CREATE INDEX ON a USING gin (data jsonb_path_ops);",
-            "CREATE TABLE \"end\" (x int); CREATE FUNCTION f() RETURNS int LANGUAGE sql \
-             BEGIN ATOMIC SELECT CASE WHEN true THEN 1 END; SELECT 2; END;",
+            atomic_body!(),
             "CREATE FUNCTION g() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN COMMIT; END $$;",
         ] {
             assert_eq!(check(sql, Expect::Several), Ok(()), "{sql}");
@@ -294,8 +302,7 @@ mod tests {
         for sql in [
             "INSERT INTO t VALUES ($1)",
             "CREATE TABLE a (x int); COMMIT; CREATE TABLE b (y int);",
-            "CREATE TABLE \"end\" (x int); CREATE FUNCTION f() RETURNS int LANGUAGE sql \
-             BEGIN ATOMIC SELECT CASE WHEN true THEN 1 END; SELECT 2; END; END",
+            concat!(atomic_body!(), " END"),
             "BEGIN; SELECT 'a;b'; SAVEPOINT s; RELEASE SAVEPOINT s; ROLLBACK; START TRANSACTION",
             " ; -- nothing",
         ] {

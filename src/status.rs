@@ -3,8 +3,8 @@
 
 use tokio_postgres::GenericClient;
 
+use crate::event_store::{self, VersionProgress};
 use crate::names::RelationName;
-use crate::store::checkpoint::{self, VersionProgress};
 use crate::store::history::{self, Transition};
 use crate::store::versions::{self, VersionRecord, VersionStatus};
 use crate::store::{self, states};
@@ -77,20 +77,11 @@ pub async fn status(
 ) -> Result<StatusReport> {
     store::ensure_migrated(client).await?;
     crate::event_relation::check_event_store(client, event_store).await?;
-    let head_position: i64 = client
-        .query_one(
-            &format!(
-                "SELECT coalesce(max(position), 0)::bigint FROM {}",
-                event_store.quoted()
-            ),
-            &[],
-        )
-        .await?
-        .try_get(0)?;
+    let head_position = event_store::head_position(client, event_store).await?;
     let states = states::list(client).await?;
     let all_versions = versions::list(client).await?;
     let transitions = history::latest_per_projector(client).await?;
-    let progress = checkpoint::progress(client, event_store).await?;
+    let progress = event_store::progress(client, event_store).await?;
 
     let mut names: Vec<String> = states.iter().map(|s| s.name.clone()).collect();
     names.extend(all_versions.iter().map(|v| v.name.clone()));

@@ -12,18 +12,19 @@ use tokio_postgres::Transaction;
 use tracing::{debug, warn};
 
 use crate::config::OnError;
-use crate::names::quote_ident;
-use crate::projector::{ApplyContext, Event, EventError, HandlerError, Projector, ProjectorExt};
+use crate::projector::{
+    handler_failure, ApplyContext, Event, EventError, HandlerError, Projector, ProjectorExt,
+};
 use crate::store::parked;
 use crate::{Error, Result};
 
-const SET_SEARCH_PATH: &str = "SELECT set_config('search_path', $1, true)";
-
-/// Sets `search_path` to `schema` for the rest of the transaction.
-pub(crate) async fn set_search_path(tx: &Transaction<'_>, schema: &str) -> Result<()> {
-    tx.execute(SET_SEARCH_PATH, &[&quote_ident(schema)]).await?;
-    Ok(())
-}
+// The helpers every caller uses, at the paths they have always had.
+#[expect(
+    unused_imports,
+    reason = "for replay/start.rs, which restores the caller's search_path (helper B switches it)"
+)]
+pub(crate) use crate::projector::restore_search_path;
+pub(crate) use crate::projector::{handler_message, set_search_path};
 
 /// What became of a batch.
 #[derive(Debug, Default)]
@@ -39,29 +40,6 @@ pub(crate) struct BatchOutcome {
     pub failure: Option<Error>,
     /// Calls of the projector after the first failed one (0 for a clean batch).
     pub retries: usize,
-}
-
-/// The text of a handler error, with the database's message and detail
-/// when it is one (tokio-postgres's own `Display` says only "db error").
-pub(crate) fn handler_message(e: &HandlerError) -> String {
-    if let Some(pg) = e.downcast_ref::<tokio_postgres::Error>() {
-        if let Some(db) = pg.as_db_error() {
-            let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
-            if let Some(detail) = db.detail() {
-                text.push_str(": ");
-                text.push_str(detail);
-            }
-            return text;
-        }
-    }
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Applies `events` in `tx` (whose `search_path` is already the version's
@@ -87,7 +65,7 @@ pub(crate) async fn apply(
     };
     debug!(
         batch_len = events.len(),
-        error = %handler_message(&error),
+        error = %handler_message(&*error),
         "batch failed; looking for the failing events"
     );
     let mut settle = Settle {
@@ -258,13 +236,7 @@ impl Settle<'_, '_> {
     }
 
     fn failure(&self, event: &Event, error: &HandlerError) -> Error {
-        Error::Handler {
-            projector: self.projector.name().to_string(),
-            version: self.projector.version().to_string(),
-            position: event.position,
-            event_type: event.event_type.clone(),
-            message: handler_message(error),
-        }
+        handler_failure(self.projector, event, error)
     }
 }
 
@@ -275,7 +247,7 @@ async fn record_parked(
     event: &Event,
     error: &HandlerError,
 ) -> Result<()> {
-    let message = handler_message(error);
+    let message = handler_message(&**error);
     warn!(
         projector = %projector.label(),
         position = event.position,

@@ -29,17 +29,21 @@
 //! # Ok(()) }
 //! ```
 
+mod apply;
 mod batch;
+mod in_transaction;
 mod many;
 mod options;
 mod pass;
+mod pipeline;
 mod start;
 
+pub use in_transaction::{checkpoint_through_current_snapshot, pass_in_transaction};
 pub use many::{catch_up_configured, replay_many, CatchUpOutcome, ReplayDone, ReplayOutcome};
 pub use options::{
     CatchUpReport, PassReport, Progress, ProgressFn, ReplayOptions, DEFAULT_BATCH_BYTES,
 };
-pub use pass::{catch_up, checkpoint_through_current_snapshot, pass_in_transaction, run_pass};
+pub use pass::{catch_up, run_pass};
 pub use start::{
     abort, abort_in, abort_with, start_replay, start_replay_in, AbortReport, ReplayStart,
     StartOutcome,

@@ -105,12 +105,7 @@ pub struct PassReport {
 impl PassReport {
     /// Events per second.
     pub fn rate_per_s(&self) -> f64 {
-        let secs = self.elapsed.as_secs_f64();
-        if secs > 0.0 {
-            (self.applied + self.parked) as f64 / secs
-        } else {
-            0.0
-        }
+        per_second(self.applied + self.parked, self.elapsed)
     }
 }
 
@@ -139,15 +134,20 @@ pub struct CatchUpReport {
 impl CatchUpReport {
     /// Events per second over all passes.
     pub fn rate_per_s(&self) -> f64 {
-        let secs = self.elapsed.as_secs_f64();
-        if secs > 0.0 {
-            (self.applied + self.parked) as f64 / secs
-        } else {
-            0.0
-        }
+        per_second(self.applied + self.parked, self.elapsed)
     }
 }
 
 fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
+}
+
+/// `events` per second over `elapsed` (0 when no time passed).
+fn per_second(events: u64, elapsed: Duration) -> f64 {
+    let secs = elapsed.as_secs_f64();
+    if secs > 0.0 {
+        events as f64 / secs
+    } else {
+        0.0
+    }
 }

@@ -16,6 +16,7 @@ mod contents;
 mod faults;
 mod faults_suite;
 mod gate;
+mod handler_errors;
 mod migrate;
 mod park_slices;
 mod parking;

@@ -7,14 +7,19 @@ use std::time::Duration;
 
 use coord::replay::{
     catch_up, checkpoint_through_current_snapshot, pass_in_transaction, run_pass, start_replay,
-    CancellationToken, ReplayOptions, StartOutcome,
+    CancellationToken, CatchUpReport, ReplayOptions, StartOutcome,
 };
-use coord::store::{parked, states, versions, Actor};
+use coord::store::history::Transition;
+use coord::store::parked::ParkedEvent;
+use coord::store::states::ProjectorState;
+use coord::store::versions::{VersionRecord, VersionStatus};
+use coord::store::{history, parked, states, versions, Actor};
 use coord::{Config, Projector, ProjectorName, RelationName, SqlProjector};
+use deadpool_postgres::Pool;
 use tokio_postgres::Client;
 
 use crate::reference::BalancesProjector;
-use crate::support::{assert_exit, balances_toml, eventually, stderr, stdout, TestDb};
+use crate::support::{assert_exit, balances_toml, stderr, stdout, until_backend, TestDb};
 
 const APPEND: &str = "INSERT INTO coord.events (stream_id, stream_version, event_type, data) \
     SELECT 'acct-' || (i % $3::bigint), i / $3::bigint + 1, \
@@ -70,10 +75,50 @@ fn options(batch_size: usize) -> ReplayOptions {
     }
 }
 
-async fn processed(client: &Client, name: &str, version: &str) -> i64 {
-    versions::get(client, name, version)
+// coord's records this file reads, in one place.
+
+async fn record(client: &Client, name: &str, version: &str) -> Option<VersionRecord> {
+    versions::get(client, name, version).await.unwrap()
+}
+
+async fn version_record(client: &Client, name: &str, version: &str) -> VersionRecord {
+    record(client, name, version)
+        .await
+        .unwrap_or_else(|| panic!("{name}@{version} is not registered"))
+}
+
+async fn projector_state(client: &Client, name: &str) -> ProjectorState {
+    states::get(client, name, false)
         .await
         .unwrap()
+        .unwrap_or_else(|| panic!("projector {name} has no state"))
+}
+
+async fn parked_events(client: &Client, name: &str, version: &str) -> Vec<ParkedEvent> {
+    parked::list(client, name, version).await.unwrap()
+}
+
+async fn transitions(client: &Client, name: &str) -> Vec<Transition> {
+    history::list(client, Some(name)).await.unwrap()
+}
+
+/// Catches `projector` up over the default event store in batches of
+/// `batch_size`, never cancelled.
+async fn catch_up_in(batch_size: usize, pool: &Pool, projector: &dyn Projector) -> CatchUpReport {
+    catch_up(
+        pool,
+        projector,
+        &RelationName::default(),
+        &options(batch_size),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap()
+}
+
+async fn processed(client: &Client, name: &str, version: &str) -> i64 {
+    record(client, name, version)
+        .await
         .map_or(0, |v| v.events_processed)
 }
 
@@ -102,15 +147,7 @@ async fn replay_equals_a_from_scratch_computation() {
             .await
             .unwrap();
         assert_eq!(start.outcome, StartOutcome::Started);
-        let report = catch_up(
-            &pool,
-            projector.as_ref(),
-            &RelationName::default(),
-            &options(400),
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+        let report = catch_up_in(400, &pool, projector.as_ref()).await;
         assert_eq!(report.applied, 3000);
         assert_eq!(report.remaining, 0);
         let schema = coord::schema_name(projector.name(), projector.version());
@@ -118,7 +155,7 @@ async fn replay_equals_a_from_scratch_computation() {
         let name = projector.name().to_string();
         let version = projector.version().to_string();
         assert_eq!(processed(&client, &name, &version).await, 3000);
-        let state = states::get(&client, &name, false).await.unwrap().unwrap();
+        let state = projector_state(&client, &name).await;
         assert_eq!(state.replaying_version.as_deref(), Some(version.as_str()));
         assert_eq!(state.active_version, None);
     }
@@ -342,15 +379,7 @@ async fn a_rolled_back_transaction_leaves_a_gap_that_does_not_stall_replay() {
     let projector = sql_projector(&balances_toml("2.0.0"));
     register(&db, projector.as_ref()).await;
     let pool = coord::pool(&db.database_url(), 4).unwrap();
-    let report = catch_up(
-        &pool,
-        projector.as_ref(),
-        &RelationName::default(),
-        &options(7),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let report = catch_up_in(7, &pool, projector.as_ref()).await;
     assert_eq!(report.applied, 101);
     assert_eq!(report.remaining, 0);
     assert_eq!(mismatches(&client, "balances_v2_0_0").await, 0);
@@ -380,15 +409,7 @@ async fn a_cancelled_replay_stops_at_a_batch_boundary_and_resumes_exactly_once()
     assert!(first.cancelled);
     assert_eq!(first.applied, 100);
     assert_eq!(processed(&client, "balances", "2.0.0").await, 100);
-    let rest = catch_up(
-        &pool,
-        projector.as_ref(),
-        &RelationName::default(),
-        &options(100),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let rest = catch_up_in(100, &pool, projector.as_ref()).await;
     assert_eq!(rest.applied, 900);
     assert_eq!(processed(&client, "balances", "2.0.0").await, 1000);
     assert_eq!(mismatches(&client, "balances_v2_0_0").await, 0);
@@ -403,15 +424,7 @@ async fn pass_in_transaction_applies_the_final_delta_with_the_callers_commit() {
     register(&db, projector.as_ref()).await;
     let pool = coord::pool(&db.database_url(), 4).unwrap();
     let relation = RelationName::default();
-    catch_up(
-        &pool,
-        projector.as_ref(),
-        &relation,
-        &options(100),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    catch_up_in(100, &pool, projector.as_ref()).await;
     append(&client, 500, 120, 10).await;
     let tx = client.transaction().await.unwrap();
     let applied = pass_in_transaction(&tx, projector.as_ref(), &relation)
@@ -464,15 +477,7 @@ async fn a_version_checkpointed_through_the_current_snapshot_applies_only_later_
     tx.commit().await.unwrap();
     append(&client, 300, 90, 10).await;
     let pool = coord::pool(&db.database_url(), 4).unwrap();
-    let report = catch_up(
-        &pool,
-        projector.as_ref(),
-        &relation,
-        &options(50),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let report = catch_up_in(50, &pool, projector.as_ref()).await;
     assert_eq!(report.applied, 90);
     assert_eq!(mismatches(&client, "balances_v1_0_0").await, 0);
 }
@@ -521,17 +526,9 @@ async fn a_failing_event_is_parked_and_replay_goes_on_under_the_park_policy() {
     let projector = sql_projector(&picky_toml("park"));
     register(&db, projector.as_ref()).await;
     let pool = coord::pool(&db.database_url(), 4).unwrap();
-    let report = catch_up(
-        &pool,
-        projector.as_ref(),
-        &RelationName::default(),
-        &options(25),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let report = catch_up_in(25, &pool, projector.as_ref()).await;
     assert_eq!((report.applied, report.parked), (59, 1));
-    let parked = parked::list(&client, "picky", "1.0.0").await.unwrap();
+    let parked = parked_events(&client, "picky", "1.0.0").await;
     assert_eq!(parked.len(), 1);
     assert_eq!(parked[0].position, bad);
     assert!(
@@ -539,10 +536,7 @@ async fn a_failing_event_is_parked_and_replay_goes_on_under_the_park_policy() {
         "{}",
         parked[0].error
     );
-    let v = versions::get(&client, "picky", "1.0.0")
-        .await
-        .unwrap()
-        .unwrap();
+    let v = version_record(&client, "picky", "1.0.0").await;
     assert_eq!((v.events_processed, v.events_parked), (59, 1));
     let rows: i64 = client
         .query_one("SELECT count(*) FROM picky_v1_0_0.deposits", &[])
@@ -551,15 +545,7 @@ async fn a_failing_event_is_parked_and_replay_goes_on_under_the_park_policy() {
         .get(0);
     assert_eq!(rows, 59);
     // A parked event is not retried by the next pass.
-    let again = catch_up(
-        &pool,
-        projector.as_ref(),
-        &RelationName::default(),
-        &options(25),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let again = catch_up_in(25, &pool, projector.as_ref()).await;
     assert_eq!((again.applied, again.parked), (0, 0));
 }
 
@@ -580,10 +566,7 @@ async fn a_failing_event_stops_replay_just_before_it_under_the_fail_policy() {
         "{error}"
     );
     assert!(error.contains("check constraint"), "{error}");
-    let v = versions::get(&client, "picky", "1.0.0")
-        .await
-        .unwrap()
-        .unwrap();
+    let v = version_record(&client, "picky", "1.0.0").await;
     assert_eq!(
         v.events_processed, 36,
         "the events before the failing one are committed"
@@ -646,21 +629,13 @@ async fn abort_drops_the_replaying_schema_and_leaves_the_active_version_untouche
         .unwrap()
         .get(0);
     assert_eq!(schemas, 0);
-    let state = states::get(&client, "balances", false)
-        .await
-        .unwrap()
-        .unwrap();
+    let state = projector_state(&client, "balances").await;
     assert_eq!(state.active_version.as_deref(), Some("1.0.0"));
     assert_eq!(state.replaying_version, None);
     assert_eq!(mismatches(&client, "balances_v1_0_0").await, 0);
-    let v2 = versions::get(&client, "balances", "2.0.0")
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(v2.status, versions::VersionStatus::Aborted);
-    let last = coord::store::history::list(&client, Some("balances"))
-        .await
-        .unwrap();
+    let v2 = version_record(&client, "balances", "2.0.0").await;
+    assert_eq!(v2.status, VersionStatus::Aborted);
+    let last = transitions(&client, "balances").await;
     assert_eq!(last.last().unwrap().to_status, "aborted");
 
     let nothing = db.coord(&["abort", "--projector", "balances"]);
@@ -733,26 +708,71 @@ async fn replay_refuses_a_second_version_a_changed_definition_and_an_unknown_pro
     assert_eq!(mismatches(&client, "balances_v2_0_0").await, 0);
 }
 
+/// The advisory lock the gated balances handlers wait for.
+const GATE: i64 = 4_242_424;
+
+/// `balances_toml(version)` whose deposits wait for the advisory lock
+/// [`GATE`] (shared, until their transaction ends): while a test holds it, a
+/// replay of a store from [`append`] applies the batches that open the
+/// accounts, then waits inside the first batch with a deposit.
+fn gated_balances_toml(version: &str) -> String {
+    let plain = "MoneyDeposited = \"UPDATE balances SET amount = amount + ($5->>'amount')::bigint WHERE account = $1\"";
+    let toml = balances_toml(version);
+    assert!(toml.contains(plain), "{toml}");
+    toml.replace(
+        plain,
+        &format!(
+            "MoneyDeposited = \"UPDATE balances SET amount = amount + ($5->>'amount')::bigint \
+             WHERE account = $1 AND pg_advisory_xact_lock_shared({GATE})::text = ''\""
+        ),
+    )
+}
+
+/// Holds [`GATE`] on its own connection until [`Gate::open`].
+struct Gate(Client);
+
+impl Gate {
+    async fn close(db: &TestDb) -> Self {
+        let client = db.client().await;
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&GATE])
+            .await
+            .unwrap();
+        Self(client)
+    }
+
+    async fn open(self) {
+        self.0
+            .execute("SELECT pg_advisory_unlock($1)", &[&GATE])
+            .await
+            .unwrap();
+    }
+}
+
+/// Starts `coord replay --batch-size 10` of [`gated_balances_toml`] over
+/// 4,000 events on 40 accounts behind a closed [`Gate`], and returns once
+/// it has committed the 4 batches that open the accounts and waits for the
+/// gate inside the fifth.
+async fn replay_held_at_the_gate(db: &TestDb, client: &Client) -> (std::process::Child, Gate) {
+    append(client, 0, 4000, 40).await;
+    db.write_config("coord.toml", &gated_balances_toml("2.0.0"));
+    let gate = Gate::close(db).await;
+    let child = db.spawn_coord_as("held-replay", &["replay", "--batch-size", "10"]);
+    until_backend(db, "held-replay", "UPDATE balances", true).await;
+    assert_eq!(processed(client, "balances", "2.0.0").await, 40);
+    (child, gate)
+}
+
 #[tokio::test]
 async fn replay_survives_kill_9_and_a_rerun_applies_every_event_exactly_once() {
     let db = TestDb::migrated().await;
     let client = db.client().await;
-    append(&client, 0, 4000, 40).await;
-    db.write_config("coord.toml", &balances_toml("2.0.0"));
-    let mut child = db.spawn_coord(&["replay", "--batch-size", "10"]);
-    eventually(
-        Duration::from_secs(30),
-        "the replay to commit a batch",
-        || async { processed(&client, "balances", "2.0.0").await > 0 },
-    )
-    .await;
+    let (mut child, gate) = replay_held_at_the_gate(&db, &client).await;
     child.kill().unwrap();
     child.wait().unwrap();
-    let at_kill = processed(&client, "balances", "2.0.0").await;
-    assert!(
-        at_kill < 4000,
-        "the replay finished before it could be killed; make it longer"
-    );
+    gate.open().await;
+    // The batch in flight died with the process: nothing of it is applied.
+    assert_eq!(processed(&client, "balances", "2.0.0").await, 40);
     let rerun = db.coord(&["replay", "--batch-size", "500"]);
     assert_exit(&rerun, 0);
     assert_eq!(processed(&client, "balances", "2.0.0").await, 4000);
@@ -827,31 +847,36 @@ MoneyDeposited = "UPDATE counts SET n = n + 1 WHERE stream = $1"
 async fn ctrl_c_stops_coord_replay_at_a_batch_boundary_with_the_checkpoint_saved() {
     let db = TestDb::migrated().await;
     let client = db.client().await;
-    append(&client, 0, 4000, 40).await;
-    db.write_config("coord.toml", &balances_toml("2.0.0"));
-    let child = db.spawn_coord(&["replay", "--batch-size", "10"]);
-    eventually(
-        Duration::from_secs(30),
-        "the replay to commit a batch",
-        || async { processed(&client, "balances", "2.0.0").await > 0 },
-    )
-    .await;
+    let (mut child, gate) = replay_held_at_the_gate(&db, &client).await;
+    let mut stderr_lines = lines_of(child.stderr.take().unwrap());
     let sent = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(sent.success());
+    // coord says it took the interrupt; only then may the batch go on.
+    let mut err = String::new();
+    while !err.contains("interrupted") {
+        let line = tokio::time::timeout(Duration::from_secs(60), stderr_lines.recv())
+            .await
+            .expect("coord replay to report the interrupt on stderr")
+            .unwrap_or_else(|| panic!("stderr closed: {err}"));
+        err.push_str(&line);
+        err.push('\n');
+    }
+    gate.open().await;
     let out = child.wait_with_output().unwrap();
-    assert_exit(&out, 1);
-    assert!(stderr(&out).contains("checkpoint"), "{}", stderr(&out));
+    while let Some(line) = stderr_lines.recv().await {
+        err.push_str(&line);
+        err.push('\n');
+    }
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("checkpoint"), "{err}");
     let at_stop = processed(&client, "balances", "2.0.0").await;
-    assert!(at_stop < 4000, "the replay finished before Ctrl-C");
-    assert_eq!(at_stop % 10, 0, "stopped at a batch boundary");
-    let v = versions::get(&client, "balances", "2.0.0")
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(v.status, versions::VersionStatus::Replaying);
+    // The batch in flight commits, then the replay stops: no further batch.
+    assert_eq!(at_stop, 50, "stopped after the batch in flight");
+    let v = version_record(&client, "balances", "2.0.0").await;
+    assert_eq!(v.status, VersionStatus::Replaying);
     let rerun = db.coord(&["replay"]);
     assert_exit(&rerun, 0);
     assert!(stdout(&rerun).contains("resumed"), "{}", stdout(&rerun));
@@ -859,35 +884,43 @@ async fn ctrl_c_stops_coord_replay_at_a_batch_boundary_with_the_checkpoint_saved
     assert_eq!(mismatches(&client, "balances_v2_0_0").await, 0);
 }
 
+/// The lines `stream` yields, read on a thread, as they come.
+fn lines_of(
+    stream: impl std::io::Read + Send + 'static,
+) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    use std::io::BufRead;
+    let (send, receive) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    receive
+}
+
 #[tokio::test]
 async fn abort_during_a_running_replay_stops_it_without_applying_into_a_dropped_schema() {
     let db = TestDb::migrated().await;
     let client = db.client().await;
-    append(&client, 0, 4000, 40).await;
-    db.write_config("coord.toml", &balances_toml("2.0.0"));
-    let child = db.spawn_coord(&["replay", "--batch-size", "10"]);
-    eventually(
-        Duration::from_secs(30),
-        "the replay to commit a batch",
-        || async { processed(&client, "balances", "2.0.0").await > 0 },
-    )
-    .await;
-    let abort = db.coord(&["abort"]);
+    let (child, gate) = replay_held_at_the_gate(&db, &client).await;
+    // The abort waits for the batch in flight (it locks the version's row
+    // first); the batch waits for the gate.
+    let abort = db.spawn_coord_as("test-abort", &["abort"]);
+    until_backend(&db, "test-abort", "projector_versions", true).await;
+    gate.open().await;
+    let abort = abort.wait_with_output().unwrap();
     assert_exit(&abort, 0);
     assert!(stdout(&abort).contains("aborted the replay of balances@2.0.0"));
     let out = child.wait_with_output().unwrap();
     assert_exit(&out, 2);
     assert!(stderr(&out).contains("was aborted"), "{}", stderr(&out));
-    let state = states::get(&client, "balances", false)
-        .await
-        .unwrap()
-        .unwrap();
+    let state = projector_state(&client, "balances").await;
     assert_eq!(state.replaying_version, None);
-    let v = versions::get(&client, "balances", "2.0.0")
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(v.status, versions::VersionStatus::Aborted);
+    let v = version_record(&client, "balances", "2.0.0").await;
+    assert_eq!(v.status, VersionStatus::Aborted);
     let schemas: i64 = client
         .query_one(
             "SELECT count(*) FROM pg_namespace WHERE nspname = 'balances_v2_0_0'",
@@ -921,15 +954,7 @@ async fn a_pass_cancelled_before_it_reads_anything_does_not_move_the_horizon() {
     .unwrap();
     assert!(report.cancelled);
     assert_eq!(report.applied, 0);
-    let rest = catch_up(
-        &pool,
-        projector.as_ref(),
-        &relation,
-        &options(50),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let rest = catch_up_in(50, &pool, projector.as_ref()).await;
     assert_eq!(rest.applied, 300, "no event was skipped");
     assert_eq!(mismatches(&client, "balances_v2_0_0").await, 0);
 }

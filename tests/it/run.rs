@@ -5,7 +5,7 @@
 use std::process::Child;
 use std::time::Duration;
 
-use crate::support::{assert_exit, balances_toml, eventually, TestDb};
+use crate::support::{assert_exit, balances_toml, eventually, until_backend, TestDb};
 
 fn async_toml(version: &str) -> String {
     balances_toml(version).replace(
@@ -14,8 +14,18 @@ fn async_toml(version: &str) -> String {
     )
 }
 
-fn spawn_run(db: &TestDb, config: &str) -> Child {
-    db.spawn_coord(&["run", "--config", config])
+/// `coord publish` of one event to stream `a` with the configuration of v1.
+fn publish(db: &TestDb, event_type: &str, data: &str) {
+    let args = ["publish", "--config", "v1.toml", "--stream", "a"];
+    assert_exit(
+        &db.coord(&[&args[..], &["--type", event_type, "--data", data]].concat()),
+        0,
+    );
+}
+
+/// Starts `coord run --config config`, its connections named `name`.
+fn spawn_run(db: &TestDb, name: &str, config: &str) -> Child {
+    db.spawn_coord_as(name, &["run", "--config", config])
 }
 
 async fn amount(db: &TestDb, schema: &str, account: &str) -> Option<i64> {
@@ -30,17 +40,22 @@ async fn amount(db: &TestDb, schema: &str, account: &str) -> Option<i64> {
         .map(|r| r.get(0))
 }
 
-async fn leaders(db: &TestDb) -> i64 {
+/// The runners holding the leader lock of a version, by application name.
+async fn leaders(db: &TestDb) -> Vec<String> {
     db.client()
         .await
-        .query_one(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1668247414 AND granted \
-             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        .query(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+             WHERE l.locktype = 'advisory' AND l.classid = 1668247414 AND l.granted \
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             ORDER BY 1",
             &[],
         )
         .await
         .unwrap()
-        .get(0)
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 #[tokio::test]
@@ -54,70 +69,35 @@ async fn coord_run_applies_async_events_hands_over_and_stops_when_superseded() {
     );
 
     // Publishers do not run async projectors inline.
-    assert_exit(
-        &db.coord(&[
-            "publish",
-            "--config",
-            "v1.toml",
-            "--stream",
-            "a",
-            "--type",
-            "AccountOpened",
-            "--data",
-            "{}",
-        ]),
-        0,
-    );
-    assert_exit(
-        &db.coord(&[
-            "publish",
-            "--config",
-            "v1.toml",
-            "--stream",
-            "a",
-            "--type",
-            "MoneyDeposited",
-            "--data",
-            "{\"amount\": 5}",
-        ]),
-        0,
-    );
+    publish(&db, "AccountOpened", "{}");
+    publish(&db, "MoneyDeposited", "{\"amount\": 5}");
     assert_eq!(amount(&db, "balances_v1_0_0", "a").await, None);
 
-    let mut first = spawn_run(&db, "v1.toml");
+    let mut first = spawn_run(&db, "first-runner", "v1.toml");
     eventually(
         Duration::from_secs(60),
         "coord run to apply the events",
         || async { amount(&db, "balances_v1_0_0", "a").await == Some(5) },
     )
     .await;
-    let second = spawn_run(&db, "v1.toml");
-    // Only one leader for the version, however many runners.
-    assert_eq!(leaders(&db).await, 1);
+    let second = spawn_run(&db, "second-runner", "v1.toml");
+    // Only one leader for the version, however many runners: once the
+    // second runner has tried to lead (its leader connection ran the lock
+    // attempt), the first still leads alone.
+    until_backend(&db, "second-runner", "pg_try_advisory_lock(", false).await;
+    assert_eq!(leaders(&db).await, ["first-runner"]);
 
     // The leader dies; the standby takes over.
     first.kill().unwrap();
     first.wait().unwrap();
-    assert_exit(
-        &db.coord(&[
-            "publish",
-            "--config",
-            "v1.toml",
-            "--stream",
-            "a",
-            "--type",
-            "MoneyDeposited",
-            "--data",
-            "{\"amount\": 7}",
-        ]),
-        0,
-    );
+    publish(&db, "MoneyDeposited", "{\"amount\": 7}");
     eventually(
         Duration::from_secs(60),
         "the standby to take over",
         || async { amount(&db, "balances_v1_0_0", "a").await == Some(12) },
     )
     .await;
+    assert_eq!(leaders(&db).await, ["second-runner"]);
 
     // A newer version becomes active: the runner of v1 stops by itself.
     assert_exit(

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, NoTls};
 
+mod snapshot;
+
 /// The server tests run against: `DATABASE_URL`, default the local one.
 pub fn admin_url() -> String {
     std::env::var("DATABASE_URL")
@@ -107,10 +109,22 @@ impl TestDb {
     /// Starts the built `coord` binary in the background in this test's
     /// directory, with `DATABASE_URL` set to this database.
     pub fn spawn_coord(&self, args: &[&str]) -> std::process::Child {
+        self.spawn_coord_with_url(&self.url, args)
+    }
+
+    /// [`TestDb::spawn_coord`], its connections named `application_name`
+    /// (in `pg_stat_activity`), so a test can wait for what they do.
+    pub fn spawn_coord_as(&self, application_name: &str, args: &[&str]) -> std::process::Child {
+        let separator = if self.url.contains('?') { '&' } else { '?' };
+        let url = format!("{}{separator}application_name={application_name}", self.url);
+        self.spawn_coord_with_url(&url, args)
+    }
+
+    fn spawn_coord_with_url(&self, url: &str, args: &[&str]) -> std::process::Child {
         Command::new(env!("CARGO_BIN_EXE_coord"))
             .current_dir(self.dir.path())
             .args(args)
-            .env("DATABASE_URL", &self.url)
+            .env("DATABASE_URL", url)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -200,6 +214,27 @@ where
         assert!(start.elapsed() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Polls until a backend of `db`'s database named `application_name` has
+/// last run a statement containing `statement` (its `pg_stat_activity.query`)
+/// and, when `waiting`, waits for a lock now.
+pub async fn until_backend(db: &TestDb, application_name: &str, statement: &str, waiting: bool) {
+    let client = db.client().await;
+    let what = format!("a backend {application_name} running {statement} (waiting: {waiting})");
+    eventually(Duration::from_secs(60), &what, || async {
+        client
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name = $1 \
+                   AND strpos(query, $2) > 0 AND (NOT $3 OR wait_event_type = 'Lock')",
+                &[&application_name, &statement, &waiting],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    })
+    .await;
 }
 
 /// A config-defined balance projector, as in DESIGN.md.

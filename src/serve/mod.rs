@@ -4,7 +4,6 @@
 //! This module reads only; it never prints, reads the environment or creates
 //! a pool: the caller hands it one.
 
-use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +20,11 @@ use crate::projector::ProjectorSet;
 use crate::publisher::Publisher;
 use crate::status::{status, StatusReport};
 use crate::{Error, Result};
+
+mod metrics;
+
+use metrics::render_down;
+pub use metrics::render_metrics;
 
 /// The content type of Prometheus' text exposition format.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
@@ -214,212 +218,4 @@ async fn metrics_handler(State(state): State<Arc<ServeState>>) -> Response {
         }
     };
     ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], body).into_response()
-}
-
-/// The metrics when coord's state cannot be read: `coord_up 0`, `coord_ready 0`.
-fn render_down() -> String {
-    let mut out = String::new();
-    up(&mut out, false);
-    gauge(
-        &mut out,
-        "coord_ready",
-        "1 while this configuration may publish, else 0.",
-    );
-    line(&mut out, "coord_ready", &[], 0);
-    out
-}
-
-fn up(out: &mut String, up: bool) {
-    gauge(
-        out,
-        "coord_up",
-        "1 when coord read its state from the database for this scrape, else 0.",
-    );
-    line(out, "coord_up", &[], u8::from(up));
-}
-
-/// Renders `report` and `ready` in Prometheus' text exposition format:
-/// `coord_up` (1: the state was read), `coord_ready`, `coord_event_store_head_position`, and per projector
-/// version (labels `projector`, `version`, `status`)
-/// `coord_projector_events_processed`, `coord_projector_events_parked`,
-/// `coord_projector_lag` and `coord_projector_lag_events` (events not yet
-/// applied, for followed versions), `coord_projector_lag_seconds`,
-/// `coord_projector_position`, `coord_projector_applied_inline`,
-/// `coord_projector_applied_catch_up`, and `coord_projector_active`
-/// (labels `projector`, `version`; 1 for the active version, else 0).
-pub fn render_metrics(report: &StatusReport, ready: bool) -> String {
-    let mut out = String::new();
-    up(&mut out, true);
-    gauge(
-        &mut out,
-        "coord_ready",
-        "1 while this configuration may publish, else 0.",
-    );
-    line(&mut out, "coord_ready", &[], u8::from(ready));
-    gauge(
-        &mut out,
-        "coord_event_store_head_position",
-        "Highest position in the event store.",
-    );
-    line(
-        &mut out,
-        "coord_event_store_head_position",
-        &[],
-        report.head_position,
-    );
-
-    let versions = || report.projectors.iter().flat_map(|p| p.versions.iter());
-    let labels = |v: &crate::status::VersionStatusReport| {
-        [
-            ("projector", v.record.name.clone()),
-            ("version", v.record.version.clone()),
-            ("status", v.record.status.as_str().to_owned()),
-        ]
-    };
-
-    gauge(
-        &mut out,
-        "coord_projector_events_processed",
-        "Events a projector version applied.",
-    );
-    for v in versions() {
-        let name = "coord_projector_events_processed";
-        line(&mut out, name, &labels(v), v.record.events_processed);
-    }
-    gauge(
-        &mut out,
-        "coord_projector_events_parked",
-        "Events a projector version parked after its handler failed.",
-    );
-    for v in versions() {
-        let name = "coord_projector_events_parked";
-        line(&mut out, name, &labels(v), v.record.events_parked);
-    }
-    gauge(
-        &mut out,
-        "coord_projector_lag",
-        "Committed events a followed projector version has not applied yet (same as coord_projector_lag_events).",
-    );
-    for v in versions() {
-        if let Some(lag) = v.lag {
-            line(&mut out, "coord_projector_lag", &labels(v), lag);
-        }
-    }
-    let per_version: [(&str, &str, VersionGauge); 5] = [
-        (
-            "coord_projector_lag_events",
-            "Committed events a followed projector version has not applied yet.",
-            |v| v.lag.map(|l| l as f64),
-        ),
-        (
-            "coord_projector_lag_seconds",
-            "Age of the oldest event a followed projector version has not applied (0 when none).",
-            |v| v.lag.map(|_| v.lag_seconds.unwrap_or(0.0)),
-        ),
-        (
-            "coord_projector_position",
-            "Highest position a projector version applied (replay, catch-up or inline).",
-            |v| Some(v.position as f64),
-        ),
-        (
-            "coord_projector_applied_inline",
-            "Events a projector version's publishers applied inline.",
-            |v| Some(v.applied_inline as f64),
-        ),
-        (
-            "coord_projector_applied_catch_up",
-            "Events a projector version applied by replay and catch-up passes.",
-            |v| Some(v.applied_by_catch_up as f64),
-        ),
-    ];
-    for (name, help, value) in per_version {
-        gauge(&mut out, name, help);
-        for v in versions() {
-            if let Some(x) = value(v) {
-                line(&mut out, name, &labels(v), x);
-            }
-        }
-    }
-    gauge(
-        &mut out,
-        "coord_projector_active",
-        "1 for the active version of a projector, else 0.",
-    );
-    for p in &report.projectors {
-        let mut seen: Vec<&str> = p
-            .versions
-            .iter()
-            .map(|v| v.record.version.as_str())
-            .collect();
-        // The state row can name an active version coord has no record of
-        // (set by hand or by an older coord): report it too.
-        if let Some(active) = p.active_version.as_deref() {
-            if !seen.contains(&active) {
-                seen.push(active);
-            }
-        }
-        for version in seen {
-            let active = p.active_version.as_deref() == Some(version);
-            line(
-                &mut out,
-                "coord_projector_active",
-                &[
-                    ("projector", p.name.clone()),
-                    ("version", version.to_owned()),
-                ],
-                u8::from(active),
-            );
-        }
-    }
-    out
-}
-
-/// How a per-version gauge reads its value (`None`: no sample).
-type VersionGauge = fn(&crate::status::VersionStatusReport) -> Option<f64>;
-
-fn gauge(out: &mut String, name: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} gauge");
-}
-
-fn line(out: &mut String, name: &str, labels: &[(&str, String)], value: impl std::fmt::Display) {
-    out.push_str(name);
-    if !labels.is_empty() {
-        out.push('{');
-        for (i, (key, value)) in labels.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            let _ = write!(out, "{key}=\"{}\"", escape_label(value));
-        }
-        out.push('}');
-    }
-    let _ = writeln!(out, " {value}");
-}
-
-/// A label value escaped per the text exposition format: backslash, double
-/// quote and line feed.
-fn escape_label(value: &str) -> String {
-    let mut escaped = String::with_capacity(value.len());
-    for c in value.chars() {
-        match c {
-            '\\' => escaped.push_str("\\\\"),
-            '"' => escaped.push_str("\\\""),
-            '\n' => escaped.push_str("\\n"),
-            c => escaped.push(c),
-        }
-    }
-    escaped
-}
-
-#[cfg(test)]
-mod tests {
-    use super::escape_label;
-
-    #[test]
-    fn label_values_escape_backslash_quote_and_newline() {
-        assert_eq!(escape_label(r#"a\b"c"#), r#"a\\b\"c"#);
-        assert_eq!(escape_label("a\nb"), r"a\nb");
-        assert_eq!(escape_label("1.0.0-rc.1+x"), "1.0.0-rc.1+x");
-    }
 }

@@ -1,0 +1,200 @@
+//! Events as a pass receives them: [`EventBatch`], decoded from query rows
+//! or from binary `COPY` data (whose format this module parses). Pure
+//! decoding: no SQL, no database access.
+
+use tokio_postgres::types::{FromSql, Type};
+use tokio_postgres::Row;
+
+use crate::event_store::Event;
+use crate::{Error, Result};
+
+/// Events read by a pass, with, for each, its `xact_id` (as text) when it
+/// is at or above the pass snapshot's xmin and so must be recorded in
+/// `coord.applied_ahead` once applied.
+#[derive(Clone, Debug, Default)]
+pub struct EventBatch {
+    /// The events, in position order.
+    pub events: Vec<Event>,
+    /// `xacts[i]` belongs to `events[i]`.
+    pub xacts: Vec<Option<String>>,
+}
+
+impl EventBatch {
+    /// Decodes rows of [`PassQuery::read_rows`](crate::event_store::PassQuery::read_rows).
+    ///
+    /// # Errors
+    /// Decoding errors.
+    pub fn decode(rows: &[Row]) -> Result<Self> {
+        let mut batch = EventBatch {
+            events: Vec::with_capacity(rows.len()),
+            xacts: Vec::with_capacity(rows.len()),
+        };
+        for row in rows {
+            batch.events.push(Event::try_from(row)?);
+            batch.xacts.push(row.try_get(7)?);
+        }
+        Ok(batch)
+    }
+
+    /// Decodes the binary `COPY` data of [`PassQuery::read_copy`](crate::event_store::PassQuery::read_copy).
+    ///
+    /// # Errors
+    /// Malformed data.
+    pub fn decode_copy(data: &[u8]) -> Result<Self> {
+        Self::decode_copy_with(data, true)
+    }
+
+    /// Like [`EventBatch::decode_copy`]; with `payload` false, `data` and
+    /// `metadata` are left `null` instead of parsed (for projectors that
+    /// do not read them, see [`Projector::replay_reads_payload`](crate::Projector::replay_reads_payload)).
+    ///
+    /// # Errors
+    /// Malformed data.
+    pub fn decode_copy_with(data: &[u8], payload: bool) -> Result<Self> {
+        let json = |f: &[Option<&[u8]>], i| {
+            if payload {
+                field(f, i, &Type::JSONB)
+            } else {
+                Ok(serde_json::Value::Null)
+            }
+        };
+        let mut batch = EventBatch::default();
+        walk_copy(data, |f| {
+            batch.events.push(Event {
+                position: field(f, 0, &Type::INT8)?,
+                stream_id: field(f, 1, &Type::TEXT)?,
+                stream_version: field(f, 2, &Type::INT8)?,
+                event_type: field(f, 3, &Type::TEXT)?,
+                data: json(f, 4)?,
+                metadata: json(f, 5)?,
+                recorded_at: field(f, 6, &Type::TIMESTAMPTZ)?,
+            });
+            batch.xacts.push(field(f, 7, &Type::TEXT)?);
+            Ok(())
+        })?;
+        Ok(batch)
+    }
+}
+
+fn malformed(what: &str) -> Error {
+    Error::Failed(format!("malformed COPY data from the event store: {what}"))
+}
+
+pub(crate) fn field<'a, T: FromSql<'a>>(
+    fields: &[Option<&'a [u8]>],
+    i: usize,
+    ty: &Type,
+) -> Result<T> {
+    let raw = *fields.get(i).ok_or_else(|| malformed("too few columns"))?;
+    let value = match raw {
+        Some(bytes) => T::from_sql(ty, bytes),
+        None => T::from_sql_null(ty),
+    };
+    value.map_err(|e| malformed(&format!("column {i}: {e}")))
+}
+
+/// Calls `each` with the fields of every tuple of binary `COPY` data;
+/// returns the number of tuples.
+pub(crate) fn walk_copy<'a>(
+    data: &'a [u8],
+    mut each: impl FnMut(&[Option<&'a [u8]>]) -> Result<()>,
+) -> Result<usize> {
+    const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+    if data.is_empty() {
+        return Ok(0);
+    }
+    let take = |at: usize, n: usize| -> Result<&'a [u8]> {
+        data.get(at..at + n).ok_or_else(|| malformed("truncated"))
+    };
+    if take(0, SIGNATURE.len())? != SIGNATURE {
+        return Err(malformed("bad signature"));
+    }
+    let ext = u32::from_be_bytes(take(15, 4)?.try_into().expect("4 bytes")) as usize;
+    let mut at = 19 + ext;
+    let mut fields = Vec::with_capacity(8);
+    let mut rows = 0;
+    loop {
+        let count = i16::from_be_bytes(take(at, 2)?.try_into().expect("2 bytes"));
+        at += 2;
+        if count < 0 {
+            return Ok(rows);
+        }
+        fields.clear();
+        for _ in 0..count {
+            let len = i32::from_be_bytes(take(at, 4)?.try_into().expect("4 bytes"));
+            at += 4;
+            if len < 0 {
+                fields.push(None);
+            } else {
+                let len = len as usize;
+                fields.push(Some(take(at, len)?));
+                at += len;
+            }
+        }
+        each(&fields)?;
+        rows += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy_data(tuples: &[Vec<Option<&[u8]>>]) -> Vec<u8> {
+        let mut data = b"PGCOPY\n\xff\r\n\0".to_vec();
+        data.extend_from_slice(&0_u32.to_be_bytes());
+        data.extend_from_slice(&0_u32.to_be_bytes());
+        for tuple in tuples {
+            data.extend_from_slice(&(tuple.len() as i16).to_be_bytes());
+            for field in tuple {
+                match field {
+                    Some(bytes) => {
+                        data.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
+                        data.extend_from_slice(bytes);
+                    }
+                    None => data.extend_from_slice(&(-1_i32).to_be_bytes()),
+                }
+            }
+        }
+        data.extend_from_slice(&(-1_i16).to_be_bytes());
+        data
+    }
+
+    #[test]
+    fn binary_copy_data_decodes_into_events() {
+        let position = 42_i64.to_be_bytes();
+        let version = 3_i64.to_be_bytes();
+        let time = 0_i64.to_be_bytes();
+        let data = copy_data(&[vec![
+            Some(&position),
+            Some(b"acct-1"),
+            Some(&version),
+            Some(b"MoneyDeposited"),
+            Some(b"\x01{\"amount\": 5}"),
+            Some(b"\x01{}"),
+            Some(&time),
+            None,
+        ]]);
+        let batch = EventBatch::decode_copy(&data).unwrap();
+        assert_eq!(batch.events.len(), 1);
+        let event = &batch.events[0];
+        assert_eq!(
+            (
+                event.position,
+                event.stream_id.as_str(),
+                event.stream_version
+            ),
+            (42, "acct-1", 3)
+        );
+        assert_eq!(event.data["amount"], 5);
+        assert_eq!(batch.xacts, [None]);
+        assert_eq!(EventBatch::decode_copy(&[]).unwrap().events.len(), 0);
+    }
+
+    #[test]
+    fn truncated_copy_data_is_an_error_not_a_panic() {
+        let data = copy_data(&[vec![Some(b"12345678")]]);
+        assert!(walk_copy(&data[..data.len() - 5], |_| Ok(())).is_err());
+        assert!(walk_copy(b"PGCOPY", |_| Ok(())).is_err());
+    }
+}
