@@ -52,7 +52,8 @@ struct Workload {
     /// (Refusals count the gate's refusals and stream version conflicts
     /// between concurrent publishers of one stream: both expected.)
     acknowledged: Mutex<Vec<i64>>,
-    /// Versions publishers publish as (every version ever configured).
+    /// Versions publishers publish as: the active one, the one being
+    /// replayed or activated, the one before (stale once retired).
     versions: Mutex<Vec<String>>,
     stop: AtomicBool,
     refused: AtomicU64,
@@ -364,7 +365,6 @@ async fn fault_suite() {
                 let v = format!("1.{next_minor}.0");
                 next_minor += 1;
                 db.write_config(&config(&v), &ledger_toml(&v, true));
-                work.versions.lock().unwrap().push(v.clone());
                 v
             });
             if op < 6 {
@@ -385,6 +385,14 @@ async fn fault_suite() {
                 }
             }
         };
+        {
+            // Publishers of the versions this trial involves.
+            let mut versions = vec![active.clone()];
+            versions.extend(step.then_active.clone());
+            versions.extend(previous.clone());
+            versions.extend(replaying.clone());
+            *work.versions.lock().unwrap() = versions;
+        }
         let mut args: Vec<&str> = step.args.iter().map(String::as_str).collect();
         let batch_size = ["50", "50", "200", "1000"][rng.gen_range(0..4)];
         args.extend(["--batch-size", batch_size]);
