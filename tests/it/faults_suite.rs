@@ -451,7 +451,9 @@ async fn fault_suite() {
             // replaying (its catch-up) leaves it replaying; a re-run refuses,
             // recommending a rollback to the version retired before it (not
             // what was asked). activate-current-config with the target's
-            // configuration finishes it: counted apart.
+            // configuration is tried next, but refuses too (a downgrade): the
+            // trial is then stuck and the suite fails (seed 20261130, trial
+            // 196). Counted, so the failure's figures show it.
             if !done
                 && step.args[0] == "rollback"
                 && last.contains("but this configuration defines")
