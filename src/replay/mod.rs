@@ -20,7 +20,7 @@
 //! # async fn demo(pool: deadpool_postgres::Pool, mut client: tokio_postgres::Client,
 //! #               projector: std::sync::Arc<dyn coord::Projector>) -> coord::Result<()> {
 //! use coord::replay::{catch_up, start_replay, ReplayOptions};
-//! let actor = coord::store::Actor::new("host", "deploy");
+//! let actor = coord::Actor::new("host", "deploy");
 //! start_replay(&mut client, projector.as_ref(), &actor).await?;
 //! let cancel = tokio_util::sync::CancellationToken::new();
 //! let report = catch_up(&pool, projector.as_ref(), &coord::RelationName::default(),
@@ -31,19 +31,22 @@
 
 mod apply;
 mod batch;
+mod catch_up;
 mod in_transaction;
 mod many;
 mod options;
 mod pass;
 mod pipeline;
+mod retry;
 mod start;
 
+pub use catch_up::catch_up;
 pub use in_transaction::{checkpoint_through_current_snapshot, pass_in_transaction};
 pub use many::{catch_up_configured, replay_many, CatchUpOutcome, ReplayDone, ReplayOutcome};
 pub use options::{
     CatchUpReport, PassReport, Progress, ProgressFn, ReplayOptions, DEFAULT_BATCH_BYTES,
 };
-pub use pass::{catch_up, run_pass};
+pub use pass::run_pass;
 pub use start::{
     abort, abort_in, abort_with, start_replay, start_replay_in, AbortReport, ReplayStart,
     StartOutcome,

@@ -31,6 +31,20 @@ pub struct ReplayOptions {
     pub count_total: bool,
     /// Called after every batch.
     pub progress: Option<ProgressFn>,
+    /// Retries of a pass (and of a catch-up's lag check) after a transient
+    /// connection error: a closed or reset connection, SQLSTATE class 08,
+    /// 57P01/57P02/57P03, or a serialization failure or deadlock of coord's
+    /// own statements. Counted in a row: a batch committed in between starts
+    /// the count again. A retried pass resumes from its last committed
+    /// batch. Handler errors (`on_error`) are never retried. 0 turns
+    /// retrying off. Default 5.
+    pub retries: u32,
+    /// The wait before the first retry; it doubles with each retry in a
+    /// row, up to [`ReplayOptions::retry_backoff_max`]. Default 100 ms.
+    pub retry_backoff: Duration,
+    /// The longest wait between two retries. Default 2 s (with the other
+    /// defaults, at most 3.1 s of waiting before a pass gives up).
+    pub retry_backoff_max: Duration,
 }
 
 /// The default [`ReplayOptions::batch_bytes`]: 16 MiB.
@@ -46,6 +60,9 @@ impl Default for ReplayOptions {
             max_passes: 20,
             count_total: true,
             progress: None,
+            retries: 5,
+            retry_backoff: Duration::from_millis(100),
+            retry_backoff_max: Duration::from_secs(2),
         }
     }
 }
@@ -60,6 +77,9 @@ impl fmt::Debug for ReplayOptions {
             .field("max_passes", &self.max_passes)
             .field("count_total", &self.count_total)
             .field("progress", &self.progress.is_some())
+            .field("retries", &self.retries)
+            .field("retry_backoff", &self.retry_backoff)
+            .field("retry_backoff_max", &self.retry_backoff_max)
             .finish()
     }
 }

@@ -1,10 +1,12 @@
 //! Passes (docs/decisions/0002-checkpoint-horizon.md): [`run_pass`] applies,
 //! batch by batch, the handled events visible in one snapshot, each batch a
-//! transaction with its checkpoint; [`catch_up`] runs passes until the lag is
-//! small. A pass is a pipeline of named stages: begin (or resume) the pass,
+//! transaction with its checkpoint; [`catch_up`](crate::replay::catch_up)
+//! runs passes until the lag is small. A pass is a pipeline of named stages: begin (or resume) the pass,
 //! read and decode (`pipeline`), apply and record each batch
 //! (`apply`, shared with the passes inside a caller's transaction in
-//! `in_transaction`), and finish (move the horizon). SQL lives in
+//! `in_transaction`), and finish (move the horizon). Each stage names
+//! itself in errors, and a pass that loses its connection is retried from
+//! its last committed batch (`retry`, decision 0061). SQL lives in
 //! `store::checkpoint` and `event_store`; this module decides the order of
 //! things.
 
@@ -19,8 +21,9 @@ use crate::names::RelationName;
 use crate::projector::{ApplyContext, Phase, Projector, ProjectorExt};
 use crate::replay::apply::{apply_batch, context, query, Estimate};
 use crate::replay::batch::{self, BatchOutcome};
-use crate::replay::options::{CatchUpReport, PassReport, Progress, ReplayOptions};
+use crate::replay::options::{PassReport, Progress, ReplayOptions};
 use crate::replay::pipeline;
+use crate::replay::retry::{grouped, At, Retries, StepError};
 use crate::store::checkpoint::{self, Checkpoint};
 use crate::store::versions::VersionStatus;
 use crate::{Error, Result};
@@ -34,6 +37,9 @@ use crate::{Error, Result};
 /// connection of `pool` while the current one is applied, so a pass uses two
 /// connections.
 ///
+/// A transient connection error (see [`ReplayOptions::retries`]) is retried
+/// with a bounded backoff: the pass resumes from its last committed batch.
+///
 /// Cancelling `cancel` stops the pass at a batch boundary with its
 /// checkpoint saved; the report says `cancelled`.
 ///
@@ -42,7 +48,10 @@ use crate::{Error, Result};
 /// `fail` (the events before it are committed, the checkpoint is just
 /// before it, and `last_error` is set); [`Error::Refused`] when the version
 /// was aborted; [`Error::Busy`] when another process took the pass over;
-/// database and pool errors.
+/// [`Error::Failed`] naming the version, the step and the position
+/// (`balances@2.0.0: replay batch at position 81,220: connection closed`)
+/// when the connection was lost and the retries ran out; other database
+/// and pool errors.
 #[instrument(skip_all, fields(projector.name = %projector.name(), projector.version = %projector.version()), err(level = "debug"))]
 pub async fn run_pass(
     pool: &Pool,
@@ -52,12 +61,62 @@ pub async fn run_pass(
     cancel: &CancellationToken,
 ) -> Result<PassReport> {
     let started = Instant::now();
-    let mut writer = pool.get().await?;
-    let (start, snapshot) = begin(&mut writer, projector).await?;
+    let label = projector.label();
+    let mut report = PassReport {
+        projector: projector.name().to_string(),
+        version: projector.version().to_string(),
+        applied: 0,
+        parked: 0,
+        batches: 0,
+        cancelled: false,
+        horizon: String::new(),
+        elapsed: Duration::ZERO,
+    };
+    let mut retries = Retries::new(&label, options);
+    loop {
+        let batches_before = report.batches;
+        let attempt = attempt(
+            pool,
+            projector,
+            event_store,
+            options,
+            cancel,
+            started,
+            &mut report,
+        );
+        match attempt.await {
+            Ok(()) => break,
+            Err(failure) => {
+                let progressed = report.batches > batches_before;
+                retries.after(failure, progressed, cancel).await?;
+            }
+        }
+    }
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// One attempt at a pass: begins or resumes it and applies batches until
+/// its end, cancellation or a failure, counting what it commits into the
+/// pass's `report`.
+async fn attempt(
+    pool: &Pool,
+    projector: &dyn Projector,
+    event_store: &RelationName,
+    options: &ReplayOptions,
+    cancel: &CancellationToken,
+    started: Instant,
+    report: &mut PassReport,
+) -> Result<(), StepError> {
+    const START: &str = "replay pass start";
+    let mut writer = pool.get().await.at(|| START.into())?;
+    let (start, snapshot) = begin(&mut writer, projector).await.at(|| START.into())?;
+    report.horizon.clone_from(&start.horizon);
     let name = projector.name().as_str();
-    let version = projector.version().to_string();
     let cursor = start.pass_cursor.unwrap_or(0);
-    let exclude_ahead = checkpoint::has_ahead_after(&**writer, name, &version, cursor).await?;
+    let exclude_ahead = checkpoint::has_ahead_after(&**writer, name, &report.version, cursor)
+        .await
+        .at(|| START.into())?;
     let max_bytes = i64::try_from(options.batch_bytes.max(1)).unwrap_or(i64::MAX);
     let q = query(
         projector,
@@ -67,17 +126,22 @@ pub async fn run_pass(
         exclude_ahead,
         max_bytes,
     );
+    let read_step = || format!("replay read after position {}", grouped(cursor));
     let batches = pipeline::read_batches(
-        pool.get().await?,
+        pool.get().await.at(read_step)?,
         q.clone(),
         cursor,
         i64::try_from(options.batch_size.max(1)).unwrap_or(i64::MAX),
         projector.replay_reads_payload(),
         cancel.clone(),
-    )?;
+    )
+    .at(read_step)?;
     let total = if options.count_total {
         let count_started = Instant::now();
-        let remaining = q.count(&**writer, cursor).await?;
+        let remaining = q
+            .count(&**writer, cursor)
+            .await
+            .at(|| format!("replay count after position {}", grouped(cursor)))?;
         debug!(
             count_ms = count_started.elapsed().as_millis() as u64,
             remaining, "counted"
@@ -97,16 +161,7 @@ pub async fn run_pass(
         processed: start.events_processed,
         rate: 0.0,
         cursor,
-        report: PassReport {
-            projector: name.to_owned(),
-            version,
-            applied: 0,
-            parked: 0,
-            batches: 0,
-            cancelled: false,
-            horizon: start.horizon.clone(),
-            elapsed: Duration::ZERO,
-        },
+        report,
     };
     // From horizon 0 this is the version's first pass: its tables started
     // empty (a resumed first pass finds only its own earlier batches).
@@ -127,19 +182,23 @@ pub async fn run_pass(
         if cancel.is_cancelled() {
             pass.report.cancelled = true;
         } else {
-            return Err(Error::Failed(format!(
+            let error = Error::Failed(format!(
                 "the event reader of {} stopped before the end of its pass; run it again to resume",
                 pass.label
-            )));
+            ));
+            return Err(StepError::new("replay read", error));
         }
     }
     if pass.report.cancelled {
         info!(position = pass.cursor, "pass cancelled; checkpoint saved");
     } else {
-        pass.report.horizon = pass.finish(&mut writer).await?;
+        let horizon = pass
+            .finish(&mut writer)
+            .await
+            .at(|| format!("replay pass end at position {}", grouped(pass.cursor)))?;
+        pass.report.horizon = horizon;
     }
-    pass.report.elapsed = started.elapsed();
-    Ok(pass.report)
+    Ok(())
 }
 
 /// Locks the checkpoint of `projector`'s version and begins a pass over
@@ -180,7 +239,7 @@ async fn begin(writer: &mut Object, projector: &dyn Projector) -> Result<(Checkp
     Ok((ck, snapshot))
 }
 
-/// A pass of [`run_pass`] in progress.
+/// An attempt at a pass of [`run_pass`] in progress.
 struct Pass<'a> {
     projector: &'a dyn Projector,
     label: String,
@@ -196,20 +255,22 @@ struct Pass<'a> {
     /// The rate recorded with the last batch, events per second.
     rate: f64,
     cursor: i64,
-    report: PassReport,
+    /// The pass's report, over all its attempts.
+    report: &'a mut PassReport,
 }
 
 impl Pass<'_> {
     /// Applies the batches of `batches`, each in a transaction of its own
     /// on `writer`, until the empty batch that ends the pass (returns
-    /// true), cancellation or the reader stopping (false), or a failure.
+    /// true), cancellation or the reader stopping (false), or a failure
+    /// (naming the batch).
     async fn apply_all(
         &mut self,
         writer: &mut Object,
-        mut batches: tokio::sync::mpsc::Receiver<Result<EventBatch>>,
+        mut batches: tokio::sync::mpsc::Receiver<Result<EventBatch, StepError>>,
         ctx: &ApplyContext,
         cancel: &CancellationToken,
-    ) -> Result<bool> {
+    ) -> Result<bool, StepError> {
         // Only the empty read that ends the pass lets the horizon move: the
         // reader also stops when cancelled, so a closed channel proves nothing.
         while let Some(batch) = batches.recv().await {
@@ -222,25 +283,39 @@ impl Pass<'_> {
                 return Ok(false);
             }
             let batch_started = Instant::now();
-            let tx = writer.transaction().await?;
-            let (ck, ()) = futures_util::future::try_join(
-                checkpoint::lock(&*tx, self.projector.name().as_str(), &self.report.version),
-                batch::set_search_path(&*tx, &ctx.schema),
-            )
-            .await?;
-            ensure_owner(&ck, &self.snapshot, self.cursor, &self.label)?;
-            let (outcome, cursor) =
-                apply_batch(&tx, self.projector, ctx, &batch, self.cursor, |o| {
-                    self.estimate(o)
-                })
-                .await?;
-            tx.commit().await?;
+            let first = batch.events[0].position;
+            let step = || format!("replay batch at position {}", grouped(first));
+            let (outcome, cursor) = self.apply_one(writer, ctx, &batch).await.at(step)?;
             self.batch_done(&outcome, cursor, batch.events.len(), batch_started);
             if let Some(failure) = outcome.failure {
-                return Err(failure);
+                return Err(StepError::new(step(), failure));
             }
         }
         Ok(false)
+    }
+
+    /// Applies `batch` and records it in the checkpoint in one transaction
+    /// on `writer`, if this process still owns the pass; commits it, failure
+    /// included (the events before a failing one are kept).
+    async fn apply_one(
+        &mut self,
+        writer: &mut Object,
+        ctx: &ApplyContext,
+        batch: &EventBatch,
+    ) -> Result<(BatchOutcome, i64)> {
+        let tx = writer.transaction().await?;
+        let (ck, ()) = futures_util::future::try_join(
+            checkpoint::lock(&*tx, self.projector.name().as_str(), &self.report.version),
+            batch::set_search_path(&*tx, &ctx.schema),
+        )
+        .await?;
+        ensure_owner(&ck, &self.snapshot, self.cursor, &self.label)?;
+        let (outcome, cursor) = apply_batch(&tx, self.projector, ctx, batch, self.cursor, |o| {
+            self.estimate(o)
+        })
+        .await?;
+        tx.commit().await?;
+        Ok((outcome, cursor))
     }
 
     /// The progress figures of a batch with `outcome`; counts its applied
@@ -317,61 +392,4 @@ fn ensure_owner(ck: &Checkpoint, snapshot: &str, cursor: i64, label: &str) -> Re
              let it finish or stop it, then retry"
         )))
     }
-}
-
-/// Runs passes of `projector`'s registered version until fewer than
-/// `options.lag_threshold` committed handled events are left to apply (or
-/// `options.max_passes` passes ran, or `cancel` fired).
-///
-/// # Errors
-/// As [`run_pass`].
-#[instrument(skip_all, fields(projector.name = %projector.name(), projector.version = %projector.version()), err(level = "debug"))]
-pub async fn catch_up(
-    pool: &Pool,
-    projector: &dyn Projector,
-    event_store: &RelationName,
-    options: &ReplayOptions,
-    cancel: &CancellationToken,
-) -> Result<CatchUpReport> {
-    let started = Instant::now();
-    let mut report = CatchUpReport {
-        projector: projector.name().to_string(),
-        version: projector.version().to_string(),
-        passes: 0,
-        applied: 0,
-        parked: 0,
-        remaining: 0,
-        cancelled: false,
-        elapsed: Duration::ZERO,
-    };
-    loop {
-        let pass = run_pass(pool, projector, event_store, options, cancel).await?;
-        report.passes += 1;
-        report.applied += pass.applied;
-        report.parked += pass.parked;
-        report.cancelled = pass.cancelled;
-        let client = pool.get().await?;
-        report.remaining = crate::event_store::pending(
-            &**client,
-            projector.name().as_str(),
-            &report.version,
-            &projector.event_types(),
-            event_store,
-        )
-        .await?;
-        if pass.cancelled
-            || report.remaining < options.lag_threshold.max(1)
-            || report.passes as usize >= options.max_passes.max(1)
-        {
-            break;
-        }
-    }
-    report.elapsed = started.elapsed();
-    info!(
-        passes = report.passes,
-        applied = report.applied,
-        remaining = report.remaining,
-        "caught up"
-    );
-    Ok(report)
 }

@@ -11,13 +11,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::event_store::{EventBatch, PassQuery};
+use crate::replay::retry::{grouped, StepError};
 use crate::{Error, Result};
 
 /// Starts reading the events of `query` after `cursor` on `reader`, in
 /// batches of at most `max_limit` events, decoding them (their payload only
 /// when `payload`) on a thread of their own. The receiver yields the
 /// batches in order and then an empty batch, which ends the pass; it ends
-/// early (without the empty batch) after an error or when `cancel` fires.
+/// early (without the empty batch) after an error, which names the read
+/// (`replay read after position 81,220`), or when `cancel` fires.
 ///
 /// Three stages overlap: the reader fetches batch n+2 (server), the decoder
 /// turns batch n+1 into events (client CPU), and the caller applies batch n
@@ -32,9 +34,9 @@ pub(super) fn read_batches(
     max_limit: i64,
     payload: bool,
     cancel: CancellationToken,
-) -> Result<mpsc::Receiver<Result<EventBatch>>> {
-    let (row_sender, row_receiver) = mpsc::channel::<Result<Vec<u8>>>(1);
-    let (sender, receiver) = mpsc::channel::<Result<EventBatch>>(1);
+) -> Result<mpsc::Receiver<Result<EventBatch, StepError>>> {
+    let (row_sender, row_receiver) = mpsc::channel::<Result<Vec<u8>, StepError>>(1);
+    let (sender, receiver) = mpsc::channel::<Result<EventBatch, StepError>>(1);
     tokio::spawn(read(reader, query, cursor, max_limit, cancel, row_sender));
     // One thread decodes every batch of the pass: with a blocking-pool
     // thread per batch, the allocator kept an arena per thread and memory
@@ -54,7 +56,7 @@ async fn read(
     mut cursor: i64,
     max_limit: i64,
     cancel: CancellationToken,
-    sender: mpsc::Sender<Result<Vec<u8>>>,
+    sender: mpsc::Sender<Result<Vec<u8>, StepError>>,
 ) {
     let mut limit = max_limit;
     while !cancel.is_cancelled() {
@@ -76,7 +78,10 @@ async fn read(
                 limit = next_limit(limit, rows as i64, max_limit);
                 (Ok(data), rows == 0)
             }
-            Err(e) => (Err(e), true),
+            Err(e) => {
+                let step = format!("replay read after position {}", grouped(cursor));
+                (Err(StepError::new(step, e)), true)
+            }
         };
         if sender.send(result).await.is_err() || last {
             break;
@@ -86,12 +91,15 @@ async fn read(
 
 /// The decoder thread.
 fn decode(
-    mut receiver: mpsc::Receiver<Result<Vec<u8>>>,
-    sender: mpsc::Sender<Result<EventBatch>>,
+    mut receiver: mpsc::Receiver<Result<Vec<u8>, StepError>>,
+    sender: mpsc::Sender<Result<EventBatch, StepError>>,
     payload: bool,
 ) {
     while let Some(data) = receiver.blocking_recv() {
-        let decoded = data.and_then(|data| EventBatch::decode_copy_with(&data, payload));
+        let decoded = data.and_then(|data| {
+            EventBatch::decode_copy_with(&data, payload)
+                .map_err(|e| StepError::new("replay decode of a batch", e))
+        });
         if sender.blocking_send(decoded).is_err() {
             break;
         }

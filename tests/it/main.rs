@@ -12,6 +12,7 @@ mod cli_batch_bytes;
 mod cli_tools;
 mod config;
 mod connect;
+mod connection_loss;
 mod contents;
 mod faults;
 mod faults_suite;
