@@ -26,32 +26,47 @@ use tokio_postgres::{Client, GenericClient};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseUrl;
+use crate::locks::key;
 use crate::store::Actor;
 use crate::{Error, Result};
 
 /// How long the work of a dead process may take to end before giving up.
-const ORPHAN_WAIT: Duration = Duration::from_secs(30);
+pub const ORPHAN_WAIT: Duration = Duration::from_secs(30);
 /// Backends of this database named by a coord process.
 const COORD_BACKENDS: &str = "SELECT pid, application_name, backend_start::text \
     FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() \
     AND application_name LIKE 'coord%'";
 /// How often the lock's connection is checked for having ended.
 const WATCH_EVERY: Duration = Duration::from_millis(20);
-const TRY_LOCK: &str = "SELECT pg_try_advisory_lock(1668247413, 0)";
+const TRY_LOCK: &str = concat!("SELECT pg_try_advisory_lock(", key!(activation), ", 0)");
 /// Waits for the fenced transactions of a previous holder to end.
-const WAIT_FOR_FENCED: &str =
-    "SELECT pg_advisory_lock(1668247413, 1); SELECT pg_advisory_unlock(1668247413, 1)";
+const WAIT_FOR_FENCED: &str = concat!(
+    "SELECT pg_advisory_lock(",
+    key!(activation),
+    ", 1); SELECT pg_advisory_unlock(",
+    key!(activation),
+    ", 1)"
+);
 /// In a fenced transaction: the shared fence key, then whether the backend
 /// `$1` still holds the activation lock.
-const FENCE: &str =
-    "SELECT pg_advisory_xact_lock_shared(1668247413, 1), EXISTS (SELECT 1 FROM pg_locks l \
-    WHERE l.locktype = 'advisory' AND l.classid = 1668247413 AND l.objid = 0 AND l.objsubid = 2 \
+const FENCE: &str = concat!(
+    "SELECT pg_advisory_xact_lock_shared(",
+    key!(activation),
+    ", 1), EXISTS (SELECT 1 FROM pg_locks l \
+    WHERE l.locktype = 'advisory' AND l.classid = ",
+    key!(activation),
+    " AND l.objid = 0 AND l.objsubid = 2 \
     AND l.granted AND l.pid = $1 \
-    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))";
-const HOLDER: &str = "SELECT a.application_name, coalesce(a.client_addr::text, 'local'), \
+    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
+);
+const HOLDER: &str = concat!(
+    "SELECT a.application_name, coalesce(a.client_addr::text, 'local'), \
     coord.iso(a.backend_start), a.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-    WHERE l.locktype = 'advisory' AND l.classid = 1668247413 AND l.objid = 0 AND l.granted \
-    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) LIMIT 1";
+    WHERE l.locktype = 'advisory' AND l.classid = ",
+    key!(activation),
+    " AND l.objid = 0 AND l.granted \
+    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) LIMIT 1"
+);
 
 /// The held activation lock; dropping it releases it.
 pub struct ActivationLock {
@@ -194,7 +209,11 @@ impl ActivationLock {
     pub async fn release(self) -> Result<()> {
         self.released.store(true, Ordering::SeqCst);
         self.client
-            .batch_execute("SELECT pg_advisory_unlock(1668247413, 0)")
+            .batch_execute(concat!(
+                "SELECT pg_advisory_unlock(",
+                key!(activation),
+                ", 0)"
+            ))
             .await?;
         Ok(())
     }

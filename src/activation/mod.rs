@@ -13,7 +13,7 @@ mod steps;
 mod switch;
 
 pub use abort::abort_projector;
-pub use lock::ActivationLock;
+pub use lock::{end_orphans, ActivationLock, ORPHAN_WAIT};
 pub use maintenance::{prunable, prune, wait_until_active};
 pub use plan::{plan, Action, Plan, Step};
 pub use rebuild::rebuild;

@@ -140,6 +140,16 @@ pub async fn rebuild(
         .await?;
     }
     drop(client); // back to the pool for the replay
+    let live = projector.schema();
+    let retired = format!("{}_old", &live[..live.len().min(59)]);
+    drop_leftover(
+        pool,
+        &lock,
+        &retired,
+        projector.as_ref(),
+        options.dependents,
+    )
+    .await?;
     let shadow = Shadow::of(projector.clone());
     let started = Instant::now();
     let mut applied = 0;
@@ -166,8 +176,6 @@ pub async fn rebuild(
     let replay_seconds = started.elapsed().as_secs_f64();
 
     let critical = Instant::now();
-    let live = projector.schema();
-    let retired = format!("{}_old", &live[..live.len().min(59)]);
     let change = Change::Rebuild {
         projector: projector.as_ref(),
         shadow: &shadow,
@@ -206,6 +214,51 @@ pub async fn rebuild(
     })
 }
 
+/// Drops `retired` when an earlier rebuild left it (killed between its swap
+/// and the drop, or the drop failed), so the swap can rename the live schema
+/// to it; through [`drop_schemas`], which refuses (changing nothing) when
+/// objects outside it depend on it, unless `dependents` cascades.
+///
+/// # Errors
+/// [`Error::Refused`] naming the dependents; a lost activation lock;
+/// database errors.
+async fn drop_leftover(
+    pool: &Pool,
+    lock: &super::lock::ActivationLock,
+    retired: &str,
+    projector: &dyn Projector,
+    dependents: Dependents,
+) -> Result<()> {
+    let mut pooled = pool.get().await?;
+    let client: &mut tokio_postgres::Client = &mut pooled;
+    let tx = client.transaction().await?;
+    let exists: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&retired],
+        )
+        .await?
+        .try_get(0)?;
+    if !exists {
+        return Ok(());
+    }
+    lock.fence(&tx, "dropping the old tables an earlier rebuild left")
+        .await?;
+    tracing::warn!(schema = %retired, "dropping the old tables an earlier rebuild of {} left", projector.label());
+    drop_schemas(
+        &tx,
+        &[retired],
+        dependents,
+        &format!(
+            "rebuilding {} (the old tables an earlier rebuild left)",
+            projector.label()
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Drops the schema that held the tables before the swap, retrying while
 /// readers hold locks on them. A failure (a dependent created since the
 /// check, locks held too long) leaves the schema and logs a warning: the
@@ -232,7 +285,7 @@ async fn drop_old_tables(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => {
-                tracing::warn!(schema = %retired, error = %e, "could not drop the old tables; drop the schema by hand");
+                tracing::warn!(schema = %retired, error = %e, "could not drop the old tables; the next rebuild drops them (or drop the schema by hand)");
                 return;
             }
         }

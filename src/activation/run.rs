@@ -18,9 +18,9 @@ use crate::gate::LockPolicy;
 use crate::names::RelationName;
 use crate::projector::{Projector, ProjectorExt, ProjectorSet};
 use crate::replay::{self, ReplayOptions};
-use crate::store::states;
 use crate::store::versions::{self, VersionStatus};
 use crate::store::Actor;
+use crate::store::{history, states};
 use crate::{Error, Result, Steps};
 
 /// How `activate-current-config` and `rollback` run.
@@ -228,7 +228,7 @@ pub async fn rollback(
     let name = projector.name().as_str();
     let (lock, client) = lock_and_check(pool, url, event_store, options, actor).await?;
     let cancel = &linked(cancel, lock.lost());
-    let (active, target) = {
+    let (active, target, resuming) = {
         let state = states::get(&**client, name, false).await?;
         if let Some(activating) = state.as_ref().and_then(|s| s.activating_version.clone()) {
             return Err(Error::Refused(format!(
@@ -237,13 +237,24 @@ pub async fn rollback(
                  `coord abort --projector {name}`, then roll back"
             )));
         }
+        let replaying = state.as_ref().and_then(|s| s.replaying_version.clone());
         let active = state.and_then(|s| s.active_version);
-        let target = versions::list_of(&**client, name)
-            .await?
-            .into_iter()
-            .filter(|v| v.status == VersionStatus::Retired)
-            .max_by(|a, b| a.retired_at.cmp(&b.retired_at));
-        (active, target)
+        let all = versions::list_of(&**client, name).await?;
+        // A retired version an interrupted rollback (or re-activation) put
+        // back to replaying is the one to finish, not the one retired before.
+        let resumed = match replaying {
+            Some(r) if interrupted_rollback(&**client, name, &r).await? => {
+                all.iter().find(|v| v.version == r).cloned()
+            }
+            _ => None,
+        };
+        let resuming = resumed.is_some();
+        let target = resumed.or_else(|| {
+            all.into_iter()
+                .filter(|v| v.status == VersionStatus::Retired)
+                .max_by(|a, b| a.retired_at.cmp(&b.retired_at))
+        });
+        (active, target, resuming)
     };
     drop(client); // back to the pool for the catch-up
     let Some(target) = target else {
@@ -253,8 +264,13 @@ pub async fn rollback(
     };
     let wanted = projector.version().to_string();
     if target.version != wanted {
+        let which = if resuming {
+            "an interrupted rollback left"
+        } else {
+            "the previous version of"
+        };
         return Err(Error::Refused(format!(
-            "the previous version of {name} is {}, but this configuration defines {wanted}: run `coord rollback {name}` \
+            "{which} {name} is {}, but this configuration defines {wanted}: run `coord rollback {name}` \
              with the configuration of {name} {} (--config)",
             target.version, target.version
         )));
@@ -266,14 +282,18 @@ pub async fn rollback(
         )));
     }
     let started = Instant::now();
-    mark_replaying(
-        pool,
-        projector.as_ref(),
-        actor,
-        &format!("rollback from {}", active.as_deref().unwrap_or("-")),
-        &lock,
-    )
-    .await?;
+    if resuming {
+        tracing::info!(version = %wanted, "resuming an interrupted rollback");
+    } else {
+        mark_replaying(
+            pool,
+            projector.as_ref(),
+            actor,
+            &format!("rollback from {}", active.as_deref().unwrap_or("-")),
+            &lock,
+        )
+        .await?;
+    }
     let caught = replay::catch_up(
         pool,
         projector.as_ref(),
@@ -306,4 +326,26 @@ pub async fn rollback(
         replay_seconds,
         switch: Some(switch),
     })
+}
+
+/// Whether the replaying `version` of `name` is a retired version that a
+/// rollback (or re-activation) put back to replaying and that was
+/// interrupted: its latest move to replaying, round trips through
+/// activating aside, came from retired (the transition history says why it
+/// is replaying).
+async fn interrupted_rollback(
+    client: &impl tokio_postgres::GenericClient,
+    name: &str,
+    version: &str,
+) -> Result<bool> {
+    let transitions = history::list(client, Some(name)).await?;
+    let cause = transitions.iter().rev().find(|t| {
+        t.version.as_deref() == Some(version)
+            && t.to_status == VersionStatus::Replaying
+            && !matches!(
+                t.from_status,
+                Some(VersionStatus::Activating | VersionStatus::Replaying)
+            )
+    });
+    Ok(cause.is_some_and(|t| t.from_status == Some(VersionStatus::Retired)))
 }

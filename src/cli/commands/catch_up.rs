@@ -3,7 +3,7 @@
 use coord::replay::{catch_up_configured, ReplayOptions};
 use coord::ProjectorSet;
 
-use crate::commands::replay::select;
+use crate::commands::replay::{end_orphans, select};
 use crate::context::Context;
 use crate::output;
 use crate::progress::Bars;
@@ -28,6 +28,7 @@ pub async fn run(ctx: &Context, args: &CatchUpArgs) -> anyhow::Result<()> {
     let set = ctx.projectors(&config);
     let selected = ProjectorSet::new(select(&set, args.projector.as_deref())?)?;
     let pool = ctx.writable_pool(&config, 3).await?;
+    end_orphans(&pool).await?;
     let cancel = crate::progress::cancel_on_ctrl_c();
     let bars = Bars::new(!ctx.json());
     let options = ReplayOptions {

@@ -47,12 +47,22 @@ pub fn select(set: &ProjectorSet, only: Option<&str>) -> anyhow::Result<Vec<Arc<
     }
 }
 
+/// Ends what a dead `coord` process of this host left running on the
+/// database (a batch holding row locks), naming it, before `coord replay` or
+/// `coord catch-up` start (docs/decisions/0060-orphaned-work.md).
+pub async fn end_orphans(pool: &deadpool_postgres::Pool) -> anyhow::Result<()> {
+    let client = pool.get().await.map_err(coord::Error::from)?;
+    coord::activation::end_orphans(&client, coord::activation::ORPHAN_WAIT).await?;
+    Ok(())
+}
+
 pub async fn run(ctx: &Context, args: &ReplayArgs) -> anyhow::Result<()> {
     let config = ctx.config()?;
     let set = ctx.projectors(&config);
     let selected = select(&set, args.projector.as_deref())?;
     let jobs = usize::from(args.jobs);
     let pool = ctx.writable_pool(&config, jobs * 2 + 1).await?;
+    end_orphans(&pool).await?;
     let cancel = crate::progress::cancel_on_ctrl_c();
     let bars = Bars::new(!ctx.json());
     let options = ReplayOptions {
