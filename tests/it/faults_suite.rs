@@ -37,12 +37,6 @@ struct Figures {
     lost: u64,
     applied_twice: u64,
     stuck: u64,
-    /// Rebuilds stuck on the `_old` schema a killed rebuild left (the
-    /// known issue above; not counted in `stuck`).
-    rebuild_leftover_old_schema: u64,
-    /// Rollbacks killed during their catch-up, whose re-run refuses (the
-    /// known issue above), finished by activate-current-config.
-    rollbacks_left_replaying: u64,
     /// Rollbacks killed inside their critical section, finished by the
     /// command the refusal of a re-run recommends.
     rollbacks_finished_by_activate: u64,
@@ -446,25 +440,12 @@ async fn fault_suite() {
             let out = db.coord(&rerun.iter().map(String::as_str).collect::<Vec<_>>());
             done = out.status.success();
             last = stderr(&out);
-            // KNOWN ISSUE (found by this suite; src/activation/run.rs): a
-            // rollback killed after it moved its target from retired to
-            // replaying (its catch-up) leaves it replaying; a re-run refuses,
-            // recommending a rollback to the version retired before it (not
-            // what was asked). activate-current-config with the target's
-            // configuration is tried next, but refuses too (a downgrade): the
-            // trial is then stuck and the suite fails (seed 20261130, trial
-            // 196). Counted, so the failure's figures show it.
+            // A rollback killed during its catch-up leaves its target
+            // replaying: the re-run above resumes it (it used to refuse,
+            // seed 20261130 trial 196; tests/it/interrupted.rs).
             if !done
                 && step.args[0] == "rollback"
-                && last.contains("but this configuration defines")
-            {
-                figures.rollbacks_left_replaying += 1;
-                eprintln!("fault suite: seed {seed}, trial {trial}: KNOWN ISSUE: {last}");
-            }
-            if !done
-                && step.args[0] == "rollback"
-                && (last.contains("finish it with `coord activate-current-config`")
-                    || last.contains("but this configuration defines"))
+                && last.contains("finish it with `coord activate-current-config`")
             {
                 figures.rollbacks_finished_by_activate += 1;
                 rerun = vec![
@@ -474,30 +455,9 @@ async fn fault_suite() {
                 ];
             }
         }
-        // KNOWN ISSUE (issue 12, found by this suite; the fix belongs to
-        // src/activation/rebuild.rs): a rebuild killed after its swap
-        // committed and before it dropped `{schema}_old` leaves that schema,
-        // and every later rebuild fails on it ("schema ... already exists").
-        // Counted apart and repaired as its warning tells an operator (drop
-        // the schema by hand); remove this block once rebuild copes.
-        let leftover = format!("schema \"{}_old\" already exists", schema(&active));
-        if !done && step.args[0] == "rebuild" && last.contains(&leftover) {
-            figures.rebuild_leftover_old_schema += 1;
-            eprintln!("fault suite: seed {seed}, trial {trial}: KNOWN ISSUE: {last}");
-            client
-                .batch_execute(&format!("DROP SCHEMA {}_old CASCADE", schema(&active)))
-                .await
-                .unwrap();
-            let out = db.coord(&args);
-            done = out.status.success();
-            last = stderr(&out);
-        }
-        if !done && !long && figures.rollbacks_left_replaying > 0 {
-            // The short profile (scripts/test.sh) stops at this known issue
-            // instead of failing the gate; the long profile fails on it.
-            eprintln!("fault suite: seed {seed}, trial {trial}: KNOWN ISSUE left the rollback stuck: {last}; stopping");
-            break;
-        }
+        // A rebuild killed between its swap and the drop of `{schema}_old`
+        // leaves that schema: the re-run drops it first (it used to fail
+        // with "schema ... already exists"; tests/it/interrupted.rs).
         if !done {
             figures.stuck += 1;
             panic!(
@@ -569,9 +529,7 @@ async fn fault_suite() {
     eprintln!(
         "fault suite: seed {seed}, {} trials, {} kill -9, {} backend terminations ({} backends), \
          {} events acknowledged, {} refusals; lost {}, applied twice {}, stuck {}; \
-         {} interrupted rollbacks finished by activate-current-config as recommended; \
-         KNOWN ISSUES: {} rebuilds stuck on a killed rebuild's _old schema, \
-         {} rollbacks left replaying whose re-run refused; {:.0} s",
+         {} interrupted rollbacks finished by activate-current-config as recommended; {:.0} s",
         figures.trials,
         figures.kills,
         figures.terminations,
@@ -582,8 +540,6 @@ async fn fault_suite() {
         figures.applied_twice,
         figures.stuck,
         figures.rollbacks_finished_by_activate,
-        figures.rebuild_leftover_old_schema,
-        figures.rollbacks_left_replaying,
         started.elapsed().as_secs_f64()
     );
     assert!(

@@ -18,6 +18,7 @@ mod faults;
 mod faults_suite;
 mod gate;
 mod handler_errors;
+mod interrupted;
 mod migrate;
 mod park_slices;
 mod parking;
