@@ -434,3 +434,48 @@ async fn publish_reads_large_payloads_from_a_file_or_standard_input() {
     }
     assert_eq!(db.snapshot().await, before);
 }
+
+/// `coord replay` (and `coord catch-up`, the same call) ends, naming it,
+/// what a coord process of this host that no longer runs left open before
+/// it starts: here a transaction holding the projector's state row, which
+/// the replay's start must lock (without that, the replay waits for it
+/// as long as that session lives).
+#[tokio::test]
+async fn replay_ends_the_open_transaction_of_a_dead_coord_process_before_it_starts() {
+    let (db, mut client) = ledger_db(0.0, 100).await;
+    db.write_config("coord.toml", &ledger_toml("1.0.0", false));
+    assert_exit(&db.coord(&["activate-current-config"]), 0);
+    let name = format!("coord replay@{} pid {}", host_name(), dead_pid());
+    let mut config: tokio_postgres::Config = db.url.parse().unwrap();
+    config.application_name(&name);
+    let (orphan, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    orphan
+        .batch_execute(
+            "BEGIN; SELECT * FROM coord.projector_states WHERE name = 'ledger' FOR UPDATE",
+        )
+        .await
+        .unwrap();
+    db.write_config("v2.toml", &ledger_toml("2.0.0", false));
+    let mut child = db.spawn_coord(&["replay", "--config", "v2.toml"]);
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > DOES_NOT_HANG {
+            kill_9(&mut child);
+            panic!("coord replay waited behind the dead process's transaction");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_exit(&out, 0);
+    assert!(stderr(&out).contains(&name), "{}", stderr(&out));
+    assert!(
+        connection.await.unwrap().is_err(),
+        "the orphan was terminated"
+    );
+    drop(orphan);
+    assert_eq!(
+        differences(&mut client, &schema("2.0.0")).await,
+        Vec::<String>::new()
+    );
+}
