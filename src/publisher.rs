@@ -345,7 +345,10 @@ async fn wait_out_critical_section(
         wait.as_millis().max(1)
     ))
     .await?;
-    match tx.query_typed(WAIT_TYPE_KEYS, &[(&types, Type::TEXT_ARRAY)]).await {
+    match tx
+        .query_typed(WAIT_TYPE_KEYS, &[(&types, Type::TEXT_ARRAY)])
+        .await
+    {
         Ok(_) => {}
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {}
         Err(e) => return Err(e.into()),
