@@ -290,7 +290,10 @@ mod tests {
         // Each tuple: 2 + (4 + 8) + (4 + 10) = 28 bytes.
         let full = copy_data(&tuples);
         let mut data = full.clone();
-        assert_eq!(cut_copy(&mut data, 1 << 20, true).unwrap(), Some((4, Some(4))));
+        assert_eq!(
+            cut_copy(&mut data, 1 << 20, true).unwrap(),
+            Some((4, Some(4)))
+        );
         assert_eq!(data, full);
         let mut data = full.clone();
         assert_eq!(cut_copy(&mut data, 60, true).unwrap(), Some((2, Some(2))));
@@ -302,7 +305,10 @@ mod tests {
         let mut data = full[..30].to_vec();
         assert_eq!(cut_copy(&mut data, 1, false).unwrap(), None);
         let mut data = full[..19 + 8 + 28 * 2 + 5].to_vec();
-        assert_eq!(cut_copy(&mut data, 1 << 20, false).unwrap(), Some((2, Some(2))));
+        assert_eq!(
+            cut_copy(&mut data, 1 << 20, false).unwrap(),
+            Some((2, Some(2)))
+        );
         assert_eq!(walk_copy(&data, |_| Ok(())).unwrap(), 2);
         let mut data = full[..40].to_vec();
         assert!(cut_copy(&mut data, 1 << 20, true).is_err());

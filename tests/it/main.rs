@@ -17,6 +17,7 @@ mod contents;
 mod gate;
 mod handler_errors;
 mod migrate;
+mod park_named;
 mod park_slices;
 mod parking;
 mod privileges;
