@@ -3,6 +3,12 @@
 //! nowhere else.
 
 use std::fmt;
+use std::time::Duration;
+
+mod partial;
+mod sqlstate;
+
+pub use partial::Steps;
 
 /// Everything that can go wrong in coord.
 ///
@@ -124,6 +130,77 @@ pub enum Error {
         message: String,
     },
 
+    /// The `coord` schema is missing or older than this binary. Not
+    /// retryable; exit code 1.
+    #[error(
+        "the coord schema is missing or out of date in this database: run `coord migrate` first"
+    )]
+    NotMigrated,
+
+    /// The `coord` schema was migrated by a newer coord than this binary
+    /// (`database` and `binary` are the newest migrations each knows), so
+    /// this binary refuses to write. Not retryable; exit code 2.
+    #[error("the coord schema in this database is at V{database}, newer than this coord {} knows (up to V{binary}): refusing to write; upgrade coord (read-only commands such as status still work)", env!("CARGO_PKG_VERSION"))]
+    SchemaTooNew {
+        /// The newest migration applied to the database.
+        database: i32,
+        /// The newest migration this binary knows.
+        binary: i32,
+    },
+
+    /// Publishers could not be held back within the lock policy's deadline:
+    /// a long-running transaction holds the gate's locks. Nothing was
+    /// changed (`after` says what state was left). Retryable (later); exit
+    /// code 7.
+    #[error("could not {operation} within {deadline:?} ({attempts} attempts): a long-running transaction kept publishers from being held back{after}: retry later")]
+    LockDeadline {
+        /// What was being done (`activate balances@2.0.0`).
+        operation: String,
+        /// The lock policy's deadline.
+        deadline: Duration,
+        /// Attempts made.
+        attempts: u32,
+        /// What was left behind, as `; it is back to replaying`, or empty.
+        after: &'static str,
+    },
+
+    /// A `verify` assertion of a projector version did not hold; the active
+    /// version is untouched. Not retryable; exit code 1.
+    #[error("verify of {projector} failed: assertion {number} `{sql}` returned {outcome}; the active version is untouched")]
+    VerifyFailed {
+        /// `name@version`.
+        projector: String,
+        /// Which assertion (from 1).
+        number: usize,
+        /// Its SQL.
+        sql: String,
+        /// What it returned instead of true.
+        outcome: String,
+    },
+
+    /// The operation was cancelled (Ctrl-C); replays and catch-ups stopped
+    /// at a batch boundary with their checkpoints saved. Not retryable
+    /// (run the command again); exit code 1.
+    #[error("cancelled during {during}; its checkpoint is saved: run the command again to resume")]
+    Cancelled {
+        /// What was running (`the replay of balances@2.0.0`).
+        during: String,
+    },
+
+    /// A multi-step operation failed after completing some steps
+    /// (refinery's report): what completed, of how many, and the failure.
+    /// Retryable and exit code as the failure.
+    #[error("{steps}; {failed} failed")]
+    Partial {
+        /// The steps completed and their total.
+        steps: Steps,
+        /// The step that failed (`ledger@1.1.0`).
+        failed: String,
+        /// Why it failed.
+        #[source]
+        source: Box<Error>,
+    },
+
     /// A state does not allow the operation (a downgrade, a changed
     /// definition under the same version, nothing to roll back to...).
     /// Not retryable; exit code 2.
@@ -168,7 +245,9 @@ impl Error {
     /// Whether trying the same thing again later may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
+            Error::Partial { source, .. } => source.is_retryable(),
             Error::ProjectorIsActivating { .. }
+            | Error::LockDeadline { .. }
             | Error::Busy(_)
             | Error::Timeout(_)
             | Error::StreamVersionConflict { .. }
@@ -187,22 +266,35 @@ impl Error {
     /// The `coord` binary's exit code for this error (DESIGN.md).
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Config(_) | Error::InvalidInput(_) | Error::Refused(_) => 2,
+            Error::Partial { source, .. } => source.exit_code(),
+            Error::Config(_)
+            | Error::InvalidInput(_)
+            | Error::Refused(_)
+            | Error::SchemaTooNew { .. } => 2,
             Error::NewerProjectorIsActive { .. } => 3,
             Error::ProjectorNotYetActive { .. } => 4,
             Error::ProjectorIsActivating { .. } => 5,
             Error::UnknownProjectorActive { .. } => 6,
-            Error::Busy(_) => 7,
+            Error::Busy(_) | Error::LockDeadline { .. } => 7,
             Error::Timeout(_) => 8,
             Error::ProjectorDefinitionMismatch { .. } => 9,
             _ => 1,
         }
     }
 
+    /// The error that stopped the operation: the failure inside a
+    /// [`Error::Partial`], else this error itself.
+    pub fn failure(&self) -> &Error {
+        match self {
+            Error::Partial { source, .. } => source.failure(),
+            other => other,
+        }
+    }
+
     /// Whether this is one of the five gate refusals.
     pub fn is_gate_refusal(&self) -> bool {
         matches!(
-            self,
+            self.failure(),
             Error::NewerProjectorIsActive { .. }
                 | Error::ProjectorDefinitionMismatch { .. }
                 | Error::ProjectorNotYetActive { .. }
@@ -215,6 +307,7 @@ impl Error {
     /// a stream version conflict.
     pub fn sqlstate(&self) -> Option<&'static str> {
         match self {
+            Error::Partial { source, .. } => source.sqlstate(),
             Error::NewerProjectorIsActive { .. } => Some("CO001"),
             Error::ProjectorNotYetActive { .. } => Some("CO002"),
             Error::ProjectorIsActivating { .. } => Some("CO003"),
@@ -222,65 +315,6 @@ impl Error {
             Error::ProjectorDefinitionMismatch { .. } => Some("CO005"),
             Error::StreamVersionConflict { .. } => Some("CO006"),
             _ => None,
-        }
-    }
-}
-
-impl From<tokio_postgres::Error> for Error {
-    /// Turns coord's SQLSTATEs `CO001`..`CO006` into typed errors; every
-    /// other database error stays [`Error::Db`].
-    fn from(e: tokio_postgres::Error) -> Self {
-        let Some(db) = e.as_db_error() else {
-            return Error::Db(e);
-        };
-        let code = db.code().code();
-        if !code.starts_with("CO") {
-            return Error::Db(e);
-        }
-        let detail: serde_json::Value = db
-            .detail()
-            .and_then(|d| serde_json::from_str(d).ok())
-            .unwrap_or_default();
-        let field = |key: &str| {
-            detail
-                .get(key)
-                .and_then(|v| v.as_str())
-                .unwrap_or("")
-                .to_owned()
-        };
-        let number = |key: &str| detail.get(key).and_then(|v| v.as_i64()).unwrap_or(-1);
-        match code {
-            "CO001" => Error::NewerProjectorIsActive {
-                projector: field("projector"),
-                running: field("running"),
-                active: field("active"),
-            },
-            "CO002" => Error::ProjectorNotYetActive {
-                projector: field("projector"),
-                running: field("running"),
-                active: field("active"),
-            },
-            "CO003" => Error::ProjectorIsActivating {
-                projector: field("projector"),
-                running: field("running"),
-                activating: field("activating"),
-            },
-            "CO004" => Error::UnknownProjectorActive {
-                projector: field("projector"),
-                active: field("active"),
-            },
-            "CO005" => Error::ProjectorDefinitionMismatch {
-                projector: field("projector"),
-                running: field("running"),
-                fingerprint: field("fingerprint"),
-                active_fingerprint: field("active_fingerprint"),
-            },
-            "CO006" => Error::StreamVersionConflict {
-                stream: field("stream"),
-                expected: number("expected"),
-                actual: number("actual"),
-            },
-            _ => Error::Db(e),
         }
     }
 }

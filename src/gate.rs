@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::types::Type;
 use tokio_postgres::{GenericClient, Transaction};
 
+use crate::locks::key;
 use crate::names::quote_literal;
 use crate::{Error, Result};
 
@@ -49,13 +50,23 @@ const GATE: &str = "SELECT coord.gate_inline($1::jsonb, $2::text[])";
 fn hold_back_sql(event_types: &[String]) -> String {
     let types: Vec<String> = event_types.iter().map(|t| quote_literal(t)).collect();
     format!(
-        "SELECT count(pg_advisory_xact_lock(1668247410, h)) FROM (SELECT DISTINCT hashtext(t) AS h \
-         FROM unnest(ARRAY[{}]::text[]) AS t ORDER BY 1) AS keys; \
-         SELECT pg_advisory_xact_lock(1668247411, 1)",
+        concat!(
+            "SELECT count(pg_advisory_xact_lock(",
+            key!(gate_event_type),
+            ", h)) FROM (SELECT DISTINCT hashtext(t) AS h \
+             FROM unnest(ARRAY[{}]::text[]) AS t ORDER BY 1) AS keys; \
+             SELECT pg_advisory_xact_lock(",
+            key!(gate_publishers),
+            ", 1)"
+        ),
         types.join(", ")
     )
 }
-const LOCK_GLOBAL_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock(1668247411, 0)";
+const LOCK_GLOBAL_EXCLUSIVE: &str = concat!(
+    "SELECT pg_advisory_xact_lock(",
+    key!(gate_publishers),
+    ", 0)"
+);
 
 /// How long each lock wait may last before it is abandoned and retried, and
 /// how long to keep retrying.
@@ -66,7 +77,7 @@ pub struct LockPolicy {
     pub attempt_timeout: Duration,
     /// Pause between attempts, letting queued publishers through.
     pub pause: Duration,
-    /// Give up with [`Error::Busy`] after this long.
+    /// Give up with [`Error::LockDeadline`] after this long.
     pub deadline: Duration,
 }
 
@@ -85,7 +96,7 @@ impl Default for LockPolicy {
 /// for the ones in flight to finish.
 ///
 /// # Errors
-/// [`Error::Busy`] when the deadline passes; database errors.
+/// [`Error::LockDeadline`] when the deadline passes; database errors.
 pub async fn hold_back_publishers(
     tx: &mut Transaction<'_>,
     event_types: &[String],
@@ -105,7 +116,7 @@ pub async fn hold_back_publishers(
 /// only for the flip of `active_version`.
 ///
 /// # Errors
-/// [`Error::Busy`] when the deadline passes; database errors.
+/// [`Error::LockDeadline`] when the deadline passes; database errors.
 pub async fn drain_all_publishers(tx: &mut Transaction<'_>, policy: LockPolicy) -> Result<()> {
     with_bounded_waits(tx, policy, "all publishers", LOCK_GLOBAL_EXCLUSIVE).await
 }
@@ -188,11 +199,12 @@ async fn with_bounded_waits(
             }
             Ok(false) => {
                 if started.elapsed() >= policy.deadline {
-                    return Err(Error::Busy(format!(
-                        "could not hold back {what} within {:?} ({attempts} attempts): a long-running \
-                         transaction holds them; retry later",
-                        policy.deadline
-                    )));
+                    return Err(Error::LockDeadline {
+                        operation: format!("hold back {what}"),
+                        deadline: policy.deadline,
+                        attempts,
+                        after: "",
+                    });
                 }
                 tokio::time::sleep(policy.pause).await;
             }

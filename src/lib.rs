@@ -12,7 +12,10 @@
 //!   ([`schema_name`]), so N and N+1 live side by side.
 //! * [`replay`] builds a projector version's tables from the event store in
 //!   batches with a durable checkpoint, and drops a replay ([`abort()`]).
-//! * [`status()`] reports what every projector is doing.
+//! * [`status()`] reports what every projector is doing; [`records`] reads
+//!   coord's own tables (states, versions, transitions, parked events).
+//! * [`activation`] activates, retires, rolls back and rebuilds versions,
+//!   recording each change with the [`Actor`] that made it.
 //!
 //! ```no_run
 //! # async fn demo() -> coord::Result<()> {
@@ -45,11 +48,14 @@ mod error;
 mod event_relation;
 mod event_store;
 pub mod gate;
+#[doc(hidden)]
+pub mod locks;
 mod migrate;
 pub mod names;
 pub mod privileges;
 pub mod projector;
 mod publisher;
+pub mod records;
 pub mod replay;
 mod runner;
 pub mod schema_drop;
@@ -57,14 +63,19 @@ pub mod schema_drop;
 pub mod serve;
 mod sql_check;
 mod status;
-pub mod store;
+// Private: everything outside the crate goes through [`records`],
+// [`Actor`], [`ensure_migrated`] and the operations.
+pub(crate) mod store;
 mod tls;
 mod url_redact;
 
 pub use config::{resolve_database_url, Config, DatabaseUrl, Mode, OnError, ProjectorConfig};
 pub use db::{connect, pool, with_connect_timeout};
-pub use error::{ConfigError, Error, Result};
+pub use error::{ConfigError, Error, Result, Steps};
 pub use event_relation::{check_event_store, EVENT_COLUMNS};
+/// A pass's query, for tests that inspect its plan (tests/it/replay.rs).
+#[doc(hidden)]
+pub use event_store::PassQuery;
 pub use migrate::{ensure_writable, known_schema_version, migrate, MigrationReport};
 pub use names::{
     check_event_type, quote_ident, quote_literal, schema_name, ProjectorName, RelationName,
@@ -83,3 +94,4 @@ pub use runner::run_projectors as run_async_projectors;
 pub use runner::{run_projectors, RunOptions, RunnerExit};
 pub use schema_drop::Dependents;
 pub use status::{status, ProjectorStatus, StatusReport, VersionStatusReport};
+pub use store::{ensure_migrated, Actor};

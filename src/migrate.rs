@@ -3,6 +3,7 @@
 
 use tokio_postgres::{Client, GenericClient};
 
+use crate::locks::key;
 use crate::{Error, Result};
 
 mod embedded {
@@ -13,8 +14,8 @@ mod embedded {
 /// leaves nothing outside it.
 const HISTORY_TABLE: &str = "coord.schema_history";
 /// Session advisory lock held while migrating.
-const MIGRATE_LOCK: &str = "SELECT pg_advisory_lock(1668247412, 0)";
-const MIGRATE_UNLOCK: &str = "SELECT pg_advisory_unlock(1668247412, 0)";
+const MIGRATE_LOCK: &str = concat!("SELECT pg_advisory_lock(", key!(migrate), ", 0)");
+const MIGRATE_UNLOCK: &str = concat!("SELECT pg_advisory_unlock(", key!(migrate), ", 0)");
 
 /// What [`migrate`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -129,8 +130,8 @@ pub(crate) async fn warn_if_newer(client: &impl GenericClient) -> Result<()> {
 /// could break invariants the newer schema relies on.
 ///
 /// # Errors
-/// [`Error::Refused`] (exit code 2) naming both schema versions;
-/// [`Error::Failed`] when `coord migrate` has not run; database errors.
+/// [`Error::SchemaTooNew`] (exit code 2) naming both schema versions;
+/// [`Error::NotMigrated`] when `coord migrate` has not run; database errors.
 pub async fn ensure_writable(client: &impl GenericClient) -> Result<()> {
     refuse_if_newer(client).await?;
     crate::store::ensure_migrated(client).await
@@ -139,12 +140,9 @@ pub async fn ensure_writable(client: &impl GenericClient) -> Result<()> {
 async fn refuse_if_newer(client: &impl GenericClient) -> Result<()> {
     match newer_schema(client).await? {
         None => Ok(()),
-        Some(newer) => Err(Error::Refused(format!(
-            "the coord schema in this database is at V{}, newer than this coord {} knows (up to V{}): \
-             refusing to write; upgrade coord (read-only commands such as status still work)",
-            newer.database,
-            env!("CARGO_PKG_VERSION"),
-            newer.binary
-        ))),
+        Some(newer) => Err(Error::SchemaTooNew {
+            database: newer.database,
+            binary: newer.binary,
+        }),
     }
 }

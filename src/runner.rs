@@ -16,13 +16,18 @@ use semver::Version;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseUrl;
+use crate::locks::key;
 use crate::names::RelationName;
 use crate::projector::{Projector, ProjectorExt, ProjectorSet};
 use crate::replay::{catch_up, ReplayOptions};
 use crate::store::states;
 use crate::{Error, Result};
 
-const TRY_LEAD: &str = "SELECT pg_try_advisory_lock(1668247414, hashtext($1))";
+const TRY_LEAD: &str = concat!(
+    "SELECT pg_try_advisory_lock(",
+    key!(runner_leader),
+    ", hashtext($1))"
+);
 
 /// How [`run_projectors`] runs.
 #[derive(Clone, Debug)]

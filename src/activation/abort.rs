@@ -5,15 +5,21 @@
 
 use tokio_postgres::Client;
 
-use super::switch::activating_to_replaying;
+use super::critical::back_to_replaying;
+use crate::locks::key;
 use crate::replay::{abort_in, AbortReport};
 use crate::schema_drop::Dependents;
+use crate::store::versions::VersionStatus;
 use crate::store::{states, Actor};
 use crate::{Error, Result};
 
 /// Held by a running `activate-current-config`, `rollback` or `rebuild`
 /// (session level); a transaction-level try on the same key fails while one runs.
-const TRY_ACTIVATION_LOCK: &str = "SELECT pg_try_advisory_xact_lock(1668247413, 0)";
+const TRY_ACTIVATION_LOCK: &str = concat!(
+    "SELECT pg_try_advisory_xact_lock(",
+    key!(activation),
+    ", 0)"
+);
 
 /// Drops projector `name`'s version in progress, in one transaction: a
 /// replay (as [`crate::abort_with`]) or an activation that was interrupted
@@ -46,10 +52,11 @@ pub async fn abort_projector(
                      wait for it to finish (`coord status`), or stop that process and run `coord abort --projector {name}` again"
                 )));
             }
-            activating_to_replaying(
+            back_to_replaying(
                 &tx,
-                &state,
+                name,
                 version,
+                VersionStatus::Activating,
                 actor,
                 "interrupted activation backed out by coord abort",
             )

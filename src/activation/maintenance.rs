@@ -54,8 +54,8 @@ pub async fn prune(
             actor,
             &v.name,
             Some(&v.version),
-            Some(v.status.as_str()),
-            "pruned",
+            Some(v.status),
+            VersionStatus::Pruned,
             None,
         )
         .await?;

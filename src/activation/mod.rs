@@ -3,11 +3,13 @@
 //! changes which version of a projector is active.
 
 mod abort;
+mod critical;
 mod lock;
 mod maintenance;
 mod plan;
 mod rebuild;
 mod run;
+mod steps;
 mod switch;
 
 pub use abort::abort_projector;

@@ -9,7 +9,7 @@ use tokio_postgres::GenericClient;
 use crate::names::RelationName;
 use crate::projector::{ProjectorExt, ProjectorSet};
 use crate::store::versions::{self, VersionRecord, VersionStatus};
-use crate::store::{self, checkpoint, states};
+use crate::store::{self, states};
 use crate::Result;
 
 /// What will happen to one projector.
@@ -103,8 +103,6 @@ impl Plan {
     }
 }
 
-const COUNT_HANDLED: &str = "SELECT count(*) FROM {events} WHERE event_type = ANY($1)";
-
 /// Computes the plan. Reads only.
 ///
 /// # Errors
@@ -152,7 +150,7 @@ pub async fn plan(
         }
         step.events_to_process = match &step.action {
             Action::Bootstrap | Action::Replay { .. } => {
-                count_handled(client, event_store, &p.event_types()).await?
+                crate::event_store::count_handled(client, event_store, &p.event_types()).await?
             }
             // An unchanged active version still catches up what bypassed its
             // publishers (SQL inserts, imports).
@@ -160,7 +158,8 @@ pub async fn plan(
             | Action::ResumeReplay
             | Action::ResumeActivation
             | Action::Reactivate { .. } => {
-                checkpoint::pending(client, name, &version, &p.event_types(), event_store).await?
+                crate::event_store::pending(client, name, &version, &p.event_types(), event_store)
+                    .await?
             }
             _ => 0,
         };
@@ -186,15 +185,6 @@ pub async fn plan(
         }
     }
     Ok(Plan { steps })
-}
-
-async fn count_handled(
-    client: &impl GenericClient,
-    event_store: &RelationName,
-    types: &[String],
-) -> Result<i64> {
-    let sql = COUNT_HANDLED.replace("{events}", &event_store.quoted());
-    Ok(client.query_one(&sql, &[&types]).await?.try_get(0)?)
 }
 
 fn decide(

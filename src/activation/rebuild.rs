@@ -13,17 +13,17 @@ use semver::{BuildMetadata, Version};
 use tokio_postgres::Transaction;
 use tokio_util::sync::CancellationToken;
 
-use super::lock::ActivationLock;
+use super::critical::{critical_section, Change};
 use super::run::{verify, ActivateOptions, StepReport};
+use super::steps::lock_and_check;
 use super::switch::SwitchReport;
 use crate::config::{DatabaseUrl, Mode, OnError};
-use crate::gate;
-use crate::names::{quote_ident, ProjectorName, RelationName};
+use crate::names::{ProjectorName, RelationName};
 use crate::projector::{ApplyContext, Event, HandlerError, Projector, ProjectorExt};
 use crate::replay;
 use crate::schema_drop::{drop_schemas, ensure_droppable, Dependents};
-use crate::store::versions::{self, VersionStatus};
-use crate::store::{checkpoint, history, states, Actor};
+use crate::store::versions;
+use crate::store::{states, Actor};
 use crate::{Error, Result};
 
 /// The projector under its shadow version: same definition, own schema.
@@ -71,6 +71,15 @@ impl Projector for Shadow {
     fn fingerprint(&self) -> String {
         self.inner.fingerprint()
     }
+    fn replay_reads_payload(&self) -> bool {
+        self.inner.replay_reads_payload()
+    }
+    fn handler_sql(&self) -> Option<std::collections::BTreeMap<String, String>> {
+        self.inner.handler_sql()
+    }
+    fn stored_definition(&self) -> Option<serde_json::Value> {
+        self.inner.stored_definition()
+    }
     async fn apply(
         &self,
         tx: &Transaction<'_>,
@@ -86,8 +95,8 @@ impl Projector for Shadow {
 ///
 /// # Errors
 /// [`Error::Refused`] when `projector`'s version is not the active one or its
-/// definition differs from the active one's; [`Error::Busy`] for the
-/// activation lock or the critical section's deadline; handler, verify and
+/// definition differs from the active one's; [`Error::Busy`] for the activation lock, [`Error::LockDeadline`] for
+/// the critical section's deadline; handler, verify and
 /// database errors.
 #[tracing::instrument(skip_all, fields(projector.name = %projector.name()), err(level = "debug"))]
 pub async fn rebuild(
@@ -101,11 +110,8 @@ pub async fn rebuild(
 ) -> Result<StepReport> {
     let name = projector.name().as_str();
     let version = projector.version().to_string();
-    let lock = ActivationLock::acquire(url, actor, options.lock_wait).await?;
+    let (lock, client) = lock_and_check(pool, url, event_store, options, actor).await?;
     {
-        let client = pool.get().await?;
-        crate::migrate::ensure_writable(&**client).await?;
-        crate::event_relation::check_event_store(&**client, event_store).await?;
         let active = states::get(&**client, name, false)
             .await?
             .and_then(|s| s.active_version);
@@ -133,6 +139,7 @@ pub async fn rebuild(
         )
         .await?;
     }
+    drop(client); // back to the pool for the replay
     let shadow = Shadow::of(projector.clone());
     let started = Instant::now();
     let mut applied = 0;
@@ -146,10 +153,9 @@ pub async fn rebuild(
         .await?
         .applied;
     if cancel.is_cancelled() {
-        return Err(Error::Failed(format!(
-            "cancelled during the rebuild of {}; run it again to resume",
-            projector.label()
-        )));
+        return Err(Error::Cancelled {
+            during: format!("the rebuild of {}", projector.label()),
+        });
     }
     verify(pool, &shadow).await?;
     options_replay.lag_threshold = 1;
@@ -162,42 +168,26 @@ pub async fn rebuild(
     let critical = Instant::now();
     let live = projector.schema();
     let retired = format!("{}_old", &live[..live.len().min(59)]);
-    let mut pooled = pool.get().await?;
-    let client: &mut tokio_postgres::Client = &mut pooled;
-    let mut tx = client.transaction().await?;
-    gate::hold_back_publishers(&mut tx, &projector.event_types(), options.locks).await?;
-    let final_events = replay::pass_in_transaction(&tx, &shadow, event_store).await?;
-    gate::drain_all_publishers(&mut tx, options.locks).await?;
-    tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = '{}ms'; ALTER SCHEMA {} RENAME TO {}; ALTER SCHEMA {} RENAME TO {}; SET LOCAL lock_timeout = 0",
-        options.locks.deadline.as_millis().max(1),
-        quote_ident(&live),
-        quote_ident(&retired),
-        quote_ident(&shadow.schema()),
-        quote_ident(&live),
-    ))
-    .await?;
-    // The active version inherits the shadow's checkpoint (async versions
-    // are followed from it); the shadow's registration goes.
-    checkpoint::adopt(&tx, name, &shadow.version.to_string(), &version).await?;
-    versions::delete(&tx, name, &shadow.version.to_string()).await?;
-    states::put(&tx, name, Some(&version), None, None).await?;
-    versions::set_status(&tx, name, &version, VersionStatus::Active).await?;
-    history::record(
-        &tx,
+    let change = Change::Rebuild {
+        projector: projector.as_ref(),
+        shadow: &shadow,
+        retired_schema: &retired,
+        rename_timeout: options.locks.deadline,
+    };
+    let (final_events, _) = critical_section(
+        pool,
+        &change,
+        event_store,
+        options.locks,
         actor,
-        name,
-        Some(&version),
-        Some("active"),
-        "active",
-        Some("rebuilt in place"),
+        Some(&lock),
     )
     .await?;
-    tx.commit().await?;
     let critical_ms = critical.elapsed().as_secs_f64() * 1e3;
 
     // Outside the critical section: readers of the old tables may hold locks.
-    drop_old_tables(client, &retired, options.dependents).await;
+    let mut pooled = pool.get().await?;
+    drop_old_tables(&mut pooled, &retired, options.dependents).await;
     lock.release().await?;
     Ok(StepReport {
         projector: name.to_owned(),

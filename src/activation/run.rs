@@ -8,16 +8,20 @@ use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
 
 use super::lock::ActivationLock;
-use super::plan::{plan, Action, Plan};
-use super::switch::{activate_version_fenced, retire_fenced, SwitchReport};
+use super::plan::{plan, Plan};
+use super::steps::{
+    linked, lock_and_check, mark_replaying, run_step, verify_and_activate, StepContext,
+};
+use super::switch::SwitchReport;
 use crate::config::DatabaseUrl;
 use crate::gate::LockPolicy;
-use crate::names::{quote_ident, RelationName};
+use crate::names::RelationName;
 use crate::projector::{Projector, ProjectorExt, ProjectorSet};
 use crate::replay::{self, ReplayOptions};
+use crate::store::states;
 use crate::store::versions::{self, VersionStatus};
-use crate::store::{history, states, Actor};
-use crate::{Error, Result};
+use crate::store::Actor;
+use crate::{Error, Result, Steps};
 
 /// How `activate-current-config` and `rollback` run.
 #[derive(Clone, Debug)]
@@ -83,7 +87,8 @@ pub struct ActivationReport {
 /// # Errors
 /// [`Error::Refused`] (nothing changed) when the plan refuses a projector
 /// (changed definition, downgrade) or `no_replay` forbids a replay;
-/// [`Error::Busy`] for the lock; [`Error::Failed`] when a `verify` assertion
+/// [`Error::Busy`] for the lock; [`Error::LockDeadline`] when publishers
+/// could not be held back in time; [`Error::VerifyFailed`] when a `verify` assertion
 /// fails (the active version is untouched); handler and database errors.
 #[tracing::instrument(skip_all, err(level = "debug"))]
 pub async fn activate_current_config(
@@ -133,239 +138,41 @@ pub async fn activate_current_config(
         tracing::info!(projector = %step.projector, version = %report.version, "abandoned replay");
     }
 
+    let mut progress = Steps::new("completed", "steps", plan.steps.len());
     for step in &plan.steps {
-        let report = match &step.action {
-            Action::Refuse { .. } => continue,
-            Action::NoChange => {
-                // The active version may still lack events that bypassed
-                // its publishers (SQL inserts, bulk imports): bring it up to date.
-                let Some(projector) = projectors.get(&step.projector) else {
-                    continue;
-                };
-                // Nothing pending: write nothing, so a second run stays a no-op.
-                let pending = {
-                    let client = pool.get().await?;
-                    crate::store::checkpoint::pending(
-                        &**client,
-                        projector.name().as_str(),
-                        &projector.version().to_string(),
-                        &projector.event_types(),
-                        event_store,
-                    )
-                    .await?
-                };
-                if pending == 0 {
-                    continue;
-                }
-                let started = Instant::now();
-                let caught = replay::catch_up(
-                    pool,
-                    projector.as_ref(),
-                    event_store,
-                    &options.replay,
-                    cancel,
-                )
-                .await?;
-                if caught.applied == 0 && caught.parked == 0 {
-                    continue;
-                }
-                StepReport {
-                    projector: step.projector.clone(),
-                    version: step.version.clone(),
-                    action: "catch_up".into(),
-                    replayed_events: caught.applied,
-                    replay_seconds: started.elapsed().as_secs_f64(),
-                    switch: None,
-                }
-            }
-            Action::Retire { .. } => StepReport {
-                projector: step.projector.clone(),
-                version: None,
-                action: "retire".into(),
-                replayed_events: 0,
-                replay_seconds: 0.0,
-                switch: Some(
-                    retire_fenced(pool, &step.projector, options.locks, actor, Some(&lock)).await?,
-                ),
-            },
-            action => {
-                let projector = projectors.get(&step.projector).ok_or_else(|| {
-                    Error::Failed(format!(
-                        "projector {} vanished from the set",
-                        step.projector
-                    ))
-                })?;
-                let started = Instant::now();
-                match action {
-                    Action::Reactivate { .. } => {
-                        mark_replaying(
-                            pool,
-                            projector.as_ref(),
-                            actor,
-                            "catching up to re-activate",
-                            &lock,
-                        )
-                        .await?
-                    }
-                    Action::ResumeActivation => {
-                        mark_replaying(
-                            pool,
-                            projector.as_ref(),
-                            actor,
-                            "resuming an interrupted activation",
-                            &lock,
-                        )
-                        .await?
-                    }
-                    _ => {}
-                }
-                let replayed =
-                    build(pool, projector, event_store, &options.replay, actor, cancel).await;
-                if lock.lost().is_cancelled() {
-                    return Err(lock.lost_error(&format!("the replay of {}", projector.label())));
-                }
-                let replayed = replayed?;
-                if cancel.is_cancelled() {
-                    return Err(Error::Failed(format!(
-                        "cancelled during the replay of {}; its checkpoint is saved: run the command again to resume",
-                        projector.label()
-                    )));
-                }
-                verify(pool, projector.as_ref()).await?;
-                // A last catch-up outside the critical section keeps what it
-                // must apply, with publishers held back, small.
-                let last = ReplayOptions {
-                    lag_threshold: 1,
-                    max_passes: 3,
-                    count_total: false,
-                    progress: None,
-                    ..options.replay.clone()
-                };
-                let extra =
-                    replay::catch_up(pool, projector.as_ref(), event_store, &last, cancel).await;
-                if lock.lost().is_cancelled() {
-                    return Err(lock.lost_error(&format!("the catch-up of {}", projector.label())));
-                }
-                let extra = extra?;
-                let replay_seconds = started.elapsed().as_secs_f64();
-                let switch = activate_version_fenced(
-                    pool,
-                    projector.as_ref(),
-                    event_store,
-                    options.locks,
-                    actor,
-                    Some(&lock),
-                )
-                .await?;
-                StepReport {
-                    projector: step.projector.clone(),
-                    version: step.version.clone(),
-                    action: action_name(action).into(),
-                    replayed_events: replayed + extra.applied,
-                    replay_seconds,
-                    switch: Some(switch),
-                }
-            }
+        let label = format!(
+            "{}@{}",
+            step.projector,
+            step.version.as_deref().unwrap_or("-")
+        );
+        let context = StepContext {
+            pool,
+            projectors,
+            event_store,
+            options,
+            actor,
+            cancel,
+            lock: &lock,
         };
-        steps.push(report);
+        match run_step(&context, step).await {
+            Ok(Some(report)) => {
+                progress.done(format!("{label}: {}", report.action));
+                steps.push(report);
+            }
+            Ok(None) => {}
+            // What completed before stays done: say so (refinery's report).
+            Err(e) => return Err(progress.failed(label, e, true)),
+        }
     }
     lock.release().await?;
     Ok(ActivationReport { plan, steps })
-}
-
-/// A token cancelled when `cancel` is or when `lost` is (the activation lock's connection ended).
-fn linked(cancel: &CancellationToken, lost: &CancellationToken) -> CancellationToken {
-    let linked = cancel.child_token();
-    let (lost, trigger) = (lost.clone(), linked.clone());
-    tokio::spawn(async move {
-        tokio::select! {
-            () = lost.cancelled() => trigger.cancel(),
-            () = trigger.cancelled() => {}
-        }
-    });
-    linked
-}
-
-fn action_name(action: &Action) -> &'static str {
-    match action {
-        Action::NoChange => "no_change",
-        Action::Bootstrap => "bootstrap",
-        Action::Replay { .. } => "replay",
-        Action::ResumeReplay => "resume_replay",
-        Action::ResumeActivation => "resume_activation",
-        Action::Reactivate { .. } => "reactivate",
-        Action::Retire { .. } => "retire",
-        Action::Refuse { .. } => "refuse",
-    }
-}
-
-/// Registers (or resumes) the replay and catches it up; returns events applied.
-async fn build(
-    pool: &Pool,
-    projector: &Arc<dyn Projector>,
-    event_store: &RelationName,
-    options: &ReplayOptions,
-    actor: &Actor,
-    cancel: &CancellationToken,
-) -> Result<u64> {
-    let outcomes = replay::replay_many(
-        pool,
-        std::slice::from_ref(projector),
-        event_store,
-        options,
-        actor,
-        cancel,
-    )
-    .await;
-    let mut applied = 0;
-    for outcome in outcomes {
-        let done = outcome.result?;
-        applied += done.catch_up.map_or(0, |c| c.applied);
-    }
-    Ok(applied)
-}
-
-/// Puts a retired (or interrupted activating) version back to replaying so
-/// it can be caught up and activated.
-async fn mark_replaying(
-    pool: &Pool,
-    projector: &dyn Projector,
-    actor: &Actor,
-    why: &str,
-    lock: &ActivationLock,
-) -> Result<()> {
-    let name = projector.name().as_str();
-    let version = projector.version().to_string();
-    let mut pooled = pool.get().await?;
-    let client: &mut tokio_postgres::Client = &mut pooled;
-    let tx = client.transaction().await?;
-    lock.fence(&tx, why).await?;
-    let state = states::get(&tx, name, true).await?;
-    let active = state.as_ref().and_then(|s| s.active_version.clone());
-    let record = versions::get(&tx, name, &version)
-        .await?
-        .ok_or_else(|| Error::Refused(format!("{} was never built", projector.label())))?;
-    states::put(&tx, name, active.as_deref(), None, Some(&version)).await?;
-    versions::set_status(&tx, name, &version, VersionStatus::Replaying).await?;
-    history::record(
-        &tx,
-        actor,
-        name,
-        Some(&version),
-        Some(record.status.as_str()),
-        "replaying",
-        Some(why),
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(())
 }
 
 /// Runs `projector`'s `verify` assertions against its version's tables; each
 /// must return true.
 ///
 /// # Errors
-/// [`Error::Failed`] naming the assertion and what it returned.
+/// [`Error::VerifyFailed`] naming the assertion and what it returned.
 pub async fn verify(pool: &Pool, projector: &dyn Projector) -> Result<()> {
     let assertions = projector.verify();
     if assertions.is_empty() {
@@ -374,11 +181,7 @@ pub async fn verify(pool: &Pool, projector: &dyn Projector) -> Result<()> {
     let mut pooled = pool.get().await?;
     let client: &mut tokio_postgres::Client = &mut pooled;
     let tx = client.build_transaction().read_only(true).start().await?;
-    tx.query_one(
-        "SELECT set_config('search_path', $1, true)",
-        &[&quote_ident(&projector.schema())],
-    )
-    .await?;
+    crate::projector::set_search_path(&tx, &projector.schema()).await?;
     for (i, sql) in assertions.iter().enumerate() {
         let outcome = match tx.query_opt(sql.as_str(), &[]).await {
             Ok(Some(row)) => match row.try_get::<_, Option<bool>>(0) {
@@ -393,11 +196,12 @@ pub async fn verify(pool: &Pool, projector: &dyn Projector) -> Result<()> {
                 None => format!("an error: {e}"),
             },
         };
-        return Err(Error::Failed(format!(
-            "verify of {} failed: assertion {} `{sql}` returned {outcome}; the active version is untouched",
-            projector.label(),
-            i + 1
-        )));
+        return Err(Error::VerifyFailed {
+            projector: projector.label(),
+            number: i + 1,
+            sql: sql.clone(),
+            outcome,
+        });
     }
     tx.rollback().await?;
     Ok(())
@@ -422,12 +226,9 @@ pub async fn rollback(
     cancel: &CancellationToken,
 ) -> Result<StepReport> {
     let name = projector.name().as_str();
-    let lock = ActivationLock::acquire(url, actor, options.lock_wait).await?;
+    let (lock, client) = lock_and_check(pool, url, event_store, options, actor).await?;
     let cancel = &linked(cancel, lock.lost());
     let (active, target) = {
-        let client = pool.get().await?;
-        crate::migrate::ensure_writable(&**client).await?;
-        crate::event_relation::check_event_store(&**client, event_store).await?;
         let state = states::get(&**client, name, false).await?;
         if let Some(activating) = state.as_ref().and_then(|s| s.activating_version.clone()) {
             return Err(Error::Refused(format!(
@@ -444,6 +245,7 @@ pub async fn rollback(
             .max_by(|a, b| a.retired_at.cmp(&b.retired_at));
         (active, target)
     };
+    drop(client); // back to the pool for the catch-up
     let Some(target) = target else {
         return Err(Error::Refused(format!(
             "projector {name} has no retired version to roll back to"
@@ -484,23 +286,23 @@ pub async fn rollback(
         return Err(lock.lost_error(&format!("the catch-up of {}", projector.label())));
     }
     let caught = caught?;
-    verify(pool, projector.as_ref()).await?;
-    let replay_seconds = started.elapsed().as_secs_f64();
-    let switch = activate_version_fenced(
+    let context = StepContext {
         pool,
-        projector.as_ref(),
+        projectors: &ProjectorSet::default(),
         event_store,
-        options.locks,
+        options,
         actor,
-        Some(&lock),
-    )
-    .await?;
+        cancel,
+        lock: &lock,
+    };
+    let (extra, replay_seconds, switch) =
+        verify_and_activate(&context, projector.as_ref(), started).await?;
     lock.release().await?;
     Ok(StepReport {
         projector: name.to_owned(),
         version: Some(wanted),
         action: "rollback".into(),
-        replayed_events: caught.applied,
+        replayed_events: caught.applied + extra,
         replay_seconds,
         switch: Some(switch),
     })

@@ -1,19 +1,17 @@
-//! The critical section: flipping `active_version` (activate, retire) with
-//! publishers of the affected event types held back for milliseconds
-//! (docs/decisions/0003-gate-locks.md). The only code that changes which
-//! version is active. Callers hold the [`super::ActivationLock`].
+//! Activating a version and retiring a projector: the reads and the
+//! "activating" step around the [`super::critical`] section, which makes
+//! the change. Callers hold the [`super::ActivationLock`].
 
 use std::time::Instant;
 
 use deadpool_postgres::Pool;
-use tokio_postgres::Transaction;
 
+use super::critical::{back_to_replaying, critical_section, Change};
 use super::lock::{fence, ActivationLock};
-use crate::gate::{self, LockPolicy};
+use crate::gate::LockPolicy;
 use crate::names::RelationName;
 use crate::projector::{Projector, ProjectorExt};
-use crate::replay;
-use crate::store::versions::{self, VersionRecord, VersionStatus};
+use crate::store::versions::{self, VersionStatus};
 use crate::store::{history, states, Actor};
 use crate::{Error, Result};
 
@@ -49,7 +47,7 @@ pub struct SwitchReport {
 /// publisher queues behind it for longer than one attempt.
 ///
 /// # Errors
-/// [`Error::Busy`] when publishers could not be held back within the lock
+/// [`Error::LockDeadline`] when publishers could not be held back within the lock
 /// policy's deadline; [`Error::Refused`] when the version is not replaying
 /// or activating; handler and database errors.
 pub async fn activate_version(
@@ -94,22 +92,15 @@ pub(crate) async fn activate_version_fenced(
                     projector.label()
                 )));
             }
-            states::put(
-                &tx,
-                name,
-                state.active_version.as_deref(),
-                Some(&version),
-                None,
-            )
-            .await?;
+            states::mark_activating(&tx, name, &version).await?;
             versions::set_status(&tx, name, &version, VersionStatus::Activating).await?;
             history::record(
                 &tx,
                 actor,
                 name,
                 Some(&version),
-                Some("replaying"),
-                "activating",
+                Some(VersionStatus::Replaying),
+                VersionStatus::Activating,
                 None,
             )
             .await?;
@@ -122,16 +113,11 @@ pub(crate) async fn activate_version_fenced(
         (state.active_version, old)
     };
     let critical = Instant::now();
-    let result = critical_section(
-        pool,
+    let change = Change::Activate {
         projector,
-        old.as_ref(),
-        event_store,
-        policy,
-        actor,
-        lock,
-    )
-    .await;
+        old: old.as_ref(),
+    };
+    let result = critical_section(pool, &change, event_store, policy, actor, lock).await;
     match result {
         Ok((final_events, critical_ms)) => {
             let report = SwitchReport {
@@ -155,7 +141,7 @@ pub(crate) async fn activate_version_fenced(
             // Back to replaying so publishers are not refused while nobody
             // activates: in a transaction of its own, on a fresh connection
             // (the critical section's may be the one that died).
-            if let Err(revert) = back_to_replaying(pool, name, &version, actor, &e, lock).await {
+            if let Err(revert) = revert_activation(pool, name, &version, actor, &e, lock).await {
                 tracing::warn!(error = %revert, "could not return the version to replaying");
                 return Err(Error::Failed(format!(
                     "{e}; and {} stays activating ({revert}): run `coord activate-current-config` again to finish \
@@ -168,58 +154,8 @@ pub(crate) async fn activate_version_fenced(
     }
 }
 
-/// The critical section, in attempts that each either complete the flip or
-/// release everything. Returns the events applied inside and the
-/// milliseconds of the successful attempt.
-async fn critical_section(
-    pool: &Pool,
-    projector: &dyn Projector,
-    old: Option<&VersionRecord>,
-    event_store: &RelationName,
-    policy: LockPolicy,
-    actor: &Actor,
-    lock: Option<&ActivationLock>,
-) -> Result<(u64, f64)> {
-    let started = Instant::now();
-    let mut pooled = pool.get().await?;
-    let client: &mut tokio_postgres::Client = &mut pooled;
-    let mut attempts = 0u32;
-    loop {
-        attempts += 1;
-        let attempt_started = Instant::now();
-        let mut tx = client.transaction().await?;
-        match flip(&mut tx, projector, old, event_store, policy, actor, lock).await {
-            Ok(Some(final_events)) => {
-                tx.commit().await?;
-                if attempts > 1 {
-                    tracing::info!(attempts, "critical section completed after retries");
-                }
-                return Ok((final_events, attempt_started.elapsed().as_secs_f64() * 1e3));
-            }
-            Ok(None) => {
-                // Release every lock before waiting: publishers of the
-                // projector's types now get ProjectorIsActivating at once.
-                tx.rollback().await?;
-                if started.elapsed() >= policy.deadline {
-                    return Err(Error::Busy(format!(
-                        "could not activate {} within {:?} ({attempts} attempts): a long-running transaction \
-                         kept publishers from being held back; it is back to replaying: retry later",
-                        projector.label(),
-                        policy.deadline
-                    )));
-                }
-                tokio::time::sleep(policy.pause).await;
-            }
-            Err(e) => {
-                let _ = tx.rollback().await;
-                return Err(e);
-            }
-        }
-    }
-}
-
 /// Returns an activating version to replaying after a failed critical section.
-async fn back_to_replaying(
+async fn revert_activation(
     pool: &Pool,
     name: &str,
     version: &str,
@@ -237,98 +173,10 @@ async fn back_to_replaying(
     if state.activating_version.as_deref() != Some(version) {
         return Ok(());
     }
-    activating_to_replaying(&tx, &state, version, actor, &why.to_string()).await?;
+    let why = why.to_string();
+    back_to_replaying(&tx, name, version, VersionStatus::Activating, actor, &why).await?;
     tx.commit().await?;
     Ok(())
-}
-
-/// Inside the caller's transaction, with `state` read for update: the
-/// activating `version` goes back to replaying, with a transition saying `why`.
-pub(crate) async fn activating_to_replaying(
-    tx: &impl tokio_postgres::GenericClient,
-    state: &states::ProjectorState,
-    version: &str,
-    actor: &Actor,
-    why: &str,
-) -> Result<()> {
-    let name = state.name.as_str();
-    states::put(
-        tx,
-        name,
-        state.active_version.as_deref(),
-        None,
-        Some(version),
-    )
-    .await?;
-    versions::set_status(tx, name, version, VersionStatus::Replaying).await?;
-    history::record(
-        tx,
-        actor,
-        name,
-        Some(version),
-        Some("activating"),
-        "replaying",
-        Some(why),
-    )
-    .await?;
-    Ok(())
-}
-
-/// One attempt: `Ok(None)` when a lock was not granted within the attempt
-/// timeout (the caller rolls back).
-async fn flip(
-    tx: &mut Transaction<'_>,
-    projector: &dyn Projector,
-    old: Option<&VersionRecord>,
-    event_store: &RelationName,
-    policy: LockPolicy,
-    actor: &Actor,
-    lock: Option<&ActivationLock>,
-) -> Result<Option<u64>> {
-    let name = projector.name().as_str();
-    let version = projector.version().to_string();
-    fence(lock, &*tx, "the critical section").await?;
-    let mut types = projector.event_types();
-    if let Some(old) = old {
-        types.extend(old.event_types.iter().cloned());
-    }
-    types.sort();
-    types.dedup();
-    if !gate::try_hold_back_publishers(tx, &types, policy).await? {
-        return Ok(None);
-    }
-    let final_events = replay::pass_in_transaction(tx, projector, event_store).await?;
-    // The old version keeps its own exact checkpoint (its publishers recorded
-    // what they applied inline), so a later rollback catches it up from there.
-    if !gate::try_drain_all_publishers(tx, policy).await? {
-        return Ok(None);
-    }
-    states::put(tx, name, Some(&version), None, None).await?;
-    versions::set_status(tx, name, &version, VersionStatus::Active).await?;
-    history::record(
-        tx,
-        actor,
-        name,
-        Some(&version),
-        Some("activating"),
-        "active",
-        None,
-    )
-    .await?;
-    if let Some(old) = old {
-        versions::set_status(tx, name, &old.version, VersionStatus::Retired).await?;
-        history::record(
-            tx,
-            actor,
-            name,
-            Some(&old.version),
-            Some("active"),
-            "retired",
-            Some(&format!("{version} is active")),
-        )
-        .await?;
-    }
-    Ok(Some(final_events))
 }
 
 /// Retires the active version of projector `name` (no longer configured):
@@ -337,7 +185,7 @@ async fn flip(
 /// `event_store` is unused since every version's checkpoint is exact. An interrupted activation of it is abandoned.
 ///
 /// # Errors
-/// [`Error::Busy`] when publishers could not be held back in time; database errors.
+/// [`Error::LockDeadline`] when publishers could not be held back in time; database errors.
 #[tracing::instrument(skip_all, fields(projector.name = %name), err(level = "debug"))]
 pub async fn retire(
     pool: &Pool,
@@ -357,61 +205,38 @@ pub(crate) async fn retire_fenced(
     actor: &Actor,
     lock: Option<&ActivationLock>,
 ) -> Result<SwitchReport> {
-    let mut pooled = pool.get().await?;
-    let client: &mut tokio_postgres::Client = &mut pooled;
-    let started = Instant::now();
-    let mut tx = client.transaction().await?;
-    fence(lock, &tx, "retiring a projector").await?;
-    let state = states::get(&tx, name, false)
-        .await?
-        .unwrap_or_else(|| empty_state(name));
-    let mut records = Vec::new();
-    for v in [&state.active_version, &state.activating_version]
-        .into_iter()
-        .flatten()
-    {
-        if let Some(record) = versions::get(&tx, name, v).await? {
-            records.push(record);
+    let (state, records) = {
+        let client = pool.get().await?;
+        let state = states::get(&**client, name, false)
+            .await?
+            .unwrap_or_else(|| empty_state(name));
+        let mut records = Vec::new();
+        for v in [&state.active_version, &state.activating_version]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(record) = versions::get(&**client, name, v).await? {
+                records.push(record);
+            }
         }
-    }
-    let mut types: Vec<String> = records
-        .iter()
-        .flat_map(|r| r.event_types.iter().cloned())
-        .collect();
-    types.sort();
-    types.dedup();
-    gate::hold_back_publishers(&mut tx, &types, policy).await?;
+        (state, records)
+    };
     // An inline version's checkpoint is exact (docs/decisions/0009): nothing
     // to reconstruct here.
-    gate::drain_all_publishers(&mut tx, policy).await?;
-    states::put(&tx, name, None, None, state.replaying_version.as_deref()).await?;
-    for record in &records {
-        let to = if record.status == VersionStatus::Active {
-            VersionStatus::Retired
-        } else {
-            VersionStatus::Aborted
-        };
-        versions::set_status(&tx, name, &record.version, to).await?;
-        history::record(
-            &tx,
-            actor,
-            name,
-            Some(&record.version),
-            Some(record.status.as_str()),
-            to.as_str(),
-            Some("no longer configured"),
-        )
-        .await?;
-    }
-    tx.commit().await?;
-    let elapsed = started.elapsed().as_secs_f64() * 1e3;
+    let started = Instant::now();
+    let change = Change::Retire {
+        name,
+        records: &records,
+    };
+    let (_, critical_ms) =
+        critical_section(pool, &change, &RelationName::default(), policy, actor, lock).await?;
     Ok(SwitchReport {
         projector: name.to_owned(),
         from: state.active_version,
         to: None,
         final_events: 0,
-        held_back_ms: elapsed,
-        critical_ms: elapsed,
+        held_back_ms: started.elapsed().as_secs_f64() * 1e3,
+        critical_ms,
     })
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use coord::store::Actor;
+use coord::Actor;
 use coord::{Config, DatabaseUrl, ProjectorSet};
 
 /// The default of every command's `--batch-size`: the library's
@@ -178,6 +178,24 @@ impl Context {
             }
             other => other.into(),
         })
+    }
+
+    /// A pool of `size` connections to `config`'s database, after checking
+    /// that coord may write there and that the event store is usable (for
+    /// the commands that replay and catch up).
+    pub async fn writable_pool(
+        &self,
+        config: &Config,
+        size: usize,
+    ) -> anyhow::Result<deadpool_postgres::Pool> {
+        let url = self.database_url(Some(config))?;
+        let pool = coord::pool(&url, size)?;
+        {
+            let client = pool.get().await.map_err(coord::Error::from)?;
+            coord::ensure_writable(&**client).await?;
+            coord::check_event_store(&**client, &config.event_store).await?;
+        }
+        Ok(pool)
     }
 
     /// `err` with the host and port named when it is a pooled connection that

@@ -25,10 +25,6 @@ const COUNT_HANDLED: &str = "SELECT count(*) FROM {events} WHERE event_type = AN
 ///
 /// # Errors
 /// Database errors.
-#[expect(
-    dead_code,
-    reason = "for activation/plan.rs, which the lead switches to it"
-)]
 pub async fn count_handled(
     client: &impl GenericClient,
     event_store: &RelationName,

@@ -20,11 +20,6 @@ mod pass_query;
 pub(crate) use append::{append, stream_version, Append};
 pub use copy::EventBatch;
 pub use event::Event;
-#[expect(
-    unused_imports,
-    reason = "count_handled is for activation/plan.rs, which the lead switches to it"
-)]
-pub use lag::count_handled;
-pub use lag::{head_position, pending, progress, VersionProgress};
+pub use lag::{count_handled, head_position, pending, progress, VersionProgress};
 pub(crate) use mark::mark_visible;
 pub use pass_query::PassQuery;

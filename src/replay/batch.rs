@@ -22,11 +22,6 @@ use crate::store::parked;
 use crate::{Error, Result};
 
 // The helpers every caller uses, at the paths they have always had.
-#[expect(
-    unused_imports,
-    reason = "for replay/start.rs, which restores the caller's search_path (helper B switches it)"
-)]
-pub(crate) use crate::projector::restore_search_path;
 pub(crate) use crate::projector::{handler_message, set_search_path};
 
 /// What became of a batch.

@@ -20,7 +20,7 @@
 //! # async fn demo(pool: deadpool_postgres::Pool, mut client: tokio_postgres::Client,
 //! #               projector: std::sync::Arc<dyn coord::Projector>) -> coord::Result<()> {
 //! use coord::replay::{catch_up, start_replay, ReplayOptions};
-//! let actor = coord::store::Actor::new("host", "deploy");
+//! let actor = coord::Actor::new("host", "deploy");
 //! start_replay(&mut client, projector.as_ref(), &actor).await?;
 //! let cancel = tokio_util::sync::CancellationToken::new();
 //! let report = catch_up(&pool, projector.as_ref(), &coord::RelationName::default(),

@@ -85,7 +85,7 @@ pub async fn start_replay_in(
     let fingerprint = projector.fingerprint();
     let mut event_types = projector.event_types();
     event_types.sort();
-    let mode = projector.mode().as_str();
+    let mode = projector.mode();
     let definition = projector.stored_definition();
     let done = |outcome| ReplayStart {
         projector: name.to_owned(),
@@ -152,7 +152,15 @@ pub async fn start_replay_in(
             (StartOutcome::Started, None)
         }
         Some(record) if record.status == VersionStatus::Aborted => {
-            checkpoint::reset(tx, name, &version, &fingerprint, &event_types, mode).await?;
+            checkpoint::reset(
+                tx,
+                name,
+                &version,
+                &fingerprint,
+                &event_types,
+                mode.as_str(),
+            )
+            .await?;
             versions::set_definition(tx, name, &version, definition.as_ref()).await?;
             drop_schemas(
                 tx,
@@ -162,7 +170,7 @@ pub async fn start_replay_in(
             )
             .await?;
             create_tables(tx, projector, &schema).await?;
-            (StartOutcome::Restarted, Some("aborted"))
+            (StartOutcome::Restarted, Some(VersionStatus::Aborted))
         }
         Some(record) if record.fingerprint != fingerprint => {
             return Err(Error::Refused(format!(
@@ -174,7 +182,7 @@ pub async fn start_replay_in(
             if replaying.as_deref() == Some(version.as_str()) {
                 return Ok(done(StartOutcome::Resumed));
             }
-            (StartOutcome::Resumed, Some("replaying"))
+            (StartOutcome::Resumed, Some(VersionStatus::Replaying))
         }
         Some(record) => {
             return Err(Error::Refused(format!(
@@ -185,14 +193,14 @@ pub async fn start_replay_in(
         }
     };
     crate::privileges::grant(tx, &schema, &actor.privileges).await?;
-    states::put(tx, name, active.as_deref(), None, Some(&version)).await?;
+    states::start_replaying(tx, name, &version).await?;
     history::record(
         tx,
         actor,
         name,
         Some(&version),
         from,
-        VersionStatus::Replaying.as_str(),
+        VersionStatus::Replaying,
         Some(&format!("schema {schema}")),
     )
     .await?;
@@ -237,8 +245,7 @@ async fn create_tables(
             projector.label()
         ))
     })?;
-    tx.execute("SELECT set_config('search_path', $1, true)", &[&previous])
-        .await?;
+    crate::projector::restore_search_path(tx, &previous).await?;
     Ok(())
 }
 
@@ -323,21 +330,14 @@ pub async fn abort_in(
         &format!("aborting the replay of {name}@{version}"),
     )
     .await?;
-    states::put(
-        tx,
-        name,
-        state.active_version.as_deref(),
-        state.activating_version.as_deref(),
-        None,
-    )
-    .await?;
+    states::stop_replaying(tx, name).await?;
     history::record(
         tx,
         actor,
         name,
         Some(&version),
-        Some(record.status.as_str()),
-        VersionStatus::Aborted.as_str(),
+        Some(record.status),
+        VersionStatus::Aborted,
         Some(&format!("dropped schema {}", record.schema_name)),
     )
     .await?;

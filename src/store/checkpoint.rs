@@ -14,8 +14,6 @@ use crate::names::RelationName;
 use crate::store::versions::VersionStatus;
 use crate::{Error, Result};
 
-pub use crate::event_store::{pending, progress, PassQuery, VersionProgress};
-
 /// The checkpoint of one projector version, as locked by [`lock`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Checkpoint {

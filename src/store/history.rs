@@ -2,6 +2,7 @@
 
 use tokio_postgres::{GenericClient, Row};
 
+use super::versions::VersionStatus;
 use super::Actor;
 use crate::Result;
 
@@ -15,9 +16,9 @@ pub struct Transition {
     /// Projector version, if the transition concerns one.
     pub version: Option<String>,
     /// Status before.
-    pub from_status: Option<String>,
+    pub from_status: Option<VersionStatus>,
     /// Status after.
-    pub to_status: String,
+    pub to_status: VersionStatus,
     /// When, ISO 8601 UTC.
     pub at: String,
     /// Host that made it.
@@ -29,14 +30,17 @@ pub struct Transition {
 }
 
 impl TryFrom<&Row> for Transition {
-    type Error = tokio_postgres::Error;
-    fn try_from(row: &Row) -> Result<Self, Self::Error> {
+    type Error = crate::Error;
+    fn try_from(row: &Row) -> Result<Self> {
         Ok(Self {
             id: row.try_get("id")?,
             name: row.try_get("name")?,
             version: row.try_get("version")?,
-            from_status: row.try_get("from_status")?,
-            to_status: row.try_get("to_status")?,
+            from_status: row
+                .try_get::<_, Option<&str>>("from_status")?
+                .map(VersionStatus::parse)
+                .transpose()?,
+            to_status: VersionStatus::parse(row.try_get("to_status")?)?,
             at: row.try_get("at")?,
             host: row.try_get("host")?,
             command: row.try_get("command")?,
@@ -60,10 +64,11 @@ pub async fn record(
     actor: &Actor,
     name: &str,
     version: Option<&str>,
-    from: Option<&str>,
-    to: &str,
+    from: Option<VersionStatus>,
+    to: VersionStatus,
     detail: Option<&str>,
 ) -> Result<()> {
+    let (from, to) = (from.map(VersionStatus::as_str), to.as_str());
     client
         .execute(
             INSERT,
@@ -90,10 +95,7 @@ pub async fn latest_per_projector(client: &impl GenericClient) -> Result<Vec<Tra
         "SELECT DISTINCT ON (name) {COLUMNS} FROM coord.transitions ORDER BY name, id DESC"
     );
     let rows = client.query(&sql, &[]).await?;
-    Ok(rows
-        .iter()
-        .map(Transition::try_from)
-        .collect::<Result<_, _>>()?)
+    rows.iter().map(Transition::try_from).collect()
 }
 
 /// Every transition of `name` (or of all projectors), oldest first.
@@ -105,8 +107,5 @@ pub async fn list(client: &impl GenericClient, name: Option<&str>) -> Result<Vec
         "SELECT {COLUMNS} FROM coord.transitions WHERE $1::text IS NULL OR name = $1 ORDER BY id"
     );
     let rows = client.query(&sql, &[&name]).await?;
-    Ok(rows
-        .iter()
-        .map(Transition::try_from)
-        .collect::<Result<_, _>>()?)
+    rows.iter().map(Transition::try_from).collect()
 }

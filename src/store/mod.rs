@@ -2,10 +2,13 @@
 //! (`coord.projector_states`, `coord.projector_versions`, `coord.transitions`,
 //! `coord.applied_ahead`, `coord.parked_events`). Functions take a
 //! [`GenericClient`] so callers compose them in one transaction. Nothing here
-//! decides policy: callers (replay, activation) do.
+//! decides policy: callers (replay, activation) do. The one exception: the
+//! statements that also read or append the event store (the publisher's
+//! `applied_ahead` rows, marking a snapshot) live in `crate::event_store`
+//! (docs/decisions/0050-event-store-module.md). Private to the crate:
+//! applications read coord's records through `crate::records`.
 
 pub mod checkpoint;
-pub mod events;
 pub mod history;
 pub mod parked;
 pub mod states;
@@ -52,14 +55,12 @@ const IS_MIGRATED: &str = "SELECT to_regclass('coord.projector_versions') IS NOT
 /// Fails with a clear message when `coord migrate` has not been run.
 ///
 /// # Errors
-/// [`Error::Failed`] naming the fix.
+/// [`Error::NotMigrated`].
 pub async fn ensure_migrated(client: &impl GenericClient) -> Result<()> {
     let row = client.query_one(IS_MIGRATED, &[]).await?;
     if row.try_get::<_, bool>(0)? {
         crate::migrate::warn_if_newer(client).await
     } else {
-        Err(Error::Failed(
-            "the coord schema is missing or out of date in this database: run `coord migrate` first".into(),
-        ))
+        Err(Error::NotMigrated)
     }
 }

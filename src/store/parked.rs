@@ -4,7 +4,7 @@
 
 use tokio_postgres::{GenericClient, Row};
 
-use crate::projector::Event;
+use crate::event_store::Event;
 use crate::Result;
 
 /// One parked event.

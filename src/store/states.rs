@@ -65,41 +65,70 @@ pub async fn get(
     Ok(row.as_ref().map(ProjectorState::try_from).transpose()?)
 }
 
-const UPSERT: &str = "INSERT INTO coord.projector_states AS s \
-    (name, active_version, activating_version, replaying_version, updated_at) \
-    VALUES ($1, $2, $3, $4, now()) \
+// The transitions of `coord.projector_states`: each writes only the
+// columns it changes, inserting the row when the projector has none yet.
+// The table's check keeps `replaying_version` and `activating_version`
+// from both being set.
+const START_REPLAYING: &str = "INSERT INTO coord.projector_states AS s \
+    (name, replaying_version, updated_at) VALUES ($1, $2, now()) \
+    ON CONFLICT (name) DO UPDATE SET activating_version = NULL, \
+    replaying_version = EXCLUDED.replaying_version, updated_at = now()";
+const STOP_REPLAYING: &str = "UPDATE coord.projector_states SET replaying_version = NULL, \
+    updated_at = now() WHERE name = $1";
+const MARK_ACTIVATING: &str = "INSERT INTO coord.projector_states AS s \
+    (name, activating_version, updated_at) VALUES ($1, $2, now()) \
+    ON CONFLICT (name) DO UPDATE SET activating_version = EXCLUDED.activating_version, \
+    replaying_version = NULL, updated_at = now()";
+const ACTIVATE: &str = "INSERT INTO coord.projector_states AS s \
+    (name, active_version, updated_at) VALUES ($1, $2, now()) \
     ON CONFLICT (name) DO UPDATE SET active_version = EXCLUDED.active_version, \
-    activating_version = EXCLUDED.activating_version, replaying_version = EXCLUDED.replaying_version, \
-    updated_at = now()";
+    activating_version = NULL, replaying_version = NULL, updated_at = now()";
+const RETIRE: &str = "UPDATE coord.projector_states SET active_version = NULL, \
+    activating_version = NULL, updated_at = now() WHERE name = $1";
 
-/// Writes the whole row of `state.name` (inserting it if missing).
-///
-/// # Errors
-/// Database errors, including the check that replaying and activating are
-/// never both set.
-pub async fn put(
-    client: &impl GenericClient,
-    name: &str,
-    active: Option<&str>,
-    activating: Option<&str>,
-    replaying: Option<&str>,
-) -> Result<()> {
-    client
-        .execute(UPSERT, &[&name, &active, &activating, &replaying])
-        .await?;
-    Ok(())
-}
-
-/// Deletes the row of `name` (a projector no longer used anywhere).
+/// `version` of `name` is replaying (started, resumed, or back from
+/// activating or retired); the active version is kept, no version is activating.
 ///
 /// # Errors
 /// Database errors.
-pub async fn delete(client: &impl GenericClient, name: &str) -> Result<()> {
-    client
-        .execute(
-            "DELETE FROM coord.projector_states WHERE name = $1",
-            &[&name],
-        )
-        .await?;
+pub async fn start_replaying(client: &impl GenericClient, name: &str, version: &str) -> Result<()> {
+    client.execute(START_REPLAYING, &[&name, &version]).await?;
+    Ok(())
+}
+
+/// No version of `name` is replaying any more (its replay was aborted).
+///
+/// # Errors
+/// Database errors.
+pub async fn stop_replaying(client: &impl GenericClient, name: &str) -> Result<()> {
+    client.execute(STOP_REPLAYING, &[&name]).await?;
+    Ok(())
+}
+
+/// The replaying `version` of `name` is activating: publishers of its event
+/// types are refused (retryably) until it is active or back to replaying.
+///
+/// # Errors
+/// Database errors.
+pub async fn mark_activating(client: &impl GenericClient, name: &str, version: &str) -> Result<()> {
+    client.execute(MARK_ACTIVATING, &[&name, &version]).await?;
+    Ok(())
+}
+
+/// `version` of `name` is active; nothing is replaying or activating.
+///
+/// # Errors
+/// Database errors.
+pub async fn activate(client: &impl GenericClient, name: &str, version: &str) -> Result<()> {
+    client.execute(ACTIVATE, &[&name, &version]).await?;
+    Ok(())
+}
+
+/// No version of `name` is active or activating (a replay in progress is kept).
+///
+/// # Errors
+/// Database errors.
+pub async fn retire(client: &impl GenericClient, name: &str) -> Result<()> {
+    client.execute(RETIRE, &[&name]).await?;
     Ok(())
 }

@@ -5,7 +5,18 @@ use std::fmt;
 
 use tokio_postgres::{GenericClient, Row};
 
+use crate::config::Mode;
 use crate::{Error, Result};
+
+fn parse_mode(text: &str) -> Result<Mode> {
+    match text {
+        "inline" => Ok(Mode::Inline),
+        "async" => Ok(Mode::Async),
+        other => Err(Error::Failed(format!(
+            "unknown mode {other:?} in coord.projector_versions"
+        ))),
+    }
+}
 
 /// Lifecycle of a projector version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -55,6 +66,12 @@ impl VersionStatus {
     }
 }
 
+impl PartialEq<&str> for VersionStatus {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 impl fmt::Display for VersionStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -76,8 +93,8 @@ pub struct VersionRecord {
     pub fingerprint: String,
     /// Event types it handles.
     pub event_types: Vec<String>,
-    /// `inline` or `async`.
-    pub mode: String,
+    /// Inline or async.
+    pub mode: Mode,
     /// Highest position applied by replay or catch-up.
     pub last_position: i64,
     /// Events applied.
@@ -118,7 +135,7 @@ impl TryFrom<&Row> for VersionRecord {
             schema_name: row.try_get("schema_name")?,
             fingerprint: row.try_get("fingerprint")?,
             event_types: row.try_get("event_types")?,
-            mode: row.try_get("mode")?,
+            mode: parse_mode(row.try_get("mode")?)?,
             last_position: row.try_get("last_position")?,
             events_processed: row.try_get("events_processed")?,
             events_skipped: row.try_get("events_skipped")?,
@@ -201,7 +218,7 @@ pub struct NewVersion<'a> {
     /// Handled event types.
     pub event_types: &'a [String],
     /// `inline` or `async`.
-    pub mode: &'a str,
+    pub mode: Mode,
     /// Initial status.
     pub status: VersionStatus,
     /// What `coord.publish` needs to run it inline (`{"handlers": {...}}`),
@@ -228,7 +245,7 @@ pub async fn insert(client: &impl GenericClient, v: &NewVersion<'_>) -> Result<(
                 &v.schema_name,
                 &v.fingerprint,
                 &v.event_types,
-                &v.mode,
+                &v.mode.as_str(),
                 &v.definition,
             ],
         )
@@ -290,25 +307,6 @@ pub async fn set_status(
             "projector version {name}@{version} is not registered"
         )));
     }
-    Ok(())
-}
-
-/// Records (or clears) the last error of `name@version`.
-///
-/// # Errors
-/// Database errors.
-pub async fn set_last_error(
-    client: &impl GenericClient,
-    name: &str,
-    version: &str,
-    error: Option<&str>,
-) -> Result<()> {
-    client
-        .execute(
-            "UPDATE coord.projector_versions SET last_error = $3, updated_at = now() WHERE name = $1 AND version = $2",
-            &[&name, &version, &error],
-        )
-        .await?;
     Ok(())
 }
 

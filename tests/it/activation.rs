@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use coord::activation::{self, ActivateOptions};
-use coord::store::Actor;
+use coord::Actor;
 use coord::{
     Config, Error, ExpectedVersion, NewEvent, ProjectorSet, Publisher, RelationName, RetryPolicy,
 };
@@ -497,7 +497,13 @@ async fn rollback_without_a_previous_version_is_refused() {
 async fn one_activation_at_a_time() {
     let db = TestDb::migrated().await;
     let holder = db.client().await;
-    holder.batch_execute("SET application_name = 'coord activate-current-config on elsewhere'; SELECT pg_advisory_lock(1668247413, 0)").await.unwrap();
+    holder
+        .batch_execute(&format!(
+            "SET application_name = 'coord activate-current-config on elsewhere'; SELECT pg_advisory_lock({}, 0)",
+            coord::locks::ACTIVATION
+        ))
+        .await
+        .unwrap();
     let before = db.snapshot().await;
     let out = activate_cli(&db, "1.0.0", &[]);
     assert_exit(&out, 7);
@@ -510,7 +516,10 @@ async fn one_activation_at_a_time() {
     );
     assert_eq!(before, db.snapshot().await);
     holder
-        .batch_execute("SELECT pg_advisory_unlock(1668247413, 0)")
+        .batch_execute(&format!(
+            "SELECT pg_advisory_unlock({}, 0)",
+            coord::locks::ACTIVATION
+        ))
         .await
         .unwrap();
 

@@ -3,7 +3,7 @@
 use coord::replay::{run_pass, start_replay, CancellationToken, ReplayOptions};
 
 use crate::reference::BalancesProjector;
-use coord::store::Actor;
+use coord::Actor;
 use coord::{ProjectorName, RelationName};
 use semver::Version;
 

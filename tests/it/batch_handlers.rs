@@ -5,8 +5,9 @@
 
 use std::sync::Arc;
 
+use coord::records::{parked_events, version};
 use coord::replay::{catch_up, start_replay, CancellationToken, CatchUpReport, ReplayOptions};
-use coord::store::{parked, versions, Actor};
+use coord::Actor;
 use coord::{Config, ExpectedVersion, NewEvent, Projector, ProjectorSet, Publisher, SqlProjector};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -314,7 +315,7 @@ async fn a_failing_batch_statement_parks_only_the_failing_event_under_park() {
     let bad = picky_store(&client).await;
     let picky = projector(&picky_toml("park"));
     assert_eq!(replay(&db, picky.as_ref(), 25).await, (59, 1));
-    let parked = parked::list(&client, "picky", "1.0.0").await.unwrap();
+    let parked = parked_events(&client, "picky", "1.0.0").await.unwrap();
     assert_eq!(parked.len(), 1);
     assert_eq!(parked[0].position, bad);
     assert!(
@@ -340,10 +341,7 @@ async fn a_failing_batch_statement_stops_just_before_the_failing_event_under_fai
         "{}",
         stderr(&out)
     );
-    let v = versions::get(&client, "picky", "1.0.0")
-        .await
-        .unwrap()
-        .unwrap();
+    let v = version(&client, "picky", "1.0.0").await.unwrap().unwrap();
     assert_eq!(v.events_processed, 36, "the events before it are committed");
     assert_eq!(rows(&client, "picky_v1_0_0.deposits").await, 36);
 }

@@ -282,7 +282,7 @@ async fn replay_whose_retries_run_out_names_the_version_the_step_and_the_positio
 /// before its first pass.
 async fn register(db: &TestDb, projector: &dyn Projector) {
     let mut client = db.client().await;
-    let actor = coord::store::Actor::new("test-host", "test");
+    let actor = coord::Actor::new("test-host", "test");
     start_replay(&mut client, projector, &actor).await.unwrap();
 }
 

@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use coord::activation;
 use coord::gate::{self, LockPolicy};
+use coord::names::RelationName;
 use coord::{Config, Error, ExpectedVersion, NewEvent, ProjectorSet, Publisher};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -45,9 +47,37 @@ async fn set_state(
     activating: Option<&str>,
     replaying: Option<&str>,
 ) {
-    coord::store::states::put(client, name, active, activating, replaying)
+    client
+        .execute(SET_STATE, &[&name, &active, &activating, &replaying])
         .await
         .unwrap();
+}
+
+/// Writes a whole row of `coord.projector_states`, as no command would: the
+/// gate's tests set up every state directly.
+const SET_STATE: &str = "INSERT INTO coord.projector_states \
+    (name, active_version, activating_version, replaying_version, updated_at) VALUES ($1, $2, $3, $4, now()) \
+    ON CONFLICT (name) DO UPDATE SET active_version = EXCLUDED.active_version, \
+    activating_version = EXCLUDED.activating_version, replaying_version = EXCLUDED.replaying_version, \
+    updated_at = now()";
+
+/// `balances@version` registered for replay by the library (its schema,
+/// tables and `replaying_version`), ready for [`activation::activate_version`].
+async fn replaying(db: &TestDb, version: &str) -> Arc<dyn coord::Projector> {
+    let config = Config::parse(&balances_toml(version), "coord.toml").unwrap();
+    let projector = ProjectorSet::from_config(&config)
+        .get("balances")
+        .cloned()
+        .unwrap();
+    let mut client = db.client().await;
+    coord::start_replay(&mut client, projector.as_ref(), &actor())
+        .await
+        .unwrap();
+    projector
+}
+
+fn actor() -> coord::Actor {
+    coord::Actor::new("test-host", "gate test")
 }
 
 async fn event_count(client: &Client) -> i64 {
@@ -623,15 +653,16 @@ async fn publishers_do_not_serialise_against_each_other() {
     assert_eq!(event_count(&db.client().await).await, 16);
 }
 
+/// Whether backend `pid` waits for a lock (false once it has ended).
 async fn waiting_on_lock(client: &Client, pid: i32) -> bool {
     client
-        .query_one(
+        .query_opt(
             "SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = $1",
             &[&pid],
         )
         .await
         .unwrap()
-        .get(0)
+        .is_some_and(|row| row.get(0))
 }
 
 async fn backend_pid(client: &Client) -> i32 {
@@ -651,6 +682,7 @@ async fn a_state_change_waits_for_a_publisher_between_check_and_commit() {
     let observer = db.client().await;
     build_version(&observer, "1.0.0").await;
     set_state(&observer, "balances", Some("1.0.0"), None, None).await;
+    let v2 = replaying(&db, "2.0.0").await;
 
     let mut publisher_client = db.client().await;
     let tx = publisher_client.transaction().await.unwrap();
@@ -664,19 +696,24 @@ async fn a_state_change_waits_for_a_publisher_between_check_and_commit() {
         .await
         .unwrap();
 
-    let mut activation_client = db.client().await;
-    let activation_pid = backend_pid(&activation_client).await;
+    // The library's critical section, on a pool of one connection whose
+    // backend is known.
+    let pool = coord::pool(&db.database_url(), 1).unwrap();
+    let activation_pid = backend_pid(&pool.get().await.unwrap()).await;
     let activation = tokio::spawn(async move {
-        let mut tx = activation_client.transaction().await.unwrap();
         let policy = LockPolicy {
             deadline: Duration::from_secs(60),
             ..LockPolicy::default()
         };
-        gate::drain_all_publishers(&mut tx, policy).await.unwrap();
-        coord::store::states::put(&tx, "balances", Some("2.0.0"), None, None)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        activation::activate_version(
+            &pool,
+            v2.as_ref(),
+            &RelationName::default(),
+            policy,
+            &actor(),
+        )
+        .await
+        .unwrap()
     });
     eventually(
         Duration::from_secs(30),
@@ -695,7 +732,12 @@ async fn a_state_change_waits_for_a_publisher_between_check_and_commit() {
         .get(0);
     assert_eq!(active.as_deref(), Some("1.0.0"));
     tx.commit().await.unwrap();
-    activation.await.unwrap();
+    let flip = activation.await.unwrap();
+    assert_eq!(flip.to.as_deref(), Some("2.0.0"));
+    assert_eq!(
+        flip.final_events, 1,
+        "the publisher's event applied to 2.0.0"
+    );
 
     assert_eq!(
         event_count(&observer).await,
@@ -759,7 +801,8 @@ async fn holding_back_a_projector_blocks_only_its_event_types() {
 }
 
 /// A long-running publisher transaction makes activation give up with
-/// `Busy` (exit code 7) instead of queueing everyone behind it.
+/// `Busy` (exit code 7) instead of queueing everyone behind it; while it
+/// retries, other publishers get through.
 #[tokio::test]
 async fn lock_waits_are_bounded() {
     let db = TestDb::migrated().await;
@@ -785,7 +828,7 @@ async fn lock_waits_are_bounded() {
     let err = gate::drain_all_publishers(&mut tx, policy)
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Busy(_)), "{err:?}");
+    assert!(matches!(err, Error::LockDeadline { .. }), "{err:?}");
     assert_eq!(err.exit_code(), 7);
     assert!(
         err.to_string().contains("long-running transaction"),
@@ -793,12 +836,43 @@ async fn lock_waits_are_bounded() {
     );
     tx.rollback().await.unwrap();
 
-    // Between attempts publishers got through: one publishes fine now.
+    // While an activation keeps retrying (its deadline far away), other
+    // publishers get through between its attempts instead of queueing
+    // behind its exclusive request.
+    let activation_pid = backend_pid(&activation_client).await;
+    let retrying = tokio::spawn(async move {
+        let mut tx = activation_client.transaction().await.unwrap();
+        let policy = LockPolicy {
+            attempt_timeout: Duration::from_millis(10),
+            pause: Duration::from_millis(20),
+            deadline: Duration::from_secs(120),
+        };
+        gate::drain_all_publishers(&mut tx, policy).await.unwrap();
+        tx.commit().await.unwrap();
+    });
+    let observer = db.client().await;
+    eventually(
+        Duration::from_secs(30),
+        "the activation to wait for the long transaction",
+        || waiting_on_lock(&observer, activation_pid),
+    )
+    .await;
     let mut other = db.client().await;
-    publish(&mut other, &publisher("1.0.0"), "fast", "MoneyDeposited")
-        .await
-        .unwrap();
+    // A generous "does not hang" bound: without bounded attempts the
+    // publisher would wait for the long transaction (until the end of the test).
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        publish(&mut other, &publisher("1.0.0"), "fast", "MoneyDeposited"),
+    )
+    .await
+    .expect("a publisher queued behind the retrying activation")
+    .unwrap();
+    assert!(
+        !retrying.is_finished(),
+        "the activation gave up or got through before the publisher"
+    );
     long.commit().await.unwrap();
+    retrying.await.unwrap();
 }
 
 /// Invariant 3 under load: publishers of N publish continuously, with random
@@ -815,6 +889,7 @@ async fn no_stale_event_commits_after_the_flip() {
     let observer = db.client().await;
     build_version(&observer, "1.0.0").await;
     set_state(&observer, "balances", Some("1.0.0"), None, None).await;
+    let v2 = replaying(&db, "2.0.0").await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let committed = Arc::new(AtomicU64::new(0));
@@ -849,8 +924,13 @@ async fn no_stale_event_commits_after_the_flip() {
                     )
                     .await;
                 if let Err(e) = result {
-                    assert_eq!(e.sqlstate(), Some("CO001"), "{e}");
-                    refused.fetch_add(1, Ordering::SeqCst);
+                    // While 2.0.0 is activating its types are held back
+                    // (retryable); after the flip 1.0.0 is stale.
+                    if e.sqlstate() == Some("CO001") {
+                        refused.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        assert_eq!(e.sqlstate(), Some("CO003"), "{e}");
+                    }
                     tx.rollback().await.unwrap();
                     continue;
                 }
@@ -874,22 +954,18 @@ async fn no_stale_event_commits_after_the_flip() {
     })
     .await;
 
-    let mut activation_client = db.client().await;
-    let mut tx = activation_client.transaction().await.unwrap();
-    let types: Vec<String> = ["AccountOpened", "MoneyDeposited", "MoneyWithdrawn"]
-        .map(String::from)
-        .to_vec();
-    gate::hold_back_publishers(&mut tx, &types, LockPolicy::default())
-        .await
-        .unwrap();
-    gate::drain_all_publishers(&mut tx, LockPolicy::default())
-        .await
-        .unwrap();
-    coord::store::states::put(&tx, "balances", Some("2.0.0"), None, None)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    let at_flip = event_count(&activation_client).await;
+    // The library's critical section, as activation runs it.
+    let pool = coord::pool(&db.database_url(), 2).unwrap();
+    activation::activate_version(
+        &pool,
+        v2.as_ref(),
+        &RelationName::default(),
+        LockPolicy::default(),
+        &actor(),
+    )
+    .await
+    .unwrap();
+    let at_flip = event_count(&observer).await;
 
     let after = committed.load(Ordering::SeqCst);
     // Every publisher keeps trying, and is refused, after the flip.

@@ -8,8 +8,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use coord::records::{parked_events, version};
 use coord::replay::{start_replay, ReplayOptions};
-use coord::store::{parked, versions, Actor};
+use coord::Actor;
 use coord::{Config, SqlProjector};
 
 use crate::batch_handlers::replay_with;
@@ -80,7 +81,7 @@ async fn a_large_failing_batch_is_narrowed_to_slices_before_bisecting() {
     let projector = counting("park");
     let report = replay_with(&db, &projector, one_batch()).await;
     assert_eq!((report.applied, report.parked), (EVENTS as u64 - 20, 20));
-    let parked: Vec<i64> = parked::list(&db.client().await, "sliced", "1.0.0")
+    let parked: Vec<i64> = parked_events(&db.client().await, "sliced", "1.0.0")
         .await
         .unwrap()
         .iter()
@@ -131,10 +132,7 @@ async fn slices_keep_order_under_fail() {
         error.contains(&format!("failed at position {}", bad[0])),
         "{error}"
     );
-    let v = versions::get(&client, "sliced", "1.0.0")
-        .await
-        .unwrap()
-        .unwrap();
+    let v = version(&client, "sliced", "1.0.0").await.unwrap().unwrap();
     let before_first = bad[0] - 1;
     assert_eq!(v.events_processed, before_first);
     let rows: i64 = client

@@ -10,7 +10,7 @@ use coord::projector::{ApplyContext, Event, HandlerError};
 use coord::replay::ReplayOptions;
 
 use crate::reference::BalancesProjector;
-use coord::store::parked;
+use coord::records::parked_events;
 use coord::{Config, OnError, Projector, ProjectorName, SqlProjector};
 use semver::Version;
 use tokio_postgres::Transaction;
@@ -105,7 +105,7 @@ async fn replay(db: &TestDb, projector: &Counting, batch_size: usize) -> (u64, u
 }
 
 async fn parked_positions(db: &TestDb, name: &str) -> Vec<i64> {
-    parked::list(&db.client().await, name, "1.0.0")
+    parked_events(&db.client().await, name, "1.0.0")
         .await
         .unwrap()
         .iter()

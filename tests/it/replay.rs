@@ -5,15 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use coord::records::{self, ParkedEvent, ProjectorState, Transition, VersionRecord, VersionStatus};
 use coord::replay::{
     catch_up, checkpoint_through_current_snapshot, pass_in_transaction, run_pass, start_replay,
     CancellationToken, CatchUpReport, ReplayOptions, StartOutcome,
 };
-use coord::store::history::Transition;
-use coord::store::parked::ParkedEvent;
-use coord::store::states::ProjectorState;
-use coord::store::versions::{VersionRecord, VersionStatus};
-use coord::store::{history, parked, states, versions, Actor};
+use coord::Actor;
 use coord::{Config, Projector, ProjectorName, RelationName, SqlProjector};
 use deadpool_postgres::Pool;
 use tokio_postgres::Client;
@@ -78,7 +75,7 @@ fn options(batch_size: usize) -> ReplayOptions {
 // coord's records this file reads, in one place.
 
 async fn record(client: &Client, name: &str, version: &str) -> Option<VersionRecord> {
-    versions::get(client, name, version).await.unwrap()
+    records::version(client, name, version).await.unwrap()
 }
 
 async fn version_record(client: &Client, name: &str, version: &str) -> VersionRecord {
@@ -88,18 +85,18 @@ async fn version_record(client: &Client, name: &str, version: &str) -> VersionRe
 }
 
 async fn projector_state(client: &Client, name: &str) -> ProjectorState {
-    states::get(client, name, false)
+    records::projector_state(client, name)
         .await
         .unwrap()
         .unwrap_or_else(|| panic!("projector {name} has no state"))
 }
 
 async fn parked_events(client: &Client, name: &str, version: &str) -> Vec<ParkedEvent> {
-    parked::list(client, name, version).await.unwrap()
+    records::parked_events(client, name, version).await.unwrap()
 }
 
 async fn transitions(client: &Client, name: &str) -> Vec<Transition> {
-    history::list(client, Some(name)).await.unwrap()
+    records::transitions(client, Some(name)).await.unwrap()
 }
 
 /// Catches `projector` up over the default event store in batches of
@@ -194,7 +191,7 @@ async fn catch_up_reads_the_delta_through_the_xact_id_index() {
     let client = db.client().await;
     append(&client, 0, 3000, 20).await;
     client.batch_execute("ANALYZE coord.events").await.unwrap();
-    let q = coord::store::checkpoint::PassQuery {
+    let q = coord::PassQuery {
         name: "balances".into(),
         version: "2.0.0".into(),
         event_store: RelationName::default(),

@@ -46,10 +46,10 @@ async fn leaders(db: &TestDb) -> Vec<String> {
         .await
         .query(
             "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
-             WHERE l.locktype = 'advisory' AND l.classid = 1668247414 AND l.granted \
+             WHERE l.locktype = 'advisory' AND l.classid::bigint = $1 AND l.granted \
                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
              ORDER BY 1",
-            &[],
+            &[&i64::from(coord::locks::RUNNER_LEADER)],
         )
         .await
         .unwrap()

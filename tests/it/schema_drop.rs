@@ -4,7 +4,7 @@
 
 use coord::activation::{self, ActivateOptions};
 use coord::schema_drop::outside_dependents;
-use coord::store::Actor;
+use coord::Actor;
 use coord::{Config, Dependents, Error, ProjectorSet};
 
 use crate::contents::{digest, refused_and_unchanged};

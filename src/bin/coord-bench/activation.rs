@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use coord::activation::{self, ActivateOptions, ActivationReport};
-use coord::store::Actor;
+use coord::Actor;
 use coord::RetryPolicy;
 use coord::{Error, ExpectedVersion, NewEvent, Projector, ProjectorSet, Publisher, RelationName};
 use tokio::task::JoinHandle;
@@ -161,8 +161,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut activations_given_up = 0u32;
     let report = loop {
         match run.activate(&v2).await {
-            Err(Error::Busy(why)) if long.is_some() => {
-                say(&format!("activation gave up ({why}); retrying"));
+            Err(e @ Error::LockDeadline { .. }) if long.is_some() => {
+                say(&format!("activation gave up ({e}); retrying"));
                 activations_given_up += 1;
             }
             other => break other?,

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use coord::replay::{catch_up, start_replay, ReplayOptions};
-use coord::store::Actor;
+use coord::Actor;
 use coord::{Config, OnError, Projector, ProjectorName, RelationName, SqlProjector};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;

@@ -112,7 +112,7 @@ async fn bench(args: &Args, db: &BenchDb) -> anyhow::Result<Figures> {
         coord::replay::start_replay(
             &mut client,
             projector.as_ref(),
-            &coord::store::Actor::new("bench", "coord-bench catchup"),
+            &coord::Actor::new("bench", "coord-bench catchup"),
         )
         .await?;
         projectors.push((kind, projector));

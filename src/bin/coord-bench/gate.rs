@@ -69,7 +69,7 @@ pub async fn activate_balances(db: &BenchDb, command: &str) -> anyhow::Result<Pr
         &projectors,
         &coord::RelationName::default(),
         &coord::activation::ActivateOptions::default(),
-        &coord::store::Actor::new("coord-bench", command),
+        &coord::Actor::new("coord-bench", command),
         &tokio_util::sync::CancellationToken::new(),
     )
     .await?;

@@ -1,7 +1,5 @@
 //! `coord abort`: drop replays in progress; active versions are untouched.
 
-use coord::store::states;
-
 use crate::context::Context;
 use crate::output;
 
@@ -22,10 +20,9 @@ pub async fn run(ctx: &Context, args: &AbortArgs) -> anyhow::Result<()> {
     coord::ensure_writable(&client).await?;
     let names: Vec<String> = match &args.projector {
         Some(name) => vec![name.clone()],
-        None => states::list(&client)
+        None => coord::records::in_progress(&client)
             .await?
             .into_iter()
-            .filter(|s| s.replaying_version.is_some() || s.activating_version.is_some())
             .map(|s| s.name)
             .collect(),
     };

@@ -324,7 +324,7 @@ async fn refuse_if_superseded(
     client: &mut tokio_postgres::Client,
     projectors: &coord::ProjectorSet,
 ) -> anyhow::Result<()> {
-    coord::store::ensure_migrated(&*client).await?;
+    coord::ensure_migrated(&*client).await?;
     let publisher = coord::Publisher::new(projectors.clone());
     let tx = client.transaction().await?;
     let gate = publisher.check(&tx, None).await;

@@ -27,13 +27,7 @@ pub async fn run(ctx: &Context, args: &CatchUpArgs) -> anyhow::Result<()> {
     let config = ctx.config()?;
     let set = ctx.projectors(&config);
     let selected = ProjectorSet::new(select(&set, args.projector.as_deref())?)?;
-    let url = ctx.database_url(Some(&config))?;
-    let pool = coord::pool(&url, 3)?;
-    {
-        let client = pool.get().await.map_err(coord::Error::from)?;
-        coord::ensure_writable(&**client).await?;
-        coord::check_event_store(&**client, &config.event_store).await?;
-    }
+    let pool = ctx.writable_pool(&config, 3).await?;
     let cancel = crate::progress::cancel_on_ctrl_c();
     let bars = Bars::new(!ctx.json());
     let options = ReplayOptions {
@@ -45,23 +39,11 @@ pub async fn run(ctx: &Context, args: &CatchUpArgs) -> anyhow::Result<()> {
     let outcomes =
         catch_up_configured(&pool, &selected, &config.event_store, &options, &cancel).await;
     bars.finish();
-    let outcomes = outcomes?;
-    let total = outcomes.len();
-    let mut reports = Vec::new();
-    let mut failure = None;
-    for outcome in outcomes {
-        match outcome.result {
-            Ok(r) => reports.push(r),
-            Err(e) if failure.is_none() => failure = Some((outcome.label, e)),
-            Err(e) => tracing::error!(projector = %outcome.label, error = %e, "catch-up failed"),
-        }
-    }
-    if let Some((label, e)) = failure {
-        return Err(anyhow::Error::from(e).context(format!(
-            "caught up {} of {total} projector versions; {label} failed",
-            reports.len()
-        )));
-    }
+    let reports = coord::Steps::collect(
+        "caught up",
+        "projector versions",
+        outcomes?.into_iter().map(|o| (o.label, o.result)),
+    )?;
     if ctx.json() {
         return output::json(&serde_json::json!({ "projectors": reports }));
     }

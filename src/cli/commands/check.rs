@@ -17,7 +17,7 @@ pub struct CheckArgs {
 pub async fn run(ctx: &Context, args: CheckArgs) -> anyhow::Result<()> {
     let config = ctx.config()?;
     let mut client = ctx.connect(Some(&config)).await?;
-    coord::store::ensure_migrated(&client).await?;
+    coord::ensure_migrated(&client).await?;
     let publisher = Publisher::new(ctx.projectors(&config));
     let types = (!args.event_types.is_empty()).then_some(args.event_types.as_slice());
     let tx = client.transaction().await?;

@@ -51,14 +51,8 @@ pub async fn run(ctx: &Context, args: &ReplayArgs) -> anyhow::Result<()> {
     let config = ctx.config()?;
     let set = ctx.projectors(&config);
     let selected = select(&set, args.projector.as_deref())?;
-    let url = ctx.database_url(Some(&config))?;
     let jobs = usize::from(args.jobs);
-    let pool = coord::pool(&url, jobs * 2 + 1)?;
-    {
-        let client = pool.get().await.map_err(coord::Error::from)?;
-        coord::ensure_writable(&**client).await?;
-        coord::check_event_store(&**client, &config.event_store).await?;
-    }
+    let pool = ctx.writable_pool(&config, jobs * 2 + 1).await?;
     let cancel = crate::progress::cancel_on_ctrl_c();
     let bars = Bars::new(!ctx.json());
     let options = ReplayOptions {
@@ -79,22 +73,11 @@ pub async fn run(ctx: &Context, args: &ReplayArgs) -> anyhow::Result<()> {
     .await;
     bars.finish();
 
-    let total = outcomes.len();
-    let mut done = Vec::new();
-    let mut failures = Vec::new();
-    for outcome in outcomes {
-        match outcome.result {
-            Ok(d) => done.push(d),
-            Err(e) => failures.push((outcome.label, e)),
-        }
-    }
-    if let Some((label, first)) = failures.into_iter().next() {
-        let message = format!(
-            "replayed {} of {total} projectors; {label} failed",
-            done.len()
-        );
-        return Err(anyhow::Error::from(first).context(message));
-    }
+    let done = coord::Steps::collect(
+        "replayed",
+        "projectors",
+        outcomes.into_iter().map(|o| (o.label, o.result)),
+    )?;
     let cancelled = done
         .iter()
         .any(|d| d.catch_up.as_ref().is_some_and(|c| c.cancelled));
