@@ -6,9 +6,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use coord::records::parked_events;
 use coord::replay::{run_pass, start_replay, CancellationToken, ReplayOptions};
-use coord::store::{parked, Actor};
-use coord::{OnError, ProjectorName, RelationName};
+use coord::{Actor, OnError, ProjectorName, RelationName};
 use semver::Version;
 
 use crate::batch_handlers::replay_with;
@@ -68,7 +68,7 @@ async fn every_named_event_is_parked_and_the_rest_applied_in_one_more_call() {
     // applied whole: not one more call per bad event.
     assert_eq!(counting.calls.load(Ordering::SeqCst), 4 + 4);
     let client = db.client().await;
-    let parked = parked::list(&client, "all_named", "1.0.0").await.unwrap();
+    let parked = parked_events(&client, "all_named", "1.0.0").await.unwrap();
     assert_eq!(parked.iter().map(|p| p.position).collect::<Vec<_>>(), bad);
     for p in &parked {
         // Each with its own message, not the combined one.
