@@ -1,15 +1,26 @@
 //! Connections, made only when the caller asks: a single client, or a pool
 //! the caller owns; TLS as the URL's `sslmode` and `sslrootcert` say, with
 //! libpq's meanings ([`crate::tls`], docs/decisions/0022-tls.md).
+//!
+//! Every connection is named and watched (docs/decisions/0060-orphaned-work.md):
+//! its `application_name` says which command, host and process own it
+//! ([`owner`]), TCP keepalives run on both ends, and the server
+//! checks the client is still there during long statements
+//! (`client_connection_check_interval`, PostgreSQL 14 and later), so the work
+//! of a process that died ends within seconds instead of holding locks.
+
+mod owner;
 
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::DatabaseUrl;
 use crate::{Error, Result};
+
+pub(crate) use owner::{application_name, name_connections, owner_is_gone, owner_name};
 
 /// Connects once, retrying a refused or reset connection with backoff, and
 /// gives up when `deadline` has passed since the first attempt (DNS lookup,
@@ -38,6 +49,7 @@ pub async fn connect(url: &DatabaseUrl, deadline: Duration) -> Result<Client> {
                         tracing::debug!(error = %e, "connection closed");
                     }
                 });
+                client.batch_execute(SESSION_SETTINGS).await?;
                 return Ok(client);
             }
             Ok(Err(e)) if e.as_db_error().is_some() => return Err(Error::Db(e)),
@@ -85,6 +97,7 @@ pub(crate) async fn connect_with(
                     tracing::debug!(error = %e, "connection closed");
                 }
             });
+            client.batch_execute(SESSION_SETTINGS).await?;
             Ok(client)
         }
         Err(e) if e.as_db_error().is_some() => Err(Error::Db(e)),
@@ -103,8 +116,40 @@ pub(crate) fn parse_pg_config(url: &str) -> std::result::Result<tokio_postgres::
     let (rest, tls) = crate::tls::split(url)?;
     let mut config: tokio_postgres::Config = rest.parse().map_err(|e| format!("{e}"))?;
     config.ssl_mode(tls.pg_mode());
+    watch(&mut config);
     Ok(config)
 }
+
+/// Client-side TCP keepalives (probing after 10 s idle, every 5 s, 3 probes)
+/// where the connection string sets none, and the owner's `application_name`
+/// unless it names one.
+fn watch(config: &mut tokio_postgres::Config) {
+    // tokio-postgres' default idle time is two hours.
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(Duration::from_secs(10));
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(Duration::from_secs(5));
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(3);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name(application_name());
+    }
+}
+
+/// Run on every new connection: the server ends the session's work within
+/// seconds of its client going away: it checks the socket every 2 s during a
+/// statement (`client_connection_check_interval`, PostgreSQL 14 and later;
+/// absent before, so nothing is set there) and probes an idle link with TCP
+/// keepalives. Settings the server's configuration, the role, the database or
+/// the URL's `options` give are kept.
+const SESSION_SETTINGS: &str = "SELECT set_config(name, CASE name \
+    WHEN 'client_connection_check_interval' THEN '2s' WHEN 'tcp_keepalives_idle' THEN '10s' \
+    WHEN 'tcp_keepalives_interval' THEN '5s' ELSE '3' END, false) FROM pg_settings \
+    WHERE name IN ('client_connection_check_interval', 'tcp_keepalives_idle', \
+    'tcp_keepalives_interval', 'tcp_keepalives_count') AND source = 'default'";
 
 /// The TLS connector for `url`'s `sslmode` and `sslrootcert`.
 fn tls_connector(url: &DatabaseUrl) -> Result<MakeRustlsConnect> {
@@ -224,6 +269,14 @@ pub fn pool(url: &DatabaseUrl, size: usize) -> Result<Pool> {
         .get_connect_timeout()
         .map(|t| *t * 2 + Duration::from_secs(1));
     Pool::builder(manager)
+        .post_create(Hook::async_fn(|client, _| {
+            Box::pin(async move {
+                client
+                    .batch_execute(SESSION_SETTINGS)
+                    .await
+                    .map_err(HookError::Backend)
+            })
+        }))
         .max_size(size)
         .create_timeout(create_timeout)
         .runtime(Runtime::Tokio1)

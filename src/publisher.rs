@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::future::join;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Transaction};
 
 use crate::config::Mode;
@@ -293,8 +294,11 @@ impl Publisher {
                         return Err(e);
                     }
                     tracing::debug!(error = %e, pause_ms = pause.as_millis() as u64, "retrying publish");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(policy.max_pause);
+                    let wait = WAIT_OUT_MAX.min(policy.deadline.saturating_sub(started.elapsed()));
+                    if !wait_out_critical_section(client, events, wait).await? {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(policy.max_pause);
+                    }
                 }
                 Err(e) => {
                     tx.rollback().await?;
@@ -304,6 +308,68 @@ impl Publisher {
         }
     }
 }
+
+/// The longest one wait for a critical section to end lasts before the
+/// publisher retries anyway (docs/decisions/0066-publishers-wait-out-the-critical-section.md).
+const WAIT_OUT_MAX: Duration = Duration::from_millis(100);
+
+/// Holds the shared event-type keys of `events` in a short transaction of
+/// its own. An activation's critical section holds them exclusively from the
+/// moment it holds publishers back until it commits or gives up an attempt,
+/// so a publisher refused with `ProjectorIsActivating` waits here, holding
+/// nothing else, and retries the moment the flip commits instead of polling.
+/// Returns `false` at once when no critical section holds them (the
+/// activation is marked but its critical section has not begun: the caller
+/// pauses as before); `true` after waiting (or when `wait` passed first).
+///
+/// # Errors
+/// Database errors other than the lock timeout.
+async fn wait_out_critical_section(
+    client: &mut Client,
+    events: &[NewEvent],
+    wait: Duration,
+) -> Result<bool> {
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    let tx = client.transaction().await?;
+    let free: bool = tx
+        .query_typed(TRY_TYPE_KEYS, &[(&types, Type::TEXT_ARRAY)])
+        .await?
+        .first()
+        .map_or(Ok(true), |row| row.try_get(0))?;
+    if free {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        wait.as_millis().max(1)
+    ))
+    .await?;
+    match tx
+        .query_typed(WAIT_TYPE_KEYS, &[(&types, Type::TEXT_ARRAY)])
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {}
+        Err(e) => return Err(e.into()),
+    }
+    tx.rollback().await?;
+    Ok(true)
+}
+
+/// The event-type keys of the gate, shared, in the gate's (hash) order:
+/// whether all were free at once.
+const TRY_TYPE_KEYS: &str = concat!(
+    "SELECT coalesce(bool_and(pg_try_advisory_xact_lock_shared(",
+    crate::locks::key!(gate_event_type),
+    ", h)), true) FROM (SELECT DISTINCT hashtext(t) AS h FROM unnest($1::text[]) AS t ORDER BY 1) AS keys"
+);
+/// The same keys, waiting for each.
+const WAIT_TYPE_KEYS: &str = concat!(
+    "SELECT count(pg_advisory_xact_lock_shared(",
+    crate::locks::key!(gate_event_type),
+    ", h)) FROM (SELECT DISTINCT hashtext(t) AS h FROM unnest($1::text[]) AS t ORDER BY 1) AS keys"
+);
 
 /// The `projectors` argument of the gate for `set`: each name mapped to its
 /// version and fingerprint (`{"balances": {"version": "1.0.0", "fingerprint":

@@ -11,6 +11,12 @@
 //! that a new holder takes exclusively right after acquiring the lock, so a
 //! fenced transaction that passed its check commits before the next holder
 //! reads anything.
+//!
+//! Work left by a process that died (docs/decisions/0060-orphaned-work.md):
+//! a backend whose `application_name` says it belongs to a coord process of
+//! this host that no longer runs can only end; [`end_orphans`] ends it
+//! (`pg_terminate_backend`) and waits for it, bounded, naming it, before the
+//! lock is taken or a replay starts.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,6 +29,12 @@ use crate::config::DatabaseUrl;
 use crate::store::Actor;
 use crate::{Error, Result};
 
+/// How long the work of a dead process may take to end before giving up.
+const ORPHAN_WAIT: Duration = Duration::from_secs(30);
+/// Backends of this database named by a coord process.
+const COORD_BACKENDS: &str = "SELECT pid, application_name, backend_start::text \
+    FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() \
+    AND application_name LIKE 'coord%'";
 /// How often the lock's connection is checked for having ended.
 const WATCH_EVERY: Duration = Duration::from_millis(20);
 const TRY_LOCK: &str = "SELECT pg_try_advisory_lock(1668247413, 0)";
@@ -63,7 +75,8 @@ impl ActivationLock {
     /// database errors.
     pub async fn acquire(url: &DatabaseUrl, actor: &Actor, wait: Duration) -> Result<Self> {
         let mut config = url.pg_config();
-        config.application_name(format!("{} on {}", actor.command, actor.host));
+        let name = crate::db::owner_name(&actor.command, &actor.host, std::process::id());
+        config.application_name(name);
         let client = Arc::new(crate::db::connect_with(url, config).await?);
         let lost = CancellationToken::new();
         let released = Arc::new(AtomicBool::new(false));
@@ -100,12 +113,19 @@ impl ActivationLock {
                 // A previous holder that lost the lock may be inside a fenced
                 // transaction that already passed its check: let it end first.
                 client.batch_execute(WAIT_FOR_FENCED).await?;
+                // A dead run's batches may still hold row locks.
+                end_orphans(&client, ORPHAN_WAIT).await?;
                 return Ok(Self {
                     client,
                     pid,
                     lost,
                     released,
                 });
+            }
+            // The holder may be the connection of a run that died: its lock
+            // goes when that backend ends.
+            if end_orphans(&client, ORPHAN_WAIT).await? > 0 {
+                continue;
             }
             if started.elapsed() >= wait {
                 let holder = match client.query_opt(HOLDER, &[]).await? {
@@ -184,6 +204,61 @@ impl Drop for ActivationLock {
     fn drop(&mut self) {
         // Closing on purpose (an error path) is not a loss worth a warning.
         self.released.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Ends the backends of this database that belong to coord processes of
+/// this host that no longer run ([`crate::db::owner_is_gone`]): a batch, a
+/// held lock or an open transaction of a killed run. Each is named in a
+/// warning and terminated (`pg_terminate_backend`; without the privilege to,
+/// its own end is awaited: the server notices a dead client within seconds,
+/// [`crate::db`]); returns how many there were.
+///
+/// # Errors
+/// [`Error::Busy`] (exit code 7) naming those still running after `bound`;
+/// database errors.
+pub async fn end_orphans(client: &Client, bound: Duration) -> Result<usize> {
+    let started = Instant::now();
+    let mut ended: Vec<i32> = Vec::new();
+    loop {
+        let mut left = Vec::new();
+        for row in client.query(COORD_BACKENDS, &[]).await? {
+            let name: String = row.try_get(1)?;
+            if crate::db::owner_is_gone(&name) {
+                let pid: i32 = row.try_get(0)?;
+                let since: String = row.try_get(2)?;
+                left.push((pid, format!("{name} (server pid {pid}, since {since})")));
+            }
+        }
+        if left.is_empty() {
+            return Ok(ended.len());
+        }
+        if started.elapsed() >= bound {
+            let names: Vec<&str> = left.iter().map(|(_, name)| name.as_str()).collect();
+            return Err(Error::Busy(format!(
+                "the work of coord processes that no longer run did not end within {} s: {}; \
+                 end it with SELECT pg_terminate_backend(pid) and retry",
+                bound.as_secs(),
+                names.join(", ")
+            )));
+        }
+        for (pid, name) in &left {
+            if ended.contains(pid) {
+                continue;
+            }
+            ended.push(*pid);
+            tracing::warn!(
+                backend = %name,
+                "ending the work of a coord process that no longer runs"
+            );
+            if let Err(e) = client
+                .execute("SELECT pg_terminate_backend($1)", &[pid])
+                .await
+            {
+                tracing::warn!(backend = %name, error = %e, "cannot terminate it; waiting for it to end");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

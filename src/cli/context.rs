@@ -70,6 +70,7 @@ impl Context {
             actor: Actor::new(host, format!("coord {command}")),
             rust_projectors,
         };
+        crate::db::name_connections(&context.actor.command, &context.actor.host);
         // Every version a command registers gets the configured roles'
         // privileges. An unreadable file is reported by `config()`, which
         // every command that registers calls before writing anything.

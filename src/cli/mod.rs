@@ -50,7 +50,7 @@ enum Command {
     /// Rebuild the active version of a projector in place, without stopping publishers.
     Rebuild(commands::activate::RebuildArgs),
     /// Block until this configuration's versions are active.
-    Wait(commands::activate::WaitArgs),
+    Wait(commands::wait::WaitArgs),
     /// Run async projectors: tail the store, one leader per version, stop when a newer version is active.
     Run,
     /// HTTP: /ready (200 only while this configuration may publish), /status JSON, /metrics.
@@ -163,7 +163,7 @@ async fn run_command(ctx: &context::Context, command: Command) -> anyhow::Result
         Command::Rollback(args) => commands::activate::rollback(ctx, args).await,
         Command::Prune(args) => commands::activate::prune(ctx, args).await,
         Command::Rebuild(args) => commands::activate::rebuild(ctx, args).await,
-        Command::Wait(args) => commands::activate::wait(ctx, args).await,
+        Command::Wait(args) => commands::wait::run(ctx, args).await,
         Command::Run => commands::run::run(ctx).await,
         Command::Serve(args) => commands::serve::run(ctx, args).await,
         Command::Replay(args) => commands::replay::run(ctx, &args).await,

@@ -1041,3 +1041,69 @@ async fn a_concurrent_append_to_the_same_stream_is_a_retryable_conflict() {
         "StreamVersionConflict (CO006): stream s was appended to by a concurrent publisher: reload it and retry"
     );
 }
+
+/// A publisher refused with `ProjectorIsActivating` while a critical section
+/// holds back its event types waits for that section on the type's lock, in
+/// a transaction of its own that holds nothing else, and publishes as soon as
+/// the section ends: it does not poll (decision 0066).
+#[tokio::test]
+async fn a_refused_publisher_waits_out_the_critical_section_on_its_lock() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    build_version(&client, "1.0.0").await;
+    set_state(&client, "balances", Some("1.0.0"), Some("2.0.0"), None).await;
+
+    // The critical section: the event types' keys held exclusively.
+    let mut section = db.client().await;
+    let mut section_tx = section.transaction().await.unwrap();
+    gate::hold_back_publishers(
+        &mut section_tx,
+        &["MoneyDeposited".to_owned()],
+        LockPolicy::default(),
+    )
+    .await
+    .unwrap();
+
+    let mut publishing = db.client().await;
+    let pid = backend_pid(&publishing).await;
+    let task = tokio::spawn(async move {
+        publisher("1.0.0")
+            .publish_with_retry(
+                &mut publishing,
+                "acct-1",
+                ExpectedVersion::Any,
+                &[NewEvent::new("MoneyDeposited", json!({"amount": 5}))],
+                coord::RetryPolicy {
+                    deadline: Duration::from_secs(60),
+                    ..coord::RetryPolicy::default()
+                },
+            )
+            .await
+    });
+    // Refused, it waits on the lock (a polling publisher never does).
+    eventually(
+        Duration::from_secs(30),
+        "the refused publisher to wait on its event type's lock",
+        || waiting_on_lock(&client, pid),
+    )
+    .await;
+    assert_eq!(event_count(&client).await, 0);
+
+    // The activation is given up: back to replaying, the section ends.
+    section_tx
+        .execute(
+            "UPDATE coord.projector_states SET activating_version = NULL WHERE name = 'balances'",
+            &[],
+        )
+        .await
+        .unwrap();
+    section_tx.commit().await.unwrap();
+
+    let stored = tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("the publisher ends once the section has")
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(event_count(&client).await, 1);
+}

@@ -14,6 +14,8 @@ mod config;
 mod connect;
 mod connection_loss;
 mod contents;
+mod faults;
+mod faults_suite;
 mod gate;
 mod handler_errors;
 mod migrate;

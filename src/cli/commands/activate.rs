@@ -1,9 +1,9 @@
-//! `coord activate-current-config`, `coord rollback`, `coord prune`, `coord wait`.
+//! `coord activate-current-config`, `coord rollback`, `coord prune`, `coord rebuild`.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use coord::activation::{self, ActivateOptions};
 
 use crate::context::Context;
@@ -271,71 +271,6 @@ pub async fn prune(ctx: &Context, args: PruneArgs) -> anyhow::Result<()> {
         println!("dropped {} ({}@{})", v.schema_name, v.name, v.version);
     }
     Ok(())
-}
-
-/// What `coord wait` waits for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Until {
-    /// Every configured version is active.
-    Active,
-}
-
-/// Arguments of `coord wait`.
-#[derive(Debug, Args)]
-pub struct WaitArgs {
-    /// The condition.
-    #[arg(long, value_enum, default_value_t = Until::Active)]
-    pub until: Until,
-    /// Give up after this many seconds (exit code 8).
-    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
-    pub timeout: f64,
-}
-
-pub async fn wait(ctx: &Context, args: WaitArgs) -> anyhow::Result<()> {
-    if !(args.timeout.is_finite() && args.timeout >= 0.0) {
-        return Err(coord::Error::InvalidInput(
-            "--timeout must be a number of seconds >= 0".into(),
-        )
-        .into());
-    }
-    let config = ctx.config()?;
-    let mut client = ctx.connect(Some(&config)).await?;
-    let Until::Active = args.until;
-    let projectors = ctx.projectors(&config);
-    refuse_if_superseded(&mut client, &projectors).await?;
-    coord::activation::wait_until_active(
-        &client,
-        &projectors,
-        Duration::from_secs_f64(args.timeout),
-        Duration::from_millis(200),
-    )
-    .await?;
-    if ctx.json() {
-        return output::json(&serde_json::json!({ "active": true }));
-    }
-    println!("every configured version is active");
-    Ok(())
-}
-
-/// Fails at once, with the gate's error, when this configuration can never
-/// become active: a newer version is already active, or a projector it does
-/// not have. Waiting for it would only run into the timeout.
-async fn refuse_if_superseded(
-    client: &mut tokio_postgres::Client,
-    projectors: &coord::ProjectorSet,
-) -> anyhow::Result<()> {
-    coord::ensure_migrated(&*client).await?;
-    let publisher = coord::Publisher::new(projectors.clone());
-    let tx = client.transaction().await?;
-    let gate = publisher.check(&tx, None).await;
-    tx.rollback().await?;
-    match gate {
-        Err(
-            e @ (coord::Error::NewerProjectorIsActive { .. }
-            | coord::Error::UnknownProjectorActive { .. }),
-        ) => Err(e.into()),
-        _ => Ok(()),
-    }
 }
 
 /// Arguments of `coord rebuild`.

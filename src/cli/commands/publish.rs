@@ -17,8 +17,9 @@ pub struct PublishArgs {
     /// Event type.
     #[arg(long = "type", value_name = "TYPE")]
     pub event_type: String,
-    /// Payload, a JSON document.
-    #[arg(long, value_name = "JSON")]
+    /// Payload, a JSON document; `@PATH` reads it from a file, `-` from
+    /// standard input (for payloads beyond the argument limit).
+    #[arg(long, value_name = "JSON|@PATH|-")]
     pub data: String,
     /// Metadata, a JSON document.
     #[arg(long, value_name = "JSON")]
@@ -36,8 +37,28 @@ fn json_arg(flag: &str, text: &str) -> Result<serde_json::Value, coord::Error> {
         .map_err(|e| coord::Error::InvalidInput(format!("--{flag} is not valid JSON: {e}")))
 }
 
+/// `--data`: the JSON text itself, `@PATH` (a file) or `-` (standard input).
+fn data_arg(value: &str) -> Result<serde_json::Value, coord::Error> {
+    let (source, text) = if value == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|e| {
+            coord::Error::InvalidInput(format!("--data -: cannot read standard input: {e}"))
+        })?;
+        ("standard input", text)
+    } else if let Some(path) = value.strip_prefix('@') {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            coord::Error::InvalidInput(format!("--data @{path}: cannot read {path}: {e}"))
+        })?;
+        (path, text)
+    } else {
+        return json_arg("data", value);
+    };
+    serde_json::from_str(&text)
+        .map_err(|e| coord::Error::InvalidInput(format!("--data: {source} is not valid JSON: {e}")))
+}
+
 pub async fn run(ctx: &Context, args: PublishArgs) -> anyhow::Result<()> {
-    let data = json_arg("data", &args.data)?;
+    let data = data_arg(&args.data)?;
     let metadata = args
         .metadata
         .as_deref()
