@@ -19,6 +19,7 @@ mod faults_suite;
 mod gate;
 mod handler_errors;
 mod migrate;
+mod park_named;
 mod park_slices;
 mod parking;
 mod privileges;
