@@ -26,8 +26,8 @@ mod sql;
 pub use crate::event_store::Event;
 pub use batch_sql::BATCH_RELATION;
 pub use bulk::copy_rows;
-pub use failure::EventError;
-pub(crate) use failure::{handler_failure, handler_message};
+pub(crate) use failure::{handler_failure, handler_message, message_for, named_positions};
+pub use failure::{EventError, EventErrors};
 pub use set::ProjectorSet;
 pub use sql::SqlProjector;
 

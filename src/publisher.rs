@@ -321,10 +321,14 @@ const WAIT_OUT_MAX: Duration = Duration::from_millis(100);
 /// Returns `false` at once when no critical section holds them (the
 /// activation is marked but its critical section has not begun: the caller
 /// pauses as before); `true` after waiting (or when `wait` passed first).
+/// Call it after a [`Error::ProjectorIsActivating`] refusal, once the
+/// publishing transaction has rolled back: what
+/// [`Publisher::publish_with_retry`] does between attempts, for callers with
+/// their own retry loop.
 ///
 /// # Errors
 /// Database errors other than the lock timeout.
-async fn wait_out_critical_section(
+pub async fn wait_out_critical_section(
     client: &mut Client,
     events: &[NewEvent],
     wait: Duration,

@@ -123,30 +123,38 @@ impl Change<'_> {
         match self {
             Change::Activate { projector, old } => {
                 let version = projector.version().to_string();
-                states::activate(tx, name, &version).await?;
-                set_status(
-                    tx,
-                    actor,
-                    name,
-                    &version,
-                    VersionStatus::Activating,
-                    VersionStatus::Active,
-                    None,
-                )
-                .await?;
-                if let Some(old) = old {
-                    let why = format!("{version} is active");
+                let why = format!("{version} is active");
+                let retire_old = async {
+                    match old {
+                        Some(old) => {
+                            set_status(
+                                tx,
+                                actor,
+                                name,
+                                &old.version,
+                                VersionStatus::Active,
+                                VersionStatus::Retired,
+                                Some(&why),
+                            )
+                            .await
+                        }
+                        None => Ok(()),
+                    }
+                };
+                // Publishers wait for this commit: the writes are pipelined.
+                futures_util::try_join!(
+                    states::activate(tx, name, &version),
                     set_status(
                         tx,
                         actor,
                         name,
-                        &old.version,
+                        &version,
+                        VersionStatus::Activating,
                         VersionStatus::Active,
-                        VersionStatus::Retired,
-                        Some(&why),
-                    )
-                    .await?;
-                }
+                        None,
+                    ),
+                    retire_old,
+                )?;
             }
             Change::Retire { records, .. } => {
                 states::retire(tx, name).await?;
@@ -210,8 +218,12 @@ async fn set_status(
     to: VersionStatus,
     why: Option<&str>,
 ) -> Result<()> {
-    versions::set_status(tx, name, version, to).await?;
-    history::record(tx, actor, name, Some(version), Some(from), to, why).await
+    // Pipelined: each is one round trip (unprepared, typed).
+    futures_util::try_join!(
+        versions::set_status(tx, name, version, to),
+        history::record(tx, actor, name, Some(version), Some(from), to, why),
+    )?;
+    Ok(())
 }
 
 /// Carries out `change` in attempts that each either complete it or

@@ -81,10 +81,13 @@ pub(crate) async fn activate_version_fenced(
         let mut pooled = pool.get().await?;
         let client: &mut tokio_postgres::Client = &mut pooled;
         let tx = client.transaction().await?;
-        fence(lock, &tx, "the activation").await?;
-        let state = states::get(&tx, name, true)
-            .await?
-            .unwrap_or_else(|| empty_state(name));
+        // Publishers of this projector's types wait from here on: every
+        // statement is one round trip, independent ones pipelined.
+        let (_, state) = futures_util::try_join!(
+            fence(lock, &tx, "the activation"),
+            states::get(&tx, name, true)
+        )?;
+        let state = state.unwrap_or_else(|| empty_state(name));
         if state.activating_version.as_deref() != Some(version.as_str()) {
             if state.replaying_version.as_deref() != Some(version.as_str()) {
                 return Err(Error::Refused(format!(
@@ -92,18 +95,19 @@ pub(crate) async fn activate_version_fenced(
                     projector.label()
                 )));
             }
-            states::mark_activating(&tx, name, &version).await?;
-            versions::set_status(&tx, name, &version, VersionStatus::Activating).await?;
-            history::record(
-                &tx,
-                actor,
-                name,
-                Some(&version),
-                Some(VersionStatus::Replaying),
-                VersionStatus::Activating,
-                None,
-            )
-            .await?;
+            futures_util::try_join!(
+                states::mark_activating(&tx, name, &version),
+                versions::set_status(&tx, name, &version, VersionStatus::Activating),
+                history::record(
+                    &tx,
+                    actor,
+                    name,
+                    Some(&version),
+                    Some(VersionStatus::Replaying),
+                    VersionStatus::Activating,
+                    None,
+                ),
+            )?;
         }
         let old = match &state.active_version {
             Some(old) => versions::get(&tx, name, old).await?,

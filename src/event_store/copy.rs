@@ -136,6 +136,88 @@ pub(crate) fn walk_copy<'a>(
     }
 }
 
+/// Cuts binary `COPY` data of events (position first) to the tuples that
+/// fit `max_bytes` (the bytes of their tuples, always at least one tuple)
+/// and ends it with the trailer. `data` may end inside a tuple only when
+/// `complete` is false (a prefix of a longer `COPY`). Returns the tuples
+/// kept and the last one's position; `None` when `data` holds no complete
+/// tuple yet and is not `complete`.
+pub(crate) fn cut_copy(
+    data: &mut Vec<u8>,
+    max_bytes: usize,
+    complete: bool,
+) -> Result<Option<(usize, Option<i64>)>> {
+    const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+    if data.is_empty() && complete {
+        return Ok(Some((0, None)));
+    }
+    let bytes: &[u8] = data;
+    let take = |at: usize, n: usize| bytes.get(at..at + n);
+    let truncated = || Err(malformed("truncated"));
+    let Some(header) = take(0, 19) else {
+        return if complete { truncated() } else { Ok(None) };
+    };
+    if &header[..SIGNATURE.len()] != SIGNATURE {
+        return Err(malformed("bad signature"));
+    }
+    let ext = u32::from_be_bytes(header[15..19].try_into().expect("4 bytes")) as usize;
+    let start = 19 + ext;
+    let (mut at, mut rows, mut last) = (start, 0, None);
+    // Whether the walk stopped short of the trailer: `Some(true)` for data
+    // that ended first, `Some(false)` for the budget.
+    let stop = loop {
+        let Some(count) = take(at, 2) else {
+            break Some(true);
+        };
+        let count = i16::from_be_bytes(count.try_into().expect("2 bytes"));
+        if count < 0 {
+            break None;
+        }
+        let mut end = at + 2;
+        let mut position = None;
+        let mut whole = true;
+        for i in 0..count {
+            let Some(len) = take(end, 4) else {
+                whole = false;
+                break;
+            };
+            let len = i32::from_be_bytes(len.try_into().expect("4 bytes"));
+            end += 4;
+            if len > 0 {
+                let len = len as usize;
+                let Some(value) = take(end, len) else {
+                    whole = false;
+                    break;
+                };
+                if i == 0 {
+                    position = Some(field::<i64>(&[Some(value)], 0, &Type::INT8)?);
+                }
+                end += len;
+            }
+        }
+        if !whole {
+            break Some(true);
+        }
+        if rows > 0 && end - start > max_bytes {
+            break Some(false);
+        }
+        rows += 1;
+        last = position;
+        at = end;
+    };
+    if let Some(short) = stop {
+        if short && complete {
+            return truncated();
+        }
+        if rows == 0 {
+            return Ok(None);
+        }
+        data.truncate(at);
+        data.extend_from_slice(&(-1_i16).to_be_bytes());
+    }
+    Ok(Some((rows, last)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +278,39 @@ mod tests {
         let data = copy_data(&[vec![Some(b"12345678")]]);
         assert!(walk_copy(&data[..data.len() - 5], |_| Ok(())).is_err());
         assert!(walk_copy(b"PGCOPY", |_| Ok(())).is_err());
+    }
+
+    #[test]
+    fn copy_data_is_cut_to_the_byte_budget_keeping_one_tuple_at_least() {
+        let positions: Vec<[u8; 8]> = (1..=4_i64).map(|p| p.to_be_bytes()).collect();
+        let tuples: Vec<Vec<Option<&[u8]>>> = positions
+            .iter()
+            .map(|p| vec![Some(&p[..]), Some(&b"0123456789"[..])])
+            .collect();
+        // Each tuple: 2 + (4 + 8) + (4 + 10) = 28 bytes.
+        let full = copy_data(&tuples);
+        let mut data = full.clone();
+        assert_eq!(
+            cut_copy(&mut data, 1 << 20, true).unwrap(),
+            Some((4, Some(4)))
+        );
+        assert_eq!(data, full);
+        let mut data = full.clone();
+        assert_eq!(cut_copy(&mut data, 60, true).unwrap(), Some((2, Some(2))));
+        assert_eq!(walk_copy(&data, |_| Ok(())).unwrap(), 2);
+        let mut data = full.clone();
+        assert_eq!(cut_copy(&mut data, 1, true).unwrap(), Some((1, Some(1))));
+        // A prefix ending inside the first tuple holds nothing yet; one
+        // ending inside the third keeps two.
+        let mut data = full[..30].to_vec();
+        assert_eq!(cut_copy(&mut data, 1, false).unwrap(), None);
+        let mut data = full[..19 + 8 + 28 * 2 + 5].to_vec();
+        assert_eq!(
+            cut_copy(&mut data, 1 << 20, false).unwrap(),
+            Some((2, Some(2)))
+        );
+        assert_eq!(walk_copy(&data, |_| Ok(())).unwrap(), 2);
+        let mut data = full[..40].to_vec();
+        assert!(cut_copy(&mut data, 1 << 20, true).is_err());
     }
 }

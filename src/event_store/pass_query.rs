@@ -5,7 +5,7 @@
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Row};
 
-use crate::event_store::copy::{field, walk_copy, EventBatch};
+use crate::event_store::copy::{cut_copy, EventBatch};
 use crate::names::{quote_literal, RelationName};
 use crate::{Error, Result};
 
@@ -29,9 +29,11 @@ pub struct PassQuery {
     /// Whether to exclude `applied_ahead` rows (see [`has_ahead_after`](crate::store::checkpoint::has_ahead_after)).
     pub exclude_ahead: bool,
     /// A batch read ends before the event that would take the batch's size
-    /// (`stream_id`, `event_type`, `data`, `metadata` as stored, plus 64
-    /// bytes per event) to this many bytes; it always holds at least one
-    /// event. `i64::MAX`: no byte budget.
+    /// past this many bytes; it always holds at least one event. The size
+    /// is, for [`PassQuery::read`], `stream_id`, `event_type`, `data` and
+    /// `metadata` as stored plus 64 bytes per event; for
+    /// [`PassQuery::read_copy`], the events' binary `COPY` tuples (decision
+    /// 0071). `i64::MAX`: no byte budget.
     pub max_bytes: i64,
 }
 
@@ -118,8 +120,12 @@ impl PassQuery {
             .await?)
     }
 
-    /// The batch read of [`PassQuery::read_sql`] as a binary `COPY`, values
-    /// inlined as quoted literals (`COPY` takes no parameters).
+    /// The batch read of [`PassQuery::read_copy`], a binary `COPY` of at
+    /// most `limit` events after `cursor`, values inlined as quoted literals
+    /// (`COPY` takes no parameters). Unlike [`PassQuery::read_sql`] it does
+    /// not apply the byte budget: the window that sums the sizes cost the
+    /// server more than the scan (decision 0071); [`PassQuery::read_copy`]
+    /// applies it to the data as it arrives.
     ///
     /// # Errors
     /// [`Error::Failed`] when the snapshot or horizon is not what PostgreSQL
@@ -136,23 +142,28 @@ impl PassQuery {
             )));
         }
         let types: Vec<String> = self.event_types.iter().map(|t| quote_literal(t)).collect();
-        let sql = self
-            .read_sql()
-            .replace("$8", &self.max_bytes.to_string())
-            .replace("$7", &quote_literal(&self.version))
-            .replace("$6", &quote_literal(&self.name))
-            .replace("$5", &quote_literal(&self.horizon))
-            .replace("$4", &limit.to_string())
-            .replace("$3", &format!("ARRAY[{}]::text[]", types.join(", ")))
-            .replace("$2", &cursor.to_string())
-            .replace("$1", &quote_literal(&self.snapshot));
+        let sql = format!(
+            "SELECT e.position, e.stream_id, e.stream_version, e.event_type, e.data, e.metadata, \
+             e.recorded_at, CASE WHEN e.xact_id >= pg_snapshot_xmin($1::text::pg_snapshot) \
+             THEN e.xact_id::text END AS xact {} ORDER BY e.position LIMIT $4",
+            self.filter()
+        )
+        .replace("$7", &quote_literal(&self.version))
+        .replace("$6", &quote_literal(&self.name))
+        .replace("$5", &quote_literal(&self.horizon))
+        .replace("$4", &limit.to_string())
+        .replace("$3", &format!("ARRAY[{}]::text[]", types.join(", ")))
+        .replace("$2", &cursor.to_string())
+        .replace("$1", &quote_literal(&self.snapshot));
         Ok(format!("COPY ({sql}) TO STDOUT (FORMAT binary)"))
     }
 
     /// Reads a batch like [`PassQuery::read`] through a binary `COPY`, the
     /// fastest way rows leave PostgreSQL; decode with
-    /// [`EventBatch::decode_copy`]. Returns the data, its row count and the
-    /// last position.
+    /// [`EventBatch::decode_copy`]. The byte budget is applied as the data
+    /// arrives: once it is passed, the rest of the `COPY` is read and
+    /// dropped, so memory holds the budget and one event more. Returns the
+    /// data, its row count and the last position.
     ///
     /// # Errors
     /// Database errors; malformed `COPY` data.
@@ -162,17 +173,32 @@ impl PassQuery {
         cursor: i64,
         limit: i64,
     ) -> Result<(Vec<u8>, usize, Option<i64>)> {
+        let max_bytes = usize::try_from(self.max_bytes.max(1)).unwrap_or(usize::MAX);
         let stream = client.copy_out(&self.copy_sql(cursor, limit)?).await?;
         futures_util::pin_mut!(stream);
         let mut data = Vec::new();
+        let mut kept = None;
+        let mut dropped = 0_usize;
         while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
-            data.extend_from_slice(&chunk?);
+            let chunk = chunk?;
+            if kept.is_some() {
+                dropped += chunk.len();
+                continue;
+            }
+            data.extend_from_slice(&chunk);
+            // 64: more than the header.
+            if data.len() > max_bytes.saturating_add(64) {
+                kept = cut_copy(&mut data, max_bytes, false)?;
+            }
         }
-        let mut last = None;
-        let rows = walk_copy(&data, |fields| {
-            last = Some(field::<i64>(fields, 0, &Type::INT8)?);
-            Ok(())
-        })?;
+        let (rows, last) = match kept {
+            Some(kept) => {
+                tracing::debug!(dropped, "batch read cut by its byte budget");
+                kept
+            }
+            None => cut_copy(&mut data, max_bytes, true)?
+                .ok_or_else(|| Error::Failed("truncated COPY data".into()))?,
+        };
         Ok((data, rows, last))
     }
 

@@ -2,8 +2,8 @@
 //! the projector's `on_error` policy (docs/decisions/0016-parking-without-a-slow-path.md):
 //! the whole batch first (one call, so a projector can fold it); when that
 //! fails, the failing events are found without going event by event: an
-//! [`EventError`] names one directly, otherwise the failing range is
-//! bisected. Successful ranges are applied as wholes, each inside a
+//! [`EventError`] names one directly (an [`EventErrors`] several, decision
+//! 0070), otherwise the failing range is bisected. Successful ranges are applied as wholes, each inside a
 //! savepoint. Never commits.
 
 use std::borrow::Cow;
@@ -13,8 +13,11 @@ use tracing::{debug, warn};
 
 use crate::config::OnError;
 use crate::projector::{
-    handler_failure, ApplyContext, Event, EventError, HandlerError, Projector, ProjectorExt,
+    handler_failure, message_for, named_positions, ApplyContext, Event, HandlerError, Projector,
+    ProjectorExt,
 };
+#[cfg(doc)]
+use crate::projector::{EventError, EventErrors};
 use crate::store::parked;
 use crate::{Error, Result};
 
@@ -105,11 +108,21 @@ async fn attempt(
     }
 }
 
-/// The index in `events` of the event `error` names, if it is an
-/// [`EventError`] naming one of them.
+/// The indices in `events` (in order) of the events `error` names, if it
+/// is an [`EventError`] or [`EventErrors`] naming some of them.
+fn named_indices(error: &HandlerError, events: &[Event]) -> Vec<usize> {
+    let mut found: Vec<usize> = named_positions(error)
+        .into_iter()
+        .filter_map(|p| events.binary_search_by_key(&p, |e| e.position).ok())
+        .collect();
+    found.sort_unstable();
+    found.dedup();
+    found
+}
+
+/// The first of [`named_indices`].
 fn named_index(error: &HandlerError, events: &[Event]) -> Option<usize> {
-    let position = error.downcast_ref::<EventError>()?.position;
-    events.binary_search_by_key(&position, |e| e.position).ok()
+    named_indices(error, events).first().copied()
 }
 
 /// A failing batch whose error names no event is first split into slices of
@@ -134,19 +147,36 @@ impl Settle<'_, '_> {
         attempt(self.tx, self.projector, self.ctx, events).await
     }
 
-    /// Under `park`, while the error names its event: park it and apply the
+    /// Under `park`, while the error names events: park them and apply the
     /// rest again as one call, so a fold writes once however many events
-    /// fail. An error that names none falls back to [`Settle::bisect`].
+    /// fail (and, when its error names every failing event, is called only
+    /// once more). An error that names none falls back to [`Settle::bisect`].
     async fn park_named(&mut self, events: &[Event], mut error: HandlerError) -> Result<()> {
         let mut rest = Cow::Borrowed(events);
-        while let Some(i) = named_index(&error, &rest) {
-            let event = rest.to_mut().remove(i);
-            if rest.is_empty() {
-                return self.park(&event, &error).await;
+        loop {
+            let named = named_indices(&error, &rest);
+            if named.is_empty() {
+                break;
             }
-            // Not pipelined with the attempt: the parked row must be written
-            // before its savepoint opens, or a failing attempt would roll it back.
-            self.park(&event, &error).await?;
+            let failing: Vec<Event> = named
+                .iter()
+                .rev()
+                .map(|&i| rest.to_mut().remove(i))
+                .collect();
+            // Pipelined with one another, not with the attempt: the parked
+            // rows must be written before its savepoint opens, or a failing
+            // attempt would roll them back.
+            let (tx, projector) = (self.tx, self.projector);
+            let parks = failing.iter().rev().map(|event| {
+                let message = message_for(&error, event.position);
+                async move { record_parked(tx, projector, event, &message).await }
+            });
+            futures_util::future::try_join_all(parks).await?;
+            self.outcome.parked += failing.len();
+            self.outcome.handled += failing.len();
+            if rest.is_empty() {
+                return Ok(());
+            }
             self.outcome.retries += 1;
             let attempted = attempt(self.tx, self.projector, self.ctx, &rest).await;
             match attempted? {
@@ -224,7 +254,8 @@ impl Settle<'_, '_> {
     }
 
     async fn park(&mut self, event: &Event, error: &HandlerError) -> Result<()> {
-        record_parked(self.tx, self.projector, event, error).await?;
+        let message = message_for(error, event.position);
+        record_parked(self.tx, self.projector, event, &message).await?;
         self.outcome.parked += 1;
         self.outcome.handled += 1;
         Ok(())
@@ -235,14 +266,13 @@ impl Settle<'_, '_> {
     }
 }
 
-/// Records `event` in `coord.parked_events` with `error`'s message.
+/// Records `event` in `coord.parked_events` with `message`.
 async fn record_parked(
     tx: &Transaction<'_>,
     projector: &dyn Projector,
     event: &Event,
-    error: &HandlerError,
+    message: &str,
 ) -> Result<()> {
-    let message = handler_message(&**error);
     warn!(
         projector = %projector.label(),
         position = event.position,
@@ -251,5 +281,5 @@ async fn record_parked(
         "parked an event whose handler failed"
     );
     let version = projector.version().to_string();
-    parked::insert(tx, projector.name().as_str(), &version, event, &message).await
+    parked::insert(tx, projector.name().as_str(), &version, event, message).await
 }

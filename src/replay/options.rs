@@ -15,9 +15,10 @@ pub struct ReplayOptions {
     /// Events per batch (one transaction each). Default 50,000.
     pub batch_size: usize,
     /// Bytes per batch: a batch also closes before the event that would take
-    /// the size of its events (as stored: stream id, type, data, metadata,
-    /// plus 64 bytes each) past this, so memory follows this budget rather
-    /// than the events' weight. A batch holds at least one event. Default
+    /// the size of its events (as read: their binary `COPY` tuples; inside a
+    /// caller's transaction, as stored plus 64 bytes each) past this, so
+    /// memory follows this budget rather than the events' weight (decision
+    /// 0071). A batch holds at least one event. Default
     /// [`DEFAULT_BATCH_BYTES`] (16 MiB).
     pub batch_bytes: usize,
     /// Projector versions replayed at once by [`crate::replay::replay_many`]. Default 2.

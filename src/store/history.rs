@@ -1,5 +1,6 @@
 //! `coord.transitions`: the append-only audit trail of state changes.
 
+use tokio_postgres::types::Type;
 use tokio_postgres::{GenericClient, Row};
 
 use super::versions::VersionStatus;
@@ -70,16 +71,16 @@ pub async fn record(
 ) -> Result<()> {
     let (from, to) = (from.map(VersionStatus::as_str), to.as_str());
     client
-        .execute(
+        .execute_typed(
             INSERT,
             &[
-                &name,
-                &version,
-                &from,
-                &to,
-                &actor.host,
-                &actor.command,
-                &detail,
+                (&name, Type::TEXT),
+                (&version, Type::TEXT),
+                (&from, Type::TEXT),
+                (&to, Type::TEXT),
+                (&actor.host, Type::TEXT),
+                (&actor.command, Type::TEXT),
+                (&detail, Type::TEXT),
             ],
         )
         .await?;

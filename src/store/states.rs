@@ -1,5 +1,6 @@
 //! `coord.projector_states`: the public one-row-per-projector table.
 
+use tokio_postgres::types::Type;
 use tokio_postgres::{GenericClient, Row};
 
 use crate::Result;
@@ -59,14 +60,19 @@ pub async fn get(
     for_update: bool,
 ) -> Result<Option<ProjectorState>> {
     let lock = if for_update { " FOR UPDATE" } else { "" };
+    // Unprepared and typed: one round trip (the activation's hot path).
     let row = client
-        .query_opt(&format!("{SELECT} WHERE name = $1{lock}"), &[&name])
+        .query_typed_opt(
+            &format!("{SELECT} WHERE name = $1{lock}"),
+            &[(&name, Type::TEXT)],
+        )
         .await?;
     Ok(row.as_ref().map(ProjectorState::try_from).transpose()?)
 }
 
 // The transitions of `coord.projector_states`: each writes only the
-// columns it changes, inserting the row when the projector has none yet.
+// columns it changes (unprepared and typed: one round trip each, so the
+// critical section can pipeline them), inserting the row when the projector has none yet.
 // The table's check keeps `replaying_version` and `activating_version`
 // from both being set.
 const START_REPLAYING: &str = "INSERT INTO coord.projector_states AS s \
@@ -92,7 +98,12 @@ const RETIRE: &str = "UPDATE coord.projector_states SET active_version = NULL, \
 /// # Errors
 /// Database errors.
 pub async fn start_replaying(client: &impl GenericClient, name: &str, version: &str) -> Result<()> {
-    client.execute(START_REPLAYING, &[&name, &version]).await?;
+    client
+        .execute_typed(
+            START_REPLAYING,
+            &[(&name, Type::TEXT), (&version, Type::TEXT)],
+        )
+        .await?;
     Ok(())
 }
 
@@ -101,7 +112,9 @@ pub async fn start_replaying(client: &impl GenericClient, name: &str, version: &
 /// # Errors
 /// Database errors.
 pub async fn stop_replaying(client: &impl GenericClient, name: &str) -> Result<()> {
-    client.execute(STOP_REPLAYING, &[&name]).await?;
+    client
+        .execute_typed(STOP_REPLAYING, &[(&name, Type::TEXT)])
+        .await?;
     Ok(())
 }
 
@@ -111,7 +124,12 @@ pub async fn stop_replaying(client: &impl GenericClient, name: &str) -> Result<(
 /// # Errors
 /// Database errors.
 pub async fn mark_activating(client: &impl GenericClient, name: &str, version: &str) -> Result<()> {
-    client.execute(MARK_ACTIVATING, &[&name, &version]).await?;
+    client
+        .execute_typed(
+            MARK_ACTIVATING,
+            &[(&name, Type::TEXT), (&version, Type::TEXT)],
+        )
+        .await?;
     Ok(())
 }
 
@@ -120,7 +138,9 @@ pub async fn mark_activating(client: &impl GenericClient, name: &str, version: &
 /// # Errors
 /// Database errors.
 pub async fn activate(client: &impl GenericClient, name: &str, version: &str) -> Result<()> {
-    client.execute(ACTIVATE, &[&name, &version]).await?;
+    client
+        .execute_typed(ACTIVATE, &[(&name, Type::TEXT), (&version, Type::TEXT)])
+        .await?;
     Ok(())
 }
 
@@ -129,6 +149,6 @@ pub async fn activate(client: &impl GenericClient, name: &str, version: &str) ->
 /// # Errors
 /// Database errors.
 pub async fn retire(client: &impl GenericClient, name: &str) -> Result<()> {
-    client.execute(RETIRE, &[&name]).await?;
+    client.execute_typed(RETIRE, &[(&name, Type::TEXT)]).await?;
     Ok(())
 }

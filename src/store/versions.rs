@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use tokio_postgres::types::Type;
 use tokio_postgres::{GenericClient, Row};
 
 use crate::config::Mode;
@@ -196,9 +197,9 @@ pub async fn get(
     version: &str,
 ) -> Result<Option<VersionRecord>> {
     let row = client
-        .query_opt(
+        .query_typed_opt(
             &format!("{SELECT} WHERE name = $1 AND version = $2"),
-            &[&name, &version],
+            &[(&name, Type::TEXT), (&version, Type::TEXT)],
         )
         .await?;
     row.as_ref().map(VersionRecord::try_from).transpose()
@@ -300,7 +301,14 @@ pub async fn set_status(
     status: VersionStatus,
 ) -> Result<()> {
     let n = client
-        .execute(SET_STATUS, &[&name, &version, &status.as_str()])
+        .execute_typed(
+            SET_STATUS,
+            &[
+                (&name, Type::TEXT),
+                (&version, Type::TEXT),
+                (&status.as_str(), Type::TEXT),
+            ],
+        )
         .await?;
     if n == 0 {
         return Err(Error::Failed(format!(

@@ -20,6 +20,7 @@ mod gate;
 mod handler_errors;
 mod interrupted;
 mod migrate;
+mod park_named;
 mod park_slices;
 mod parking;
 mod privileges;

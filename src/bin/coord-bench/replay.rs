@@ -6,14 +6,16 @@
 //! with one event in N failing; and a check that every projector's balances
 //! equal a from-scratch SQL computation.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::bail;
 use coord::replay::{ReplayOptions, DEFAULT_BATCH_BYTES};
-use coord::OnError;
+use coord::{OnError, ProjectorName};
 use futures_util::{pin_mut, StreamExt};
 
 use crate::bank::{self, Kind};
+use crate::reference::BalancesProjector;
 use crate::support::{peak_rss_mb, reset_peak_rss, BenchDb, Common};
 use crate::OutputFormat;
 
@@ -219,7 +221,18 @@ async fn bench(args: &Args, db: &BenchDb) -> anyhow::Result<Figures> {
                 Kind::Sql => continue,
             };
             let name = format!("park_{}", kind_name(kind));
-            let projector = bank::projector(kind, &name, OnError::Park)?;
+            let projector = match kind {
+                // Names every failing event of a call (decision 0070).
+                Kind::Rust => Arc::new(
+                    BalancesProjector::new(
+                        ProjectorName::new(&name).map_err(anyhow::Error::msg)?,
+                        semver::Version::new(1, 0, 0),
+                    )
+                    .with_on_error(OnError::Park)
+                    .naming_every_failure(),
+                ),
+                _ => bank::projector(kind, &name, OnError::Park)?,
+            };
             let secs = bank::replay(&pool, &mut client, projector.as_ref(), &options).await?;
             f.results_equal &= bank::balances_equal(&client, projector.as_ref()).await?;
             let rate = n / secs;

@@ -79,8 +79,9 @@ pub(super) struct Attempt {
     pub(super) longest_try: Duration,
 }
 
-/// Publishes like [`Publisher::publish_with_retry`] (retrying
-/// `ProjectorIsActivating` with a short backoff), timing each attempt:
+/// Publishes like [`Publisher::publish_with_retry`] (after a
+/// `ProjectorIsActivating` refusal, waiting out the critical section or
+/// pausing briefly), timing each attempt:
 /// returns the result and the longest attempt.
 async fn publish_timed(
     publisher: &Publisher,
@@ -113,8 +114,21 @@ async fn publish_timed(
             Err(Error::ProjectorIsActivating { .. })
                 if started.elapsed() + pause <= policy.deadline =>
             {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(policy.max_pause);
+                // Outside the gate, holding nothing: not part of an attempt.
+                match coord::wait_out_critical_section(
+                    client,
+                    std::slice::from_ref(&event),
+                    Duration::from_millis(100),
+                )
+                .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(policy.max_pause);
+                    }
+                    Err(e) => return (Err(e), longest),
+                }
             }
             other => return (other, longest),
         }
