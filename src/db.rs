@@ -20,7 +20,9 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use crate::config::DatabaseUrl;
 use crate::{Error, Result};
 
-pub(crate) use owner::{application_name, name_connections, owner_is_gone, owner_name};
+#[cfg(feature = "cli")]
+pub(crate) use owner::name_connections;
+pub(crate) use owner::{application_name, owner_is_gone, owner_name};
 
 /// Connects once, retrying a refused or reset connection with backoff, and
 /// gives up when `deadline` has passed since the first attempt (DNS lookup,

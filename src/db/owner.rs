@@ -9,6 +9,7 @@ static OWNER: OnceLock<(String, String)> = OnceLock::new();
 /// Names the connections this process makes from now on as `program` (e.g.
 /// `coord replay`, the command) on `host`; the first call wins. Without it
 /// they are named `coord` on the kernel's host name.
+#[cfg(feature = "cli")]
 pub(crate) fn name_connections(program: &str, host: &str) {
     let _ = OWNER.set((program.to_owned(), host.to_owned()));
 }
