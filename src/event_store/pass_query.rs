@@ -35,6 +35,12 @@ pub struct PassQuery {
     /// [`PassQuery::read_copy`], the events' binary `COPY` tuples (decision
     /// 0071). `i64::MAX`: no byte budget.
     pub max_bytes: i64,
+    /// Whether [`PassQuery::read_copy`] returns the events' `data` and
+    /// `metadata`; false (for projectors that do not read them, see
+    /// [`Projector::replay_reads_payload`](crate::Projector::replay_reads_payload))
+    /// returns nulls instead, so the server does not render them.
+    /// [`PassQuery::read`] always returns them.
+    pub payload: bool,
 }
 
 impl PassQuery {
@@ -131,6 +137,27 @@ impl PassQuery {
     /// [`Error::Failed`] when the snapshot or horizon is not what PostgreSQL
     /// produces for them.
     pub fn copy_sql(&self, cursor: i64, limit: i64) -> Result<String> {
+        let payload = if self.payload {
+            "e.data, e.metadata"
+        } else {
+            "NULL::jsonb, NULL::jsonb"
+        };
+        let sql = self.inline(
+            &format!(
+                "SELECT e.position, e.stream_id, e.stream_version, e.event_type, {payload}, \
+                 e.recorded_at, CASE WHEN e.xact_id >= pg_snapshot_xmin($1::text::pg_snapshot) \
+                 THEN e.xact_id::text END AS xact {} ORDER BY e.position LIMIT $4",
+                self.filter()
+            ),
+            cursor,
+            limit,
+        )?;
+        Ok(format!("COPY ({sql}) TO STDOUT (FORMAT binary)"))
+    }
+
+    /// `sql` (over the parameters of [`PassQuery::read`]) with the values
+    /// inlined as literals, checked first.
+    fn inline(&self, sql: &str, cursor: i64, limit: i64) -> Result<String> {
         let numeric = |text: &str| {
             text.chars()
                 .all(|c| c.is_ascii_digit() || c == ':' || c == ',')
@@ -142,20 +169,14 @@ impl PassQuery {
             )));
         }
         let types: Vec<String> = self.event_types.iter().map(|t| quote_literal(t)).collect();
-        let sql = format!(
-            "SELECT e.position, e.stream_id, e.stream_version, e.event_type, e.data, e.metadata, \
-             e.recorded_at, CASE WHEN e.xact_id >= pg_snapshot_xmin($1::text::pg_snapshot) \
-             THEN e.xact_id::text END AS xact {} ORDER BY e.position LIMIT $4",
-            self.filter()
-        )
-        .replace("$7", &quote_literal(&self.version))
-        .replace("$6", &quote_literal(&self.name))
-        .replace("$5", &quote_literal(&self.horizon))
-        .replace("$4", &limit.to_string())
-        .replace("$3", &format!("ARRAY[{}]::text[]", types.join(", ")))
-        .replace("$2", &cursor.to_string())
-        .replace("$1", &quote_literal(&self.snapshot));
-        Ok(format!("COPY ({sql}) TO STDOUT (FORMAT binary)"))
+        Ok(sql
+            .replace("$7", &quote_literal(&self.version))
+            .replace("$6", &quote_literal(&self.name))
+            .replace("$5", &quote_literal(&self.horizon))
+            .replace("$4", &limit.to_string())
+            .replace("$3", &format!("ARRAY[{}]::text[]", types.join(", ")))
+            .replace("$2", &cursor.to_string())
+            .replace("$1", &quote_literal(&self.snapshot)))
     }
 
     /// Reads a batch like [`PassQuery::read`] through a binary `COPY`, the
@@ -173,10 +194,31 @@ impl PassQuery {
         cursor: i64,
         limit: i64,
     ) -> Result<(Vec<u8>, usize, Option<i64>)> {
+        let mut data = Vec::new();
+        let (rows, last) = self
+            .read_copy_into(client, cursor, limit, &mut data)
+            .await?;
+        Ok((data, rows, last))
+    }
+
+    /// Like [`PassQuery::read_copy`], into `data` (cleared first): a reader
+    /// that gives each batch a buffer it used before allocates its buffers
+    /// once per pass, not once per batch. Returns the row count and the
+    /// last position.
+    ///
+    /// # Errors
+    /// Database errors; malformed `COPY` data.
+    pub async fn read_copy_into(
+        &self,
+        client: &tokio_postgres::Client,
+        cursor: i64,
+        limit: i64,
+        data: &mut Vec<u8>,
+    ) -> Result<(usize, Option<i64>)> {
+        data.clear();
         let max_bytes = usize::try_from(self.max_bytes.max(1)).unwrap_or(usize::MAX);
         let stream = client.copy_out(&self.copy_sql(cursor, limit)?).await?;
         futures_util::pin_mut!(stream);
-        let mut data = Vec::new();
         let mut kept = None;
         let mut dropped = 0_usize;
         while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
@@ -188,18 +230,52 @@ impl PassQuery {
             data.extend_from_slice(&chunk);
             // 64: more than the header.
             if data.len() > max_bytes.saturating_add(64) {
-                kept = cut_copy(&mut data, max_bytes, false)?;
+                kept = cut_copy(data, max_bytes, false)?;
             }
         }
-        let (rows, last) = match kept {
+        match kept {
             Some(kept) => {
                 tracing::debug!(dropped, "batch read cut by its byte budget");
-                kept
+                Ok(kept)
             }
-            None => cut_copy(&mut data, max_bytes, true)?
-                .ok_or_else(|| Error::Failed("truncated COPY data".into()))?,
-        };
-        Ok((data, rows, last))
+            None => cut_copy(data, max_bytes, true)?
+                .ok_or_else(|| Error::Failed("truncated COPY data".into())),
+        }
+    }
+
+    /// The events the pass still has to apply after `cursor`, for progress:
+    /// counted when the planner expects at most `exact_max` of them,
+    /// otherwise the planner's estimate (from the statistics of position,
+    /// event type and `xact_id`; it leaves out the snapshot and
+    /// `applied_ahead`, which exclude few events). Counting a large store
+    /// took a parallel scan of all of it at the start of every replay,
+    /// about a CPU-second per million events taken from the replay itself
+    /// (decision 0075).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn count_or_estimate(
+        &self,
+        client: &impl GenericClient,
+        cursor: i64,
+        exact_max: i64,
+    ) -> Result<i64> {
+        let mut sql = format!(
+            "EXPLAIN (FORMAT JSON) SELECT 1 FROM {} e WHERE e.position > $2 \
+             AND e.event_type = ANY($3)",
+            self.event_store.quoted()
+        );
+        if self.horizon != "0" {
+            sql.push_str(" AND e.xact_id >= $5::text::xid8");
+        }
+        let sql = self.inline(&sql, cursor, 0)?;
+        let row = client.query_one(&sql, &[]).await?;
+        let plan: serde_json::Value = row.try_get(0)?;
+        let estimate = plan[0]["Plan"]["Plan Rows"].as_f64();
+        match estimate {
+            Some(rows) if rows > exact_max as f64 => Ok(rows as i64),
+            _ => self.count(client, cursor).await,
+        }
     }
 
     /// Counts the events the pass still has to apply after `cursor`.

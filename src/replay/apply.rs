@@ -69,6 +69,7 @@ pub(super) fn query(
         snapshot: snapshot.to_owned(),
         exclude_ahead,
         max_bytes,
+        payload: true,
     }
 }
 

@@ -118,7 +118,7 @@ async fn attempt(
         .await
         .at(|| START.into())?;
     let max_bytes = i64::try_from(options.batch_bytes.max(1)).unwrap_or(i64::MAX);
-    let q = query(
+    let mut q = query(
         projector,
         event_store,
         &start.horizon,
@@ -126,20 +126,21 @@ async fn attempt(
         exclude_ahead,
         max_bytes,
     );
+    q.payload = projector.replay_reads_payload();
     let read_step = || format!("replay read after position {}", grouped(cursor));
     let batches = pipeline::read_batches(
         pool.get().await.at(read_step)?,
         q.clone(),
         cursor,
         i64::try_from(options.batch_size.max(1)).unwrap_or(i64::MAX),
-        projector.replay_reads_payload(),
+        q.payload,
         cancel.clone(),
     )
     .at(read_step)?;
     let total = if options.count_total {
         let count_started = Instant::now();
         let remaining = q
-            .count(&**writer, cursor)
+            .count_or_estimate(&**writer, cursor, EXACT_COUNT_MAX)
             .await
             .at(|| format!("replay count after position {}", grouped(cursor)))?;
         debug!(
@@ -200,6 +201,10 @@ async fn attempt(
     }
     Ok(())
 }
+
+/// A pass counts the events it has to apply when the planner expects at
+/// most this many; it takes the planner's estimate above (decision 0075).
+const EXACT_COUNT_MAX: i64 = 100_000;
 
 /// Locks the checkpoint of `projector`'s version and begins a pass over
 /// the current snapshot, or resumes the pass in progress. Returns the

@@ -23,7 +23,9 @@ use crate::{Error, Result};
 ///
 /// Three stages overlap: the reader fetches batch n+2 (server), the decoder
 /// turns batch n+1 into events (client CPU), and the caller applies batch n
-/// (server).
+/// (server). The decoder starts on batch n+1 only once the caller has
+/// taken batch n, so at most two decoded batches are alive, and the `COPY`
+/// buffers go back to the reader (decision 0075).
 ///
 /// # Errors
 /// [`Error::Failed`] when the decoder thread cannot start.
@@ -35,37 +37,58 @@ pub(super) fn read_batches(
     payload: bool,
     cancel: CancellationToken,
 ) -> Result<mpsc::Receiver<Result<EventBatch, StepError>>> {
-    let (row_sender, row_receiver) = mpsc::channel::<Result<Vec<u8>, StepError>>(1);
+    let (row_sender, row_receiver) = mpsc::channel::<Read>(1);
     let (sender, receiver) = mpsc::channel::<Result<EventBatch, StepError>>(1);
-    tokio::spawn(read(reader, query, cursor, max_limit, cancel, row_sender));
+    // The decoder gives each buffer back to the reader once decoded: a pass
+    // allocates its few `COPY` buffers once, at their largest, instead of
+    // growing a new one for every batch (decision 0075).
+    let (free_sender, free_receiver) = mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(read(
+        reader,
+        query,
+        cursor,
+        max_limit,
+        cancel,
+        row_sender,
+        free_receiver,
+    ));
     // One thread decodes every batch of the pass: with a blocking-pool
     // thread per batch, the allocator kept an arena per thread and memory
     // grew with the number of batches (decision 0017).
+    let runtime = tokio::runtime::Handle::current();
     std::thread::Builder::new()
         .name("coord-decode".into())
-        .spawn(move || decode(row_receiver, sender, payload))
+        .spawn(move || decode(&runtime, row_receiver, sender, payload, free_sender))
         .map_err(|e| Error::Failed(format!("cannot start the event decoder: {e}")))?;
     Ok(receiver)
 }
 
+/// The `COPY` data of a batch and its row count.
+type Read = Result<(Vec<u8>, usize), StepError>;
+
 /// The reader task: `COPY` data of each batch, until an empty read, an
-/// error, cancellation, or the receiver going away.
+/// error, cancellation, or the receiver going away; each into a buffer the
+/// decoder gave back, when there is one.
 async fn read(
     reader: Object,
     query: PassQuery,
     mut cursor: i64,
     max_limit: i64,
     cancel: CancellationToken,
-    sender: mpsc::Sender<Result<Vec<u8>, StepError>>,
+    sender: mpsc::Sender<Read>,
+    mut free: mpsc::UnboundedReceiver<Vec<u8>>,
 ) {
     let mut limit = max_limit;
     while !cancel.is_cancelled() {
         let read_started = Instant::now();
-        let result = query.read_copy(&reader, cursor, limit).await;
+        let mut data = free.try_recv().unwrap_or_default();
+        let result = query
+            .read_copy_into(&reader, cursor, limit, &mut data)
+            .await;
         // The pass ends with an empty read: a short batch may have been
         // cut by the byte budget.
         let (result, last) = match result {
-            Ok((data, rows, last_position)) => {
+            Ok((rows, last_position)) => {
                 debug!(
                     read_ms = read_started.elapsed().as_millis() as u64,
                     rows,
@@ -76,7 +99,7 @@ async fn read(
                     cursor = position;
                 }
                 limit = next_limit(limit, rows as i64, max_limit);
-                (Ok(data), rows == 0)
+                (Ok((data, rows)), rows == 0)
             }
             Err(e) => {
                 let step = format!("replay read after position {}", grouped(cursor));
@@ -89,20 +112,35 @@ async fn read(
     }
 }
 
-/// The decoder thread.
+/// The decoder thread; gives each buffer back to the reader once decoded.
+/// It decodes a batch only once the pass has taken the one before, so at
+/// most two decoded batches are alive: the one applied and the next (with
+/// a batch waiting in the channel too, peak memory held three).
 fn decode(
-    mut receiver: mpsc::Receiver<Result<Vec<u8>, StepError>>,
+    runtime: &tokio::runtime::Handle,
+    mut receiver: mpsc::Receiver<Read>,
     sender: mpsc::Sender<Result<EventBatch, StepError>>,
     payload: bool,
+    free: mpsc::UnboundedSender<Vec<u8>>,
 ) {
-    while let Some(data) = receiver.blocking_recv() {
-        let decoded = data.and_then(|data| {
-            EventBatch::decode_copy_with(&data, payload)
-                .map_err(|e| StepError::new("replay decode of a batch", e))
-        });
-        if sender.blocking_send(decoded).is_err() {
+    // Room for the next batch first: the pass has taken the one before.
+    while let Ok(room) = runtime.block_on(sender.reserve()) {
+        let Some(read) = receiver.blocking_recv() else {
             break;
-        }
+        };
+        let decoded = read.and_then(|(data, rows)| {
+            let started = Instant::now();
+            let batch = EventBatch::decode_copy_rows(&data, rows, payload)
+                .map_err(|e| StepError::new("replay decode of a batch", e));
+            debug!(
+                decode_ms = started.elapsed().as_millis() as u64,
+                rows, "decoded batch"
+            );
+            // The reader may be gone (the pass ended): the buffer is freed.
+            let _ = free.send(data);
+            batch
+        });
+        room.send(decoded);
     }
 }
 

@@ -142,3 +142,26 @@ async fn slices_keep_order_under_fail() {
         .get(0);
     assert_eq!(rows, before_first);
 }
+
+#[tokio::test]
+async fn a_failing_slice_is_searched_in_about_one_call_per_halving() {
+    let db = TestDb::migrated().await;
+    let bad = store(&db).await;
+    let projector = counting("park");
+    let report = replay_with(&db, &projector, one_batch()).await;
+    assert_eq!((report.applied, report.parked), (EVENTS as u64 - 20, 20));
+    // 39 slices of 512-513 events, 20 of them with one failing event each.
+    // Halving a failing slice tries its first half: when that applies, the
+    // second half is known to fail and is halved at once; after the failing
+    // event is parked, the rest of the slice is tried as one. So about
+    // log2(512) + 2 calls per failing slice (decision 0076), where trying
+    // both halves at every level took about 2 log2(512).
+    let calls = projector.calls.load(Ordering::SeqCst);
+    let slices = EVENTS as usize / 512;
+    let per_failing_slice = 12;
+    assert!(
+        calls <= 1 + slices + bad.len() * per_failing_slice,
+        "{calls} calls of the projector for {} failing events",
+        bad.len()
+    );
+}

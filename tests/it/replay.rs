@@ -204,6 +204,7 @@ async fn catch_up_reads_the_delta_through_the_xact_id_index() {
         snapshot: "1:1:".into(),
         exclude_ahead: true,
         max_bytes: i64::MAX,
+        payload: true,
     };
     let plan: Vec<String> = client
         .query(
@@ -228,6 +229,70 @@ async fn catch_up_reads_the_delta_through_the_xact_id_index() {
         .collect();
     let plan = plan.join("\n");
     assert!(plan.contains("events_xact_id"), "{plan}");
+}
+
+/// A pass counts the events it has to apply when few; above a threshold it
+/// takes the planner's estimate, where counting scanned the whole store
+/// (decision 0075).
+#[tokio::test]
+async fn a_pass_counts_a_small_remainder_and_estimates_a_large_one() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    append(&client, 0, 3000, 20).await;
+    // No autovacuum between the delete and the estimate.
+    client
+        .batch_execute(
+            "ALTER TABLE coord.events SET (autovacuum_enabled = false); ANALYZE coord.events",
+        )
+        .await
+        .unwrap();
+    let handled: i64 = client
+        .query_one(
+            "SELECT count(*) FROM coord.events WHERE event_type = 'MoneyDeposited'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // Half of them go, without a new ANALYZE: a count sees it, the
+    // planner's estimate does not.
+    client
+        .batch_execute("DELETE FROM coord.events WHERE position % 2 = 0")
+        .await
+        .unwrap();
+    let left: i64 = client
+        .query_one(
+            "SELECT count(*) FROM coord.events WHERE event_type = 'MoneyDeposited'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(left < handled * 2 / 3, "{left} of {handled}");
+    let q = coord::PassQuery {
+        name: "balances".into(),
+        version: "2.0.0".into(),
+        event_store: RelationName::default(),
+        event_types: vec!["MoneyDeposited".into()],
+        horizon: "0".into(),
+        snapshot: client
+            .query_one("SELECT pg_current_snapshot()::text", &[])
+            .await
+            .unwrap()
+            .get(0),
+        exclude_ahead: false,
+        max_bytes: i64::MAX,
+        payload: true,
+    };
+    assert_eq!(
+        q.count_or_estimate(&client, 0, 100_000).await.unwrap(),
+        left
+    );
+    let estimate = q.count_or_estimate(&client, 0, 100).await.unwrap();
+    assert!(
+        (estimate - handled).abs() <= handled / 10,
+        "estimate {estimate}, {handled} before the delete, {left} after"
+    );
 }
 
 #[tokio::test]
