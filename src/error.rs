@@ -242,6 +242,14 @@ fn conflict_message(stream: &str, expected: i64, actual: i64) -> String {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The projector of a `ProjectorIsActivating` refusal.
+    pub(crate) fn activating_projector(&self) -> Option<&str> {
+        match self {
+            Error::ProjectorIsActivating { projector, .. } => Some(projector),
+            _ => None,
+        }
+    }
+
     /// Whether trying the same thing again later may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {

@@ -128,7 +128,7 @@ pub async fn drain_all_publishers(tx: &mut Transaction<'_>, policy: LockPolicy) 
 /// # Errors
 /// Database errors.
 pub async fn try_hold_back_publishers(
-    tx: &mut Transaction<'_>,
+    tx: &Transaction<'_>,
     event_types: &[String],
     policy: LockPolicy,
 ) -> Result<bool> {
@@ -141,10 +141,7 @@ pub async fn try_hold_back_publishers(
 ///
 /// # Errors
 /// Database errors.
-pub async fn try_drain_all_publishers(
-    tx: &mut Transaction<'_>,
-    policy: LockPolicy,
-) -> Result<bool> {
+pub async fn try_drain_all_publishers(tx: &Transaction<'_>, policy: LockPolicy) -> Result<bool> {
     attempt_once(tx, policy, LOCK_GLOBAL_EXCLUSIVE).await
 }
 
@@ -156,11 +153,7 @@ fn attempt_sql(policy: LockPolicy, lock_sql: &str) -> String {
     )
 }
 
-async fn attempt_once(
-    tx: &mut Transaction<'_>,
-    policy: LockPolicy,
-    lock_sql: &str,
-) -> Result<bool> {
+async fn attempt_once(tx: &Transaction<'_>, policy: LockPolicy, lock_sql: &str) -> Result<bool> {
     match tx.batch_execute(&attempt_sql(policy, lock_sql)).await {
         Ok(()) => Ok(true),
         Err(e) if e.code().map(|c| c.code()) == Some("55P03") => {

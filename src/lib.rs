@@ -83,7 +83,7 @@ pub use names::{
 pub use projector::{
     ApplyContext, Event, HandlerError, Phase, Projector, ProjectorExt, ProjectorSet, SqlProjector,
 };
-pub use publisher::{wait_out_critical_section, ExpectedVersion, NewEvent, Publisher, RetryPolicy};
+pub use publisher::{wait_out_activation, ExpectedVersion, NewEvent, Publisher, RetryPolicy};
 pub use replay::{
     abort, abort_with, catch_up, checkpoint_through_current_snapshot, pass_in_transaction,
     replay_many, run_pass, start_replay, ReplayOptions,

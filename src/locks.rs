@@ -25,6 +25,9 @@ macro_rules! key {
     (runner_leader) => {
         "1668247414"
     };
+    (activating) => {
+        "1668247415"
+    };
 }
 pub(crate) use key;
 
@@ -43,6 +46,12 @@ pub const MIGRATE: i32 = 1_668_247_412;
 pub const ACTIVATION: i32 = 1_668_247_413;
 /// `(RUNNER_LEADER, hashtext(name))`: the leader of `coord run` for a projector.
 pub const RUNNER_LEADER: i32 = 1_668_247_414;
+/// `(ACTIVATING, hashtext(name))`: session lock held exclusive by an
+/// activation of projector `name` from before it marks the version
+/// activating until the version is active or back to replaying; publishers
+/// refused with `ProjectorIsActivating` wait on it shared
+/// (docs/decisions/0067-publishers-wait-out-the-whole-activation.md).
+pub const ACTIVATING: i32 = 1_668_247_415;
 
 #[cfg(test)]
 mod tests {
@@ -56,6 +65,7 @@ mod tests {
             (key!(migrate), MIGRATE),
             (key!(activation), ACTIVATION),
             (key!(runner_leader), RUNNER_LEADER),
+            (key!(activating), ACTIVATING),
         ] {
             assert_eq!(text.parse::<i32>().unwrap(), number);
         }

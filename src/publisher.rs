@@ -295,7 +295,8 @@ impl Publisher {
                     }
                     tracing::debug!(error = %e, pause_ms = pause.as_millis() as u64, "retrying publish");
                     let wait = WAIT_OUT_MAX.min(policy.deadline.saturating_sub(started.elapsed()));
-                    if !wait_out_critical_section(client, events, wait).await? {
+                    let projector = e.activating_projector().unwrap_or_default();
+                    if !wait_out_activation(client, projector, wait).await? {
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(policy.max_pause);
                     }
@@ -309,34 +310,36 @@ impl Publisher {
     }
 }
 
-/// The longest one wait for a critical section to end lasts before the
-/// publisher retries anyway (docs/decisions/0066-publishers-wait-out-the-critical-section.md).
+/// The longest one wait for an activation to end lasts before the publisher
+/// retries anyway (docs/decisions/0067-publishers-wait-out-the-whole-activation.md).
 const WAIT_OUT_MAX: Duration = Duration::from_millis(100);
 
-/// Holds the shared event-type keys of `events` in a short transaction of
-/// its own. An activation's critical section holds them exclusively from the
-/// moment it holds publishers back until it commits or gives up an attempt,
-/// so a publisher refused with `ProjectorIsActivating` waits here, holding
-/// nothing else, and retries the moment the flip commits instead of polling.
-/// Returns `false` at once when no critical section holds them (the
-/// activation is marked but its critical section has not begun: the caller
-/// pauses as before); `true` after waiting (or when `wait` passed first).
-/// Call it after a [`Error::ProjectorIsActivating`] refusal, once the
-/// publishing transaction has rolled back: what
-/// [`Publisher::publish_with_retry`] does between attempts, for callers with
-/// their own retry loop.
+/// Waits, in a short transaction of its own that holds nothing else, for
+/// the activation of `projector` to end: an activation holds the session
+/// lock `(ACTIVATING, hashtext(projector))` exclusive from before it marks
+/// its version activating until the version is active or back to
+/// replaying, so a publisher refused with `ProjectorIsActivating` sleeps
+/// here through the whole activation and retries the moment it ends,
+/// instead of polling the gate
+/// (docs/decisions/0067-publishers-wait-out-the-whole-activation.md).
+/// Returns `false` at once when no activation holds the lock (one was
+/// interrupted and left its version activating: the caller pauses and
+/// retries); `true` after waiting (or when `wait` passed first).
+/// Call it after a [`Error::ProjectorIsActivating`] refusal, with the
+/// refusal's `projector`, once the publishing transaction has rolled back:
+/// what [`Publisher::publish_with_retry`] does between attempts, for
+/// callers with their own retry loop.
 ///
 /// # Errors
 /// Database errors other than the lock timeout.
-pub async fn wait_out_critical_section(
+pub async fn wait_out_activation(
     client: &mut Client,
-    events: &[NewEvent],
+    projector: &str,
     wait: Duration,
 ) -> Result<bool> {
-    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
     let tx = client.transaction().await?;
     let free: bool = tx
-        .query_typed(TRY_TYPE_KEYS, &[(&types, Type::TEXT_ARRAY)])
+        .query_typed(TRY_MARKER, &[(&projector, Type::TEXT)])
         .await?
         .first()
         .map_or(Ok(true), |row| row.try_get(0))?;
@@ -350,7 +353,7 @@ pub async fn wait_out_critical_section(
     ))
     .await?;
     match tx
-        .query_typed(WAIT_TYPE_KEYS, &[(&types, Type::TEXT_ARRAY)])
+        .query_typed(WAIT_MARKER, &[(&projector, Type::TEXT)])
         .await
     {
         Ok(_) => {}
@@ -361,18 +364,17 @@ pub async fn wait_out_critical_section(
     Ok(true)
 }
 
-/// The event-type keys of the gate, shared, in the gate's (hash) order:
-/// whether all were free at once.
-const TRY_TYPE_KEYS: &str = concat!(
-    "SELECT coalesce(bool_and(pg_try_advisory_xact_lock_shared(",
-    crate::locks::key!(gate_event_type),
-    ", h)), true) FROM (SELECT DISTINCT hashtext(t) AS h FROM unnest($1::text[]) AS t ORDER BY 1) AS keys"
+/// The activation marker of a projector, shared: whether it was free.
+const TRY_MARKER: &str = concat!(
+    "SELECT pg_try_advisory_xact_lock_shared(",
+    crate::locks::key!(activating),
+    ", hashtext($1))"
 );
-/// The same keys, waiting for each.
-const WAIT_TYPE_KEYS: &str = concat!(
-    "SELECT count(pg_advisory_xact_lock_shared(",
-    crate::locks::key!(gate_event_type),
-    ", h)) FROM (SELECT DISTINCT hashtext(t) AS h FROM unnest($1::text[]) AS t ORDER BY 1) AS keys"
+/// The same, waiting for it.
+const WAIT_MARKER: &str = concat!(
+    "SELECT pg_advisory_xact_lock_shared(",
+    crate::locks::key!(activating),
+    ", hashtext($1))"
 );
 
 /// The `projectors` argument of the gate for `set`: each name mapped to its

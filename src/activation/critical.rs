@@ -242,9 +242,23 @@ pub(crate) async fn critical_section(
     actor: &Actor,
     lock: Option<&ActivationLock>,
 ) -> Result<(u64, f64)> {
-    let started = Instant::now();
     let mut pooled = pool.get().await?;
-    let client: &mut tokio_postgres::Client = &mut pooled;
+    critical_section_on(&mut pooled, change, event_store, policy, actor, lock).await
+}
+
+/// [`critical_section`] on `client`, a connection the caller holds.
+///
+/// # Errors
+/// As [`critical_section`].
+pub(crate) async fn critical_section_on(
+    client: &mut tokio_postgres::Client,
+    change: &Change<'_>,
+    event_store: &RelationName,
+    policy: LockPolicy,
+    actor: &Actor,
+    lock: Option<&ActivationLock>,
+) -> Result<(u64, f64)> {
+    let started = Instant::now();
     let mut attempts = 0u32;
     loop {
         attempts += 1;
@@ -285,8 +299,13 @@ async fn attempt(
     actor: &Actor,
     lock: Option<&ActivationLock>,
 ) -> Result<Option<u64>> {
-    fence(lock, &*tx, "the critical section").await?;
-    if !gate::try_hold_back_publishers(tx, &change.event_types(), policy).await? {
+    // Pipelined: the fence and the first lock attempt are one round trip.
+    let types = change.event_types();
+    let (_, held) = futures_util::try_join!(
+        fence(lock, &*tx, "the critical section"),
+        gate::try_hold_back_publishers(tx, &types, policy)
+    )?;
+    if !held {
         return Ok(None);
     }
     let final_events = match change.catching_up() {

@@ -194,7 +194,14 @@ impl ActivationLock {
         if self.lost.is_cancelled() {
             return Err(self.lost_error(during));
         }
-        let held: bool = tx.query_one(FENCE, &[&self.pid]).await?.try_get(1)?;
+        // Unprepared and typed: one round trip, pipelined by the callers.
+        let rows = tx
+            .query_typed(FENCE, &[(&self.pid, tokio_postgres::types::Type::INT4)])
+            .await?;
+        let held: bool = match rows.first() {
+            Some(row) => row.try_get(1)?,
+            None => false,
+        };
         if held {
             Ok(())
         } else {

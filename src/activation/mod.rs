@@ -6,6 +6,7 @@ mod abort;
 mod critical;
 mod lock;
 mod maintenance;
+mod marker;
 mod plan;
 mod rebuild;
 mod run;

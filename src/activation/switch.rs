@@ -6,12 +6,13 @@ use std::time::Instant;
 
 use deadpool_postgres::Pool;
 
-use super::critical::{back_to_replaying, critical_section, Change};
+use super::critical::{back_to_replaying, critical_section, critical_section_on, Change};
 use super::lock::{fence, ActivationLock};
+use super::marker::ActivatingMarker;
 use crate::gate::LockPolicy;
 use crate::names::RelationName;
 use crate::projector::{Projector, ProjectorExt};
-use crate::store::versions::{self, VersionStatus};
+use crate::store::versions::{self, VersionRecord, VersionStatus};
 use crate::store::{history, states, Actor};
 use crate::{Error, Result};
 
@@ -74,62 +75,37 @@ pub(crate) async fn activate_version_fenced(
     let name = projector.name().as_str();
     let version = projector.version().to_string();
 
+    // Refused publishers of this projector sleep on the marker until the
+    // activation ends (docs/decisions/0067).
+    let mut marker = ActivatingMarker::take(pool, name).await?;
     // Step 1, committed on its own: publishers of this projector's events
     // now get the retryable ProjectorIsActivating instead of queueing.
     let held_since = Instant::now();
-    let (from, old) = {
-        let mut pooled = pool.get().await?;
-        let client: &mut tokio_postgres::Client = &mut pooled;
-        let tx = client.transaction().await?;
-        // Publishers of this projector's types wait from here on: every
-        // statement is one round trip, independent ones pipelined.
-        let (_, state) = futures_util::try_join!(
-            fence(lock, &tx, "the activation"),
-            states::get(&tx, name, true)
-        )?;
-        let state = state.unwrap_or_else(|| empty_state(name));
-        if state.activating_version.as_deref() != Some(version.as_str()) {
-            if state.replaying_version.as_deref() != Some(version.as_str()) {
-                return Err(Error::Refused(format!(
-                    "{} is not replaying: replay it before activating it",
-                    projector.label()
-                )));
-            }
-            futures_util::try_join!(
-                states::mark_activating(&tx, name, &version),
-                versions::set_status(&tx, name, &version, VersionStatus::Activating),
-                history::record(
-                    &tx,
-                    actor,
-                    name,
-                    Some(&version),
-                    Some(VersionStatus::Replaying),
-                    VersionStatus::Activating,
-                    None,
-                ),
-            )?;
+    let (from, old) = match mark(marker.client(), projector, actor, lock).await {
+        Ok(marked) => marked,
+        Err(e) => {
+            marker.release().await;
+            return Err(e);
         }
-        let old = match &state.active_version {
-            Some(old) => versions::get(&tx, name, old).await?,
-            None => None,
-        };
-        tx.commit().await?;
-        (state.active_version, old)
     };
     let critical = Instant::now();
     let change = Change::Activate {
         projector,
         old: old.as_ref(),
     };
-    let result = critical_section(pool, &change, event_store, policy, actor, lock).await;
+    // On the marker's connection: an activation needs one connection only.
+    let result =
+        critical_section_on(marker.client(), &change, event_store, policy, actor, lock).await;
     match result {
         Ok((final_events, critical_ms)) => {
+            let held_back_ms = held_since.elapsed().as_secs_f64() * 1e3;
+            marker.release().await;
             let report = SwitchReport {
                 projector: name.to_owned(),
                 from,
                 to: Some(version),
                 final_events,
-                held_back_ms: held_since.elapsed().as_secs_f64() * 1e3,
+                held_back_ms,
                 critical_ms,
             };
             tracing::info!(
@@ -143,9 +119,25 @@ pub(crate) async fn activate_version_fenced(
         }
         Err(e) => {
             // Back to replaying so publishers are not refused while nobody
-            // activates: in a transaction of its own, on a fresh connection
-            // (the critical section's may be the one that died).
-            if let Err(revert) = revert_activation(pool, name, &version, actor, &e, lock).await {
+            // activates, in a transaction of its own; on a fresh connection
+            // when the critical section's died (its marker went with it).
+            // The marker is released after, so waiting publishers wake to
+            // the outcome.
+            let reverted = if marker.client().is_closed() {
+                drop(marker);
+                match pool.get().await {
+                    Ok(mut fresh) => {
+                        revert_activation(&mut fresh, name, &version, actor, &e, lock).await
+                    }
+                    Err(pool_error) => Err(pool_error.into()),
+                }
+            } else {
+                let reverted =
+                    revert_activation(marker.client(), name, &version, actor, &e, lock).await;
+                marker.release().await;
+                reverted
+            };
+            if let Err(revert) = reverted {
                 tracing::warn!(error = %revert, "could not return the version to replaying");
                 return Err(Error::Failed(format!(
                     "{e}; and {} stays activating ({revert}): run `coord activate-current-config` again to finish \
@@ -158,17 +150,74 @@ pub(crate) async fn activate_version_fenced(
     }
 }
 
+/// Step 1 of an activation, in a transaction of its own: marks the
+/// replaying version of `projector` activating (unless it already is).
+/// Returns the active version and its record.
+///
+/// Publishers of the projector's types are refused from the commit on, and
+/// on a busy server every round trip counts: the transaction is two of them,
+/// `BEGIN` pipelined with the reads and `COMMIT` with the writes (a failed
+/// write turns the pipelined `COMMIT` into a rollback).
+async fn mark(
+    client: &tokio_postgres::Client,
+    projector: &dyn Projector,
+    actor: &Actor,
+    lock: Option<&ActivationLock>,
+) -> Result<(Option<String>, Option<VersionRecord>)> {
+    let name = projector.name().as_str();
+    let version = projector.version().to_string();
+    let read = async {
+        let (_, _, state, old) = futures_util::try_join!(
+            async { Ok(client.batch_execute("BEGIN").await?) },
+            fence(lock, client, "the activation"),
+            states::get(client, name, true),
+            versions::get_active(client, name),
+        )?;
+        Ok::<_, Error>((state.unwrap_or_else(|| empty_state(name)), old))
+    };
+    let (state, old) = match read.await {
+        Ok(read) => read,
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(e);
+        }
+    };
+    if state.activating_version.as_deref() == Some(version.as_str()) {
+        client.batch_execute("COMMIT").await?;
+    } else if state.replaying_version.as_deref() == Some(version.as_str()) {
+        futures_util::try_join!(
+            states::mark_activating(client, name, &version),
+            versions::set_status(client, name, &version, VersionStatus::Activating),
+            history::record(
+                client,
+                actor,
+                name,
+                Some(&version),
+                Some(VersionStatus::Replaying),
+                VersionStatus::Activating,
+                None,
+            ),
+            async { Ok(client.batch_execute("COMMIT").await?) },
+        )?;
+    } else {
+        client.batch_execute("ROLLBACK").await?;
+        return Err(Error::Refused(format!(
+            "{} is not replaying: replay it before activating it",
+            projector.label()
+        )));
+    }
+    Ok((state.active_version, old))
+}
+
 /// Returns an activating version to replaying after a failed critical section.
 async fn revert_activation(
-    pool: &Pool,
+    client: &mut tokio_postgres::Client,
     name: &str,
     version: &str,
     actor: &Actor,
     why: &Error,
     lock: Option<&ActivationLock>,
 ) -> Result<()> {
-    let mut pooled = pool.get().await?;
-    let client: &mut tokio_postgres::Client = &mut pooled;
     let tx = client.transaction().await?;
     fence(lock, &tx, "returning the version to replaying").await?;
     let Some(state) = states::get(&tx, name, true).await? else {

@@ -37,26 +37,82 @@ pub async fn pass_in_transaction(
 ) -> Result<u64> {
     let name = projector.name().as_str();
     let version = projector.version().to_string();
-    let ck = checkpoint::lock(tx, name, &version).await?;
-    batch::set_search_path(tx, &ck.schema_name).await?;
+    // Round trips count here (publishers wait): independent statements are
+    // pipelined; the server still runs them in order, so the snapshot is
+    // taken with the checkpoint locked.
+    let (ck, snapshot) = futures_util::try_join!(
+        checkpoint::lock(tx, name, &version),
+        checkpoint::current_snapshot(tx)
+    )?;
     let ctx = context(&ck.schema_name, Phase::Replay);
     let mut horizon = ck.horizon.clone();
     let mut applied = 0;
-    if let Some(snapshot) = &ck.pass_snapshot {
-        let cursor = ck.pass_cursor.unwrap_or(0);
-        applied += drain(tx, projector, &ctx, event_store, &horizon, snapshot, cursor).await?;
-        horizon = checkpoint::finish_pass(tx, name, &version, snapshot).await?;
-    }
-    let snapshot = checkpoint::current_snapshot(tx).await?;
-    applied += drain(tx, projector, &ctx, event_store, &horizon, &snapshot, 0).await?;
+    let snapshot = match &ck.pass_snapshot {
+        Some(pending) => {
+            // Finish the pass in progress first, then take a new snapshot.
+            let cursor = ck.pass_cursor.unwrap_or(0);
+            let (_, ahead) = futures_util::try_join!(
+                batch::set_search_path(tx, &ck.schema_name),
+                checkpoint::has_ahead_after(tx, name, &version, cursor)
+            )?;
+            applied += drain(
+                tx,
+                projector,
+                &ctx,
+                event_store,
+                &horizon,
+                pending,
+                cursor,
+                ahead,
+            )
+            .await?;
+            horizon = checkpoint::finish_pass(tx, name, &version, pending).await?;
+            let (snapshot, ahead) = futures_util::try_join!(
+                checkpoint::current_snapshot(tx),
+                checkpoint::has_ahead_after(tx, name, &version, 0)
+            )?;
+            applied += drain(
+                tx,
+                projector,
+                &ctx,
+                event_store,
+                &horizon,
+                &snapshot,
+                0,
+                ahead,
+            )
+            .await?;
+            snapshot
+        }
+        None => {
+            let (_, ahead) = futures_util::try_join!(
+                batch::set_search_path(tx, &ck.schema_name),
+                checkpoint::has_ahead_after(tx, name, &version, 0)
+            )?;
+            applied += drain(
+                tx,
+                projector,
+                &ctx,
+                event_store,
+                &horizon,
+                &snapshot,
+                0,
+                ahead,
+            )
+            .await?;
+            snapshot
+        }
+    };
     checkpoint::finish_pass(tx, name, &version, &snapshot).await?;
     debug!(applied, "pass in transaction");
     Ok(applied)
 }
 
 /// Applies, in `tx`, every handled event visible in `snapshot` after
-/// `cursor`, batch by batch, recording each batch in the checkpoint.
+/// `cursor`, batch by batch, recording each batch in the checkpoint;
+/// `exclude_ahead`: whether `coord.applied_ahead` has rows after `cursor`.
 /// Returns the number of events applied.
+#[allow(clippy::too_many_arguments)]
 async fn drain(
     tx: &Transaction<'_>,
     projector: &dyn Projector,
@@ -65,10 +121,8 @@ async fn drain(
     horizon: &str,
     snapshot: &str,
     mut cursor: i64,
+    exclude_ahead: bool,
 ) -> Result<u64> {
-    let version = projector.version().to_string();
-    let exclude_ahead =
-        checkpoint::has_ahead_after(tx, projector.name().as_str(), &version, cursor).await?;
     let q = query(
         projector,
         event_store,

@@ -7,7 +7,7 @@
 //! pass reads, and a version's lag, are `crate::event_store`'s (re-exported
 //! here under their former paths).
 
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::GenericClient;
 
 use crate::names::RelationName;
@@ -45,7 +45,7 @@ const LOCK: &str = "SELECT horizon::text, pass_snapshot::text, pass_cursor, stat
 /// [`Error::Failed`] when the version is not registered; database errors.
 pub async fn lock(client: &impl GenericClient, name: &str, version: &str) -> Result<Checkpoint> {
     let row = client
-        .query_opt(LOCK, &[&name, &version])
+        .query_typed_opt(LOCK, &[(&name, Type::TEXT), (&version, Type::TEXT)])
         .await?
         .ok_or_else(|| {
             Error::Failed(format!(
@@ -69,8 +69,9 @@ pub async fn lock(client: &impl GenericClient, name: &str, version: &str) -> Res
 /// Database errors.
 pub async fn current_snapshot(client: &impl GenericClient) -> Result<String> {
     let row = client
-        .query_one("SELECT pg_current_snapshot()::text", &[])
-        .await?;
+        .query_typed_opt("SELECT pg_current_snapshot()::text", &[])
+        .await?
+        .ok_or_else(|| Error::Failed("pg_current_snapshot() returned no row".into()))?;
     Ok(row.try_get(0)?)
 }
 
@@ -140,25 +141,30 @@ pub async fn record_batch(
     version: &str,
     b: &BatchProgress<'_>,
 ) -> Result<()> {
-    let update_params: [&(dyn ToSql + Sync); 10] = [
-        &name,
-        &version,
-        &b.cursor,
-        &b.last_position,
-        &b.applied,
-        &b.parked,
-        &b.events_total,
-        &b.rate_per_s,
-        &b.eta_s,
-        &b.last_error,
+    // Unprepared and typed: one round trip each, pipelined.
+    let update_params: [(&(dyn ToSql + Sync), Type); 10] = [
+        (&name, Type::TEXT),
+        (&version, Type::TEXT),
+        (&b.cursor, Type::INT8),
+        (&b.last_position, Type::INT8),
+        (&b.applied, Type::INT8),
+        (&b.parked, Type::INT8),
+        (&b.events_total, Type::INT8),
+        (&b.rate_per_s, Type::FLOAT8),
+        (&b.eta_s, Type::FLOAT8),
+        (&b.last_error, Type::TEXT),
     ];
-    let update = client.execute(RECORD_BATCH, &update_params);
+    let update = client.query_typed(RECORD_BATCH, &update_params);
     if b.ahead_positions.is_empty() {
         update.await?;
     } else {
-        let insert_params: [&(dyn ToSql + Sync); 4] =
-            [&name, &version, &b.ahead_positions, &b.ahead_xacts];
-        let insert = client.execute(INSERT_AHEAD, &insert_params);
+        let insert_params: [(&(dyn ToSql + Sync), Type); 4] = [
+            (&name, Type::TEXT),
+            (&version, Type::TEXT),
+            (&b.ahead_positions, Type::INT8_ARRAY),
+            (&b.ahead_xacts, Type::TEXT_ARRAY),
+        ];
+        let insert = client.query_typed(INSERT_AHEAD, &insert_params);
         futures_util::future::try_join(update, insert).await?;
     }
     Ok(())
@@ -169,10 +175,12 @@ const FINISH_PASS: &str = "UPDATE coord.projector_versions SET \
     pass_snapshot = NULL, pass_cursor = NULL, eta_s = 0, replay_finished_at = now(), updated_at = now() \
     WHERE name = $1 AND version = $2 RETURNING horizon::text";
 
-/// Deletes the rows below the new horizon and adds those that publishers
-/// wrote (inline applications) to `events_inline`, so the count survives.
+/// Deletes the rows below the horizon (as [`FINISH_PASS`] just set it) and
+/// adds those that publishers wrote (inline applications) to
+/// `events_inline`, so the count survives.
 const PRUNE_AHEAD: &str = "WITH pruned AS (DELETE FROM coord.applied_ahead \
-    WHERE name = $1 AND version = $2 AND xact_id < $3::text::xid8 RETURNING inline) \
+    WHERE name = $1 AND version = $2 AND xact_id < (SELECT horizon FROM coord.projector_versions \
+    WHERE name = $1 AND version = $2) RETURNING inline) \
     UPDATE coord.projector_versions SET \
     events_inline = events_inline + (SELECT count(*) FROM pruned WHERE inline) \
     WHERE name = $1 AND version = $2";
@@ -189,14 +197,25 @@ pub async fn finish_pass(
     version: &str,
     snapshot: &str,
 ) -> Result<String> {
-    let row = client
-        .query_one(FINISH_PASS, &[&name, &version, &snapshot])
-        .await?;
-    let horizon: String = row.try_get(0)?;
-    client
-        .execute(PRUNE_AHEAD, &[&name, &version, &horizon])
-        .await?;
-    Ok(horizon)
+    // Pipelined: the prune reads the horizon the update just wrote.
+    let (rows, _) = futures_util::future::try_join(
+        client.query_typed(
+            FINISH_PASS,
+            &[
+                (&name, Type::TEXT),
+                (&version, Type::TEXT),
+                (&snapshot, Type::TEXT),
+            ],
+        ),
+        client.query_typed(PRUNE_AHEAD, &[(&name, Type::TEXT), (&version, Type::TEXT)]),
+    )
+    .await?;
+    let row = rows.first().ok_or_else(|| {
+        Error::Failed(format!(
+            "projector version {name}@{version} is not registered"
+        ))
+    })?;
+    Ok(row.try_get(0)?)
 }
 
 const AHEAD_AFTER: &str = "SELECT EXISTS (SELECT 1 FROM coord.applied_ahead \
@@ -215,9 +234,16 @@ pub async fn has_ahead_after(
     cursor: i64,
 ) -> Result<bool> {
     let row = client
-        .query_one(AHEAD_AFTER, &[&name, &version, &cursor])
+        .query_typed_opt(
+            AHEAD_AFTER,
+            &[
+                (&name, Type::TEXT),
+                (&version, Type::TEXT),
+                (&cursor, Type::INT8),
+            ],
+        )
         .await?;
-    Ok(row.try_get(0)?)
+    Ok(row.map(|r| r.try_get(0)).transpose()?.unwrap_or(false))
 }
 
 const CLEAR_AHEAD: &str = "DELETE FROM coord.applied_ahead WHERE name = $1 AND version = $2";

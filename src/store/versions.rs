@@ -205,6 +205,24 @@ pub async fn get(
     row.as_ref().map(VersionRecord::try_from).transpose()
 }
 
+/// The record of the active version of projector `name`, if any (read
+/// after the caller locked the state row, in the same transaction).
+///
+/// # Errors
+/// Database errors.
+pub async fn get_active(client: &impl GenericClient, name: &str) -> Result<Option<VersionRecord>> {
+    let row = client
+        .query_typed_opt(
+            &format!(
+                "{SELECT} WHERE name = $1 AND version = \
+                 (SELECT active_version FROM coord.projector_states WHERE name = $1)"
+            ),
+            &[(&name, Type::TEXT)],
+        )
+        .await?;
+    row.as_ref().map(VersionRecord::try_from).transpose()
+}
+
 /// What is needed to register a version.
 #[derive(Clone, Debug)]
 pub struct NewVersion<'a> {

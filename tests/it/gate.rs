@@ -1042,27 +1042,27 @@ async fn a_concurrent_append_to_the_same_stream_is_a_retryable_conflict() {
     );
 }
 
-/// A publisher refused with `ProjectorIsActivating` while a critical section
-/// holds back its event types waits for that section on the type's lock, in
-/// a transaction of its own that holds nothing else, and publishes as soon as
-/// the section ends: it does not poll (decision 0066).
+/// A publisher refused with `ProjectorIsActivating` sleeps on the
+/// activation's marker, in a transaction of its own that holds nothing
+/// else, for as long as the activation runs (here before its critical
+/// section takes any gate key), and publishes as soon as the marker is
+/// released: it does not poll the gate (decision 0067).
 #[tokio::test]
-async fn a_refused_publisher_waits_out_the_critical_section_on_its_lock() {
+async fn a_refused_publisher_sleeps_on_the_activation_marker_until_it_ends() {
     let db = TestDb::migrated().await;
     let client = db.client().await;
     build_version(&client, "1.0.0").await;
     set_state(&client, "balances", Some("1.0.0"), Some("2.0.0"), None).await;
 
-    // The critical section: the event types' keys held exclusively.
-    let mut section = db.client().await;
-    let mut section_tx = section.transaction().await.unwrap();
-    gate::hold_back_publishers(
-        &mut section_tx,
-        &["MoneyDeposited".to_owned()],
-        LockPolicy::default(),
-    )
-    .await
-    .unwrap();
+    // The activation: its marker held, no gate key held yet.
+    let marker = db.client().await;
+    marker
+        .query_one(
+            "SELECT pg_advisory_lock($1, hashtext('balances'))",
+            &[&coord::locks::ACTIVATING],
+        )
+        .await
+        .unwrap();
 
     let mut publishing = db.client().await;
     let pid = backend_pid(&publishing).await;
@@ -1080,30 +1080,158 @@ async fn a_refused_publisher_waits_out_the_critical_section_on_its_lock() {
             )
             .await
     });
-    // Refused, it waits on the lock (a polling publisher never does).
+    // Refused, it waits on the marker (a polling publisher never waits on a lock).
     eventually(
         Duration::from_secs(30),
-        "the refused publisher to wait on its event type's lock",
+        "the refused publisher to wait on the activation marker",
         || waiting_on_lock(&client, pid),
     )
     .await;
     assert_eq!(event_count(&client).await, 0);
 
-    // The activation is given up: back to replaying, the section ends.
-    section_tx
+    // The activation is given up: back to replaying, then the marker goes.
+    client
         .execute(
             "UPDATE coord.projector_states SET activating_version = NULL WHERE name = 'balances'",
             &[],
         )
         .await
         .unwrap();
-    section_tx.commit().await.unwrap();
+    marker
+        .query_one(
+            "SELECT pg_advisory_unlock($1, hashtext('balances'))",
+            &[&coord::locks::ACTIVATING],
+        )
+        .await
+        .unwrap();
 
     let stored = tokio::time::timeout(Duration::from_secs(30), task)
         .await
-        .expect("the publisher ends once the section has")
+        .expect("the publisher ends once the activation has")
         .unwrap()
         .unwrap();
     assert_eq!(stored.len(), 1);
     assert_eq!(event_count(&client).await, 1);
+}
+
+/// Which backends hold the activation marker of `balances`.
+async fn marker_holders(client: &Client) -> Vec<i32> {
+    client
+        .query(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::int::oid \
+             AND objid = hashtext('balances')::oid AND mode = 'ExclusiveLock' AND granted",
+            &[&coord::locks::ACTIVATING],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// An activation holds its marker from before it marks the version
+/// activating until it ends, on its one connection, and releases it when
+/// it gives up as when it completes: the connection goes back to the pool
+/// without it.
+#[tokio::test]
+async fn an_activation_holds_its_marker_until_it_ends() {
+    let db = TestDb::migrated().await;
+    let observer = db.client().await;
+    build_version(&observer, "1.0.0").await;
+    set_state(&observer, "balances", Some("1.0.0"), None, None).await;
+    let v2 = replaying(&db, "2.0.0").await;
+
+    // A publisher between its gate check and its commit.
+    let mut publisher_client = db.client().await;
+    let tx = publisher_client.transaction().await.unwrap();
+    publisher("1.0.0")
+        .publish(
+            &tx,
+            "acc",
+            ExpectedVersion::Any,
+            &[NewEvent::new("AccountOpened", json!({}))],
+        )
+        .await
+        .unwrap();
+
+    // One connection: the marker, step 1 and the critical section share it.
+    let pool = coord::pool(&db.database_url(), 1).unwrap();
+    let activation_pid = backend_pid(&pool.get().await.unwrap()).await;
+    let (go, gone) = tokio::sync::oneshot::channel::<()>();
+    let activation = {
+        let (pool, v2) = (pool.clone(), v2.clone());
+        tokio::spawn(async move {
+            // Retries until the test lets it give up.
+            let policy = LockPolicy {
+                deadline: Duration::from_secs(120),
+                ..LockPolicy::default()
+            };
+            let (events, actor) = (RelationName::default(), actor());
+            tokio::select! {
+                result = activation::activate_version(
+                    &pool,
+                    v2.as_ref(),
+                    &events,
+                    policy,
+                    &actor,
+                ) => Some(result),
+                _ = gone => None,
+            }
+        })
+    };
+    eventually(
+        Duration::from_secs(30),
+        "the activation to hold its marker",
+        || async { marker_holders(&observer).await == vec![activation_pid] },
+    )
+    .await;
+    // Given up: the future is dropped mid-attempt. The marker goes with
+    // its connection, which the pool does not get back holding it.
+    go.send(()).unwrap();
+    assert!(activation.await.unwrap().is_none());
+    eventually(
+        Duration::from_secs(30),
+        "the abandoned activation's marker to be released",
+        || async { marker_holders(&observer).await.is_empty() },
+    )
+    .await;
+
+    // A second activation completes once the publisher commits, and
+    // leaves no marker behind on the pooled connection.
+    let activation = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            activation::activate_version(
+                &pool,
+                v2.as_ref(),
+                &RelationName::default(),
+                LockPolicy {
+                    deadline: Duration::from_secs(120),
+                    ..LockPolicy::default()
+                },
+                &actor(),
+            )
+            .await
+        })
+    };
+    eventually(
+        Duration::from_secs(30),
+        "the second activation to hold its marker",
+        || async { marker_holders(&observer).await.len() == 1 },
+    )
+    .await;
+    tx.commit().await.unwrap();
+    let flip = activation.await.unwrap().unwrap();
+    assert_eq!(flip.to.as_deref(), Some("2.0.0"));
+    assert!(marker_holders(&observer).await.is_empty());
+    let pooled = pool.get().await.unwrap();
+    let held: i64 = pooled
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 0, "the pooled connection came back holding a lock");
 }

@@ -111,16 +111,12 @@ async fn publish_timed(
         .await;
         longest = longest.max(attempt.elapsed());
         match outcome {
-            Err(Error::ProjectorIsActivating { .. })
+            Err(Error::ProjectorIsActivating { ref projector, .. })
                 if started.elapsed() + pause <= policy.deadline =>
             {
                 // Outside the gate, holding nothing: not part of an attempt.
-                match coord::wait_out_critical_section(
-                    client,
-                    std::slice::from_ref(&event),
-                    Duration::from_millis(100),
-                )
-                .await
+                match coord::wait_out_activation(client, projector, Duration::from_millis(100))
+                    .await
                 {
                     Ok(true) => {}
                     Ok(false) => {
