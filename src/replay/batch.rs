@@ -197,18 +197,14 @@ impl Settle<'_, '_> {
             if named.is_empty() {
                 break;
             }
-            let failing: Vec<Event> = named
-                .iter()
-                .rev()
-                .map(|&i| rest.to_mut().remove(i))
-                .collect();
             // Pipelined after the failed call's rollback and with one
             // another, not with the next attempt: the parked rows must be
             // written before its savepoint opens, or a failing attempt
             // would roll them back.
             let (tx, projector) = (self.tx, self.projector);
             let closing = end_savepoint(tx, self.open.take());
-            let parks = failing.iter().rev().map(|event| {
+            let parks = named.iter().map(|&i| {
+                let event = &rest[i];
                 let message = message_for(&error, event.position);
                 async move { record_parked(tx, projector, event, &message).await }
             });
@@ -217,8 +213,18 @@ impl Settle<'_, '_> {
                     .await;
             closed?;
             parked?;
-            self.outcome.parked += failing.len();
-            self.outcome.handled += failing.len();
+            self.outcome.parked += named.len();
+            self.outcome.handled += named.len();
+            // The rest in one pass (removing each parked event from the
+            // batch moved the events after it, once per parked event).
+            let mut failing = named.iter().copied().peekable();
+            let kept: Vec<Event> = rest
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| failing.next_if_eq(i).is_none())
+                .map(|(_, event)| event.clone())
+                .collect();
+            rest = Cow::Owned(kept);
             if rest.is_empty() {
                 return Ok(());
             }
@@ -247,8 +253,7 @@ impl Settle<'_, '_> {
         // Ranges still to do, last to do first.
         let mut stack: Vec<(usize, usize, Known)> = Vec::new();
         let slices = (events.len() / MIN_SLICE_EVENTS).min(MAX_SLICES);
-        let merge_cap;
-        if slices >= 4 && named_index(&error, events).is_none() {
+        let merge_cap = if slices >= 4 && named_index(&error, events).is_none() {
             // Failures spread over a large batch would make every range of
             // the first few halvings fail and be applied again: narrow at
             // once to slices, then halve only the failing ones.
@@ -259,11 +264,11 @@ impl Settle<'_, '_> {
                     .rev()
                     .map(|w| (w[0], w[1], Known::Unknown)),
             );
-            merge_cap = events.len().div_ceil(slices);
+            events.len().div_ceil(slices)
         } else {
             stack.push((0, events.len(), Known::Failed(error)));
-            merge_cap = MIN_SLICE_EVENTS;
-        }
+            MIN_SLICE_EVENTS
+        };
         while let Some((start, end, known)) = stack.pop() {
             let range = &events[start..end];
             let error = match known {
