@@ -109,9 +109,12 @@ async fn settle(
             .batch_execute(&format!("VACUUM ANALYZE {schema}.balances"))
             .await?;
     }
+    // One statement per call: VACUUM cannot run in the implicit
+    // transaction of a multi-statement query.
     client
-        .batch_execute("VACUUM ANALYZE coord.projector_versions; CHECKPOINT")
+        .batch_execute("VACUUM ANALYZE coord.projector_versions")
         .await?;
+    client.batch_execute("CHECKPOINT").await?;
     Ok(())
 }
 
