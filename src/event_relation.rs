@@ -80,16 +80,17 @@ pub async fn check_event_store(client: &impl GenericClient, relation: &RelationN
 }
 
 /// Rows changed since the last `ANALYZE` of the event store above which a
-/// pass refreshes its statistics: at least this many, and at least a tenth
-/// of the table (autovacuum's default threshold, which autovacuum itself may
-/// be too busy to honour).
+/// pass refreshes its statistics: at least this many, and at least 1% of
+/// the table. Autovacuum waits for 10% and may be too busy to honour even
+/// that; a pass over the events published during the previous one is
+/// planned on the statistics of its newest transaction ids.
 const STALE_ROWS: i64 = 10_000;
 
 const STALE: &str = "SELECT s.n_mod_since_analyze \
     FROM pg_class c JOIN pg_stat_all_tables s ON s.relid = c.oid \
     WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p') \
     AND pg_has_role(c.relowner, 'USAGE') \
-    AND s.n_mod_since_analyze >= greatest($2::bigint, 0.1 * greatest(c.reltuples, 0))";
+    AND s.n_mod_since_analyze >= greatest($2::bigint, 0.01 * greatest(c.reltuples, 0))";
 
 /// Runs `ANALYZE` on the event store when its planner statistics are stale:
 /// many more events than the statistics know of make the planner read a
