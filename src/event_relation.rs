@@ -78,3 +78,52 @@ pub async fn check_event_store(client: &impl GenericClient, relation: &RelationN
         Err(invalid(problems.join(", ")))
     }
 }
+
+/// Rows changed since the last `ANALYZE` of the event store above which a
+/// pass refreshes its statistics: at least this many, and at least 1% of
+/// the table. Autovacuum waits for 10% and may be too busy to honour even
+/// that; a pass over the events published during the previous one is
+/// planned on the statistics of its newest transaction ids.
+const STALE_ROWS: i64 = 10_000;
+
+const STALE: &str = "SELECT s.n_mod_since_analyze \
+    FROM pg_class c JOIN pg_stat_all_tables s ON s.relid = c.oid \
+    WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p') \
+    AND pg_has_role(c.relowner, 'USAGE') \
+    AND s.n_mod_since_analyze >= greatest($2::bigint, 0.01 * greatest(c.reltuples, 0))";
+
+/// Runs `ANALYZE` on the event store when its planner statistics are stale:
+/// many more events than the statistics know of make the planner read a
+/// large delta through the `xact_id` index and sort it again for every
+/// batch (a pass that cannot keep up with publishers). Only for a table
+/// that the current role owns; a view, or a table of another owner, is left
+/// alone. Returns whether it analyzed. Run it outside a pass's transaction.
+///
+/// # Errors
+/// Database errors.
+pub async fn refresh_statistics(
+    client: &impl GenericClient,
+    relation: &RelationName,
+) -> Result<bool> {
+    let name = relation.quoted();
+    let stale = client
+        .query_typed_opt(
+            STALE,
+            &[
+                (&name, tokio_postgres::types::Type::TEXT),
+                (&STALE_ROWS, tokio_postgres::types::Type::INT8),
+            ],
+        )
+        .await?;
+    let Some(row) = stale else {
+        return Ok(false);
+    };
+    let changed: i64 = row.try_get(0)?;
+    client.batch_execute(&format!("ANALYZE {name}")).await?;
+    tracing::info!(
+        relation = %relation,
+        changed,
+        "analyzed the event store: its statistics were stale"
+    );
+    Ok(true)
+}

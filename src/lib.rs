@@ -72,7 +72,7 @@ mod url_redact;
 pub use config::{resolve_database_url, Config, DatabaseUrl, Mode, OnError, ProjectorConfig};
 pub use db::{connect, pool, with_connect_timeout};
 pub use error::{ConfigError, Error, Result, Steps};
-pub use event_relation::{check_event_store, EVENT_COLUMNS};
+pub use event_relation::{check_event_store, refresh_statistics, EVENT_COLUMNS};
 /// A pass's query, for tests that inspect its plan (tests/it/replay.rs).
 #[doc(hidden)]
 pub use event_store::PassQuery;

@@ -14,6 +14,7 @@ mod config;
 mod connect;
 mod connection_loss;
 mod contents;
+mod event_stats;
 mod faults;
 mod faults_suite;
 mod gate;
