@@ -97,12 +97,14 @@ const STALE: &str = "SELECT s.n_mod_since_analyze \
 /// large delta through the `xact_id` index and sort it again for every
 /// batch (a pass that cannot keep up with publishers). Only for a table
 /// that the current role owns; a view, or a table of another owner, is left
-/// alone. Returns whether it analyzed. Run it outside a pass's transaction.
+/// alone, and so is a table whose `ANALYZE` would wait for a lock (a vacuum
+/// or another pass analyzing it). Returns whether it analyzed. Run it
+/// outside a transaction.
 ///
 /// # Errors
-/// Database errors.
+/// Database errors other than the lock timeout.
 pub async fn refresh_statistics(
-    client: &impl GenericClient,
+    client: &tokio_postgres::Client,
     relation: &RelationName,
 ) -> Result<bool> {
     let name = relation.quoted();
@@ -119,11 +121,30 @@ pub async fn refresh_statistics(
         return Ok(false);
     };
     let changed: i64 = row.try_get(0)?;
-    client.batch_execute(&format!("ANALYZE {name}")).await?;
-    tracing::info!(
-        relation = %relation,
-        changed,
-        "analyzed the event store: its statistics were stale"
+    let analyze = format!(
+        "BEGIN; SET LOCAL lock_timeout = '{}ms'; ANALYZE {name}; COMMIT",
+        ANALYZE_WAIT.as_millis()
     );
-    Ok(true)
+    match client.batch_execute(&analyze).await {
+        Ok(()) => {
+            tracing::info!(
+                relation = %relation,
+                changed,
+                "analyzed the event store: its statistics were stale"
+            );
+            Ok(true)
+        }
+        Err(e) => {
+            client.batch_execute("ROLLBACK").await?;
+            if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+                tracing::debug!(relation = %relation, "event store busy; not analyzed");
+                Ok(false)
+            } else {
+                Err(e.into())
+            }
+        }
+    }
 }
+
+/// How long [`refresh_statistics`] waits for the lock of `ANALYZE`.
+const ANALYZE_WAIT: std::time::Duration = std::time::Duration::from_millis(200);

@@ -110,6 +110,11 @@ async fn attempt(
 ) -> Result<(), StepError> {
     const START: &str = "replay pass start";
     let mut writer = pool.get().await.at(|| START.into())?;
+    // Before the snapshot: a pass over a large delta (the events published
+    // during the previous pass) is planned on fresh statistics.
+    crate::event_relation::refresh_statistics(&writer, event_store)
+        .await
+        .at(|| START.into())?;
     let (start, snapshot) = begin(&mut writer, projector).await.at(|| START.into())?;
     report.horizon.clone_from(&start.horizon);
     let name = projector.name().as_str();
