@@ -47,12 +47,14 @@ pub async fn pass_in_transaction(
     let ctx = context(&ck.schema_name, Phase::Replay);
     let mut horizon = ck.horizon.clone();
     let mut applied = 0;
-    let snapshot = match &ck.pass_snapshot {
+    let search_path = batch::set_search_path(tx, &ck.schema_name);
+    // The final pass's snapshot, and whether `applied_ahead` has rows for it.
+    let (snapshot, ahead) = match &ck.pass_snapshot {
         Some(pending) => {
             // Finish the pass in progress first, then take a new snapshot.
             let cursor = ck.pass_cursor.unwrap_or(0);
             let (_, ahead) = futures_util::try_join!(
-                batch::set_search_path(tx, &ck.schema_name),
+                search_path,
                 checkpoint::has_ahead_after(tx, name, &version, cursor)
             )?;
             applied += drain(
@@ -67,42 +69,30 @@ pub async fn pass_in_transaction(
             )
             .await?;
             horizon = checkpoint::finish_pass(tx, name, &version, pending).await?;
-            let (snapshot, ahead) = futures_util::try_join!(
+            futures_util::try_join!(
                 checkpoint::current_snapshot(tx),
                 checkpoint::has_ahead_after(tx, name, &version, 0)
-            )?;
-            applied += drain(
-                tx,
-                projector,
-                &ctx,
-                event_store,
-                &horizon,
-                &snapshot,
-                0,
-                ahead,
-            )
-            .await?;
-            snapshot
+            )?
         }
         None => {
             let (_, ahead) = futures_util::try_join!(
-                batch::set_search_path(tx, &ck.schema_name),
+                search_path,
                 checkpoint::has_ahead_after(tx, name, &version, 0)
             )?;
-            applied += drain(
-                tx,
-                projector,
-                &ctx,
-                event_store,
-                &horizon,
-                &snapshot,
-                0,
-                ahead,
-            )
-            .await?;
-            snapshot
+            (snapshot, ahead)
         }
     };
+    applied += drain(
+        tx,
+        projector,
+        &ctx,
+        event_store,
+        &horizon,
+        &snapshot,
+        0,
+        ahead,
+    )
+    .await?;
     checkpoint::finish_pass(tx, name, &version, &snapshot).await?;
     debug!(applied, "pass in transaction");
     Ok(applied)
