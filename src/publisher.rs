@@ -159,6 +159,52 @@ impl Publisher {
         expected: ExpectedVersion,
         events: &[NewEvent],
     ) -> Result<Vec<Event>> {
+        self.publish_in(tx, stream_id, expected, events, true).await
+    }
+
+    /// Like [`Publisher::publish`], then commits `tx`: one round trip
+    /// fewer, as the handlers' `search_path` is left for the commit to
+    /// undo (it is set local to the transaction) instead of being restored.
+    /// On error `tx` is rolled back.
+    ///
+    /// # Errors
+    /// As [`Publisher::publish`]; the commit's errors.
+    pub async fn publish_and_commit(
+        &self,
+        tx: Transaction<'_>,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<Vec<Event>> {
+        match self
+            .publish_in(&tx, stream_id, expected, events, false)
+            .await
+        {
+            Ok(stored) => {
+                tx.commit().await?;
+                Ok(stored)
+            }
+            Err(e) => {
+                // The refusal or failure says more than a failed rollback
+                // would (the connection is then broken, which the next
+                // statement tells).
+                let _ = tx.rollback().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Publisher::publish`]; with `restore` false, the caller's
+    /// `search_path` is not restored after the handlers (the caller ends
+    /// the transaction next).
+    async fn publish_in(
+        &self,
+        tx: &Transaction<'_>,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+        restore: bool,
+    ) -> Result<Vec<Event>> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
@@ -221,7 +267,8 @@ impl Publisher {
                 recorded_at: row.recorded_at,
             })
             .collect();
-        self.run_inline(tx, &inline, &stored, &search_path).await?;
+        let restore = restore.then_some(search_path.as_str());
+        self.run_inline(tx, &inline, &stored, restore).await?;
         Ok(stored)
     }
 
@@ -230,7 +277,7 @@ impl Publisher {
         tx: &Transaction<'_>,
         inline: &[String],
         events: &[Event],
-        search_path: &str,
+        restore: Option<&str>,
     ) -> Result<()> {
         let mut changed = false;
         for name in inline {
@@ -258,10 +305,59 @@ impl Publisher {
             set?;
             applied.map_err(|e| handler_failure(projector.as_ref(), &handled[0], &e))?;
         }
-        if changed {
+        if let (true, Some(search_path)) = (changed, restore) {
             restore_search_path(tx, search_path).await?;
         }
         Ok(())
+    }
+
+    /// [`wait_out_activation`] for this configuration, publishing events of
+    /// `event_types`: when it waited for an activation, the same statement
+    /// then runs the gate as the activation left it, so a refusal that the
+    /// outcome makes final ([`Error::NewerProjectorIsActive`] for an old
+    /// configuration, among others) comes back at once, one round trip after
+    /// the activation ended, instead of after another publishing attempt
+    /// (docs/decisions/0085-refused-publishers-learn-the-outcome-as-they-wake.md).
+    /// `Ok(true)`: retry the publish now; `Ok(false)`: no activation is
+    /// running, yet a version is activating (one was interrupted): pause,
+    /// then retry. Call it with `client` outside any transaction block.
+    ///
+    /// # Errors
+    /// The gate's refusals other than `ProjectorIsActivating`; database
+    /// errors other than the lock timeout.
+    pub async fn wait_out_activation(
+        &self,
+        client: &mut Client,
+        projector: &str,
+        event_types: &[&str],
+        wait: Duration,
+    ) -> Result<bool> {
+        let timeout = format!("{}ms", wait.as_millis().max(1));
+        let result = client
+            .query_typed(
+                WAIT_OUT_THEN_GATE,
+                &[
+                    (&timeout, Type::TEXT),
+                    (&projector, Type::TEXT),
+                    (&self.versions, Type::JSONB),
+                    (&event_types, Type::TEXT_ARRAY),
+                ],
+            )
+            .await;
+        match result {
+            Ok(rows) => Ok(rows
+                .first()
+                .map_or(Ok(false), |row| row.try_get::<_, bool>(0))?),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                Ok(true)
+            }
+            Err(e) => match Error::from(e) {
+                // The marker was released with the version still activating:
+                // the activation was interrupted.
+                Error::ProjectorIsActivating { .. } => Ok(false),
+                other => Err(other),
+            },
+        }
     }
 
     /// Publishes in a transaction of its own on `client`, retrying
@@ -283,28 +379,28 @@ impl Publisher {
         let mut pause = policy.first_pause;
         loop {
             let tx = client.transaction().await?;
-            match self.publish(&tx, stream_id, expected, events).await {
-                Ok(stored) => {
-                    tx.commit().await?;
-                    return Ok(stored);
-                }
+            match self
+                .publish_and_commit(tx, stream_id, expected, events)
+                .await
+            {
+                Ok(stored) => return Ok(stored),
                 Err(e @ Error::ProjectorIsActivating { .. }) => {
-                    tx.rollback().await?;
                     if started.elapsed() + pause > policy.deadline {
                         return Err(e);
                     }
                     tracing::debug!(error = %e, pause_ms = pause.as_millis() as u64, "retrying publish");
                     let wait = WAIT_OUT_MAX.min(policy.deadline.saturating_sub(started.elapsed()));
                     let projector = e.activating_projector().unwrap_or_default();
-                    if !wait_out_activation(client, projector, wait).await? {
+                    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+                    if !self
+                        .wait_out_activation(client, projector, &types, wait)
+                        .await?
+                    {
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(policy.max_pause);
                     }
                 }
-                Err(e) => {
-                    tx.rollback().await?;
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -314,8 +410,8 @@ impl Publisher {
 /// retries anyway (docs/decisions/0067-publishers-wait-out-the-whole-activation.md).
 const WAIT_OUT_MAX: Duration = Duration::from_millis(100);
 
-/// Waits, in a short transaction of its own that holds nothing else, for
-/// the activation of `projector` to end: an activation holds the session
+/// Waits, in one statement of its own (one round trip; its implicit
+/// transaction holds nothing else), for the activation of `projector` to end: an activation holds the session
 /// lock `(ACTIVATING, hashtext(projector))` exclusive from before it marks
 /// its version activating until the version is active or back to
 /// replaying, so a publisher refused with `ProjectorIsActivating` sleeps
@@ -326,8 +422,9 @@ const WAIT_OUT_MAX: Duration = Duration::from_millis(100);
 /// interrupted and left its version activating: the caller pauses and
 /// retries); `true` after waiting (or when `wait` passed first).
 /// Call it after a [`Error::ProjectorIsActivating`] refusal, with the
-/// refusal's `projector`, once the publishing transaction has rolled back:
-/// what [`Publisher::publish_with_retry`] does between attempts, for
+/// refusal's `projector`, once the publishing transaction has rolled back
+/// (`client` must not be inside a transaction block, or the shared marker
+/// would be held until that transaction ends): what [`Publisher::publish_with_retry`] does between attempts, for
 /// callers with their own retry loop.
 ///
 /// # Errors
@@ -337,44 +434,54 @@ pub async fn wait_out_activation(
     projector: &str,
     wait: Duration,
 ) -> Result<bool> {
-    let tx = client.transaction().await?;
-    let free: bool = tx
-        .query_typed(TRY_MARKER, &[(&projector, Type::TEXT)])
-        .await?
-        .first()
-        .map_or(Ok(true), |row| row.try_get(0))?;
-    if free {
-        tx.rollback().await?;
-        return Ok(false);
-    }
-    tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = '{}ms'",
-        wait.as_millis().max(1)
-    ))
-    .await?;
-    match tx
-        .query_typed(WAIT_MARKER, &[(&projector, Type::TEXT)])
+    // One statement outside any transaction block (its own implicit one,
+    // which releases the shared marker and the local `lock_timeout` when it
+    // ends): one round trip, so sixteen refused publishers cost the
+    // activation little CPU as it starts and little as it ends.
+    let timeout = format!("{}ms", wait.as_millis().max(1));
+    match client
+        .query_typed(
+            WAIT_OUT_MARKER,
+            &[(&timeout, Type::TEXT), (&projector, Type::TEXT)],
+        )
         .await
     {
-        Ok(_) => {}
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {}
-        Err(e) => return Err(e.into()),
+        Ok(rows) => Ok(rows
+            .first()
+            .map_or(Ok(false), |row| row.try_get::<_, bool>(0))?),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+            Ok(true)
+        }
+        Err(e) => Err(e.into()),
     }
-    tx.rollback().await?;
-    Ok(true)
 }
 
-/// The activation marker of a projector, shared: whether it was free.
-const TRY_MARKER: &str = concat!(
-    "SELECT pg_try_advisory_xact_lock_shared(",
+/// The activation marker of projector `$2`, shared: `false` at once when it
+/// is free (no activation runs), else `true` once it is granted, waiting at
+/// most `$1` (`lock_timeout`, set first: `CASE` evaluates in order).
+const WAIT_OUT_MARKER: &str = concat!(
+    "SELECT CASE WHEN set_config('lock_timeout', $1, true) IS NULL THEN NULL ",
+    "WHEN pg_try_advisory_xact_lock_shared(",
     crate::locks::key!(activating),
-    ", hashtext($1))"
+    ", hashtext($2)) THEN false ",
+    "ELSE pg_advisory_xact_lock_shared(",
+    crate::locks::key!(activating),
+    ", hashtext($2)) IS NOT NULL END"
 );
-/// The same, waiting for it.
-const WAIT_MARKER: &str = concat!(
-    "SELECT pg_advisory_xact_lock_shared(",
+
+/// [`WAIT_OUT_MARKER`], then, when it waited, the gate (`$3`: the
+/// configuration, `$4`: the event types) in the same statement: the
+/// subquery (kept apart by `OFFSET 0`) yields its row before the outer
+/// select list runs the gate.
+const WAIT_OUT_THEN_GATE: &str = concat!(
+    "SELECT w.waited, CASE WHEN w.waited THEN coord.check_publish($3, $4) END FROM (",
+    "SELECT CASE WHEN set_config('lock_timeout', $1, true) IS NULL THEN NULL ",
+    "WHEN pg_try_advisory_xact_lock_shared(",
     crate::locks::key!(activating),
-    ", hashtext($1))"
+    ", hashtext($2)) THEN false ",
+    "ELSE pg_advisory_xact_lock_shared(",
+    crate::locks::key!(activating),
+    ", hashtext($2)) IS NOT NULL END AS waited OFFSET 0) w"
 );
 
 /// The `projectors` argument of the gate for `set`: each name mapped to its

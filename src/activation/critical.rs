@@ -243,10 +243,15 @@ pub(crate) async fn critical_section(
     lock: Option<&ActivationLock>,
 ) -> Result<(u64, f64)> {
     let mut pooled = pool.get().await?;
-    critical_section_on(&mut pooled, change, event_store, policy, actor, lock).await
+    critical_section_on(&mut pooled, change, event_store, policy, actor, lock, None).await
 }
 
-/// [`critical_section`] on `client`, a connection the caller holds.
+/// [`critical_section`] on `client`, a connection the caller holds. With
+/// `then`, a statement sent in the same message as the successful
+/// attempt's `COMMIT`, so the server runs it the moment the change commits,
+/// without waiting for the client (the activation marker's release, so
+/// that refused publishers wake without that round trip); it does not run
+/// when the `COMMIT` fails.
 ///
 /// # Errors
 /// As [`critical_section`].
@@ -257,6 +262,7 @@ pub(crate) async fn critical_section_on(
     policy: LockPolicy,
     actor: &Actor,
     lock: Option<&ActivationLock>,
+    then: Option<&str>,
 ) -> Result<(u64, f64)> {
     let started = Instant::now();
     let mut attempts = 0u32;
@@ -266,7 +272,21 @@ pub(crate) async fn critical_section_on(
         let mut tx = client.transaction().await?;
         match attempt(&mut tx, change, event_store, policy, actor, lock).await {
             Ok(Some(final_events)) => {
-                tx.commit().await?;
+                match then {
+                    // A simple-query batch stops at its first error: `then`
+                    // runs only once the change has committed. The `BEGIN`
+                    // after it leaves `tx` an empty transaction to end.
+                    Some(then) => {
+                        tx.batch_execute(&format!("COMMIT; {then}; BEGIN")).await?;
+                        // The change has committed: ending the empty
+                        // transaction cannot undo it, so its error is no
+                        // failure of the critical section.
+                        if let Err(e) = tx.commit().await {
+                            tracing::debug!(error = %e, "could not end the transaction after the commit");
+                        }
+                    }
+                    None => tx.commit().await?,
+                }
                 if attempts > 1 {
                     tracing::info!(attempts, "critical section completed after retries");
                 }

@@ -80,6 +80,26 @@ impl ActivatingMarker {
         Ok(marker)
     }
 
+    /// The statement that releases the marker (for
+    /// [`critical_section_on`](super::critical::critical_section_on)'s
+    /// `then`, which sends it with the flip's `COMMIT`), or `None` when it
+    /// is not held. Once it has run, call [`released`](Self::released).
+    pub(super) fn release_sql(&self) -> Option<String> {
+        self.held.then(|| {
+            format!(
+                "SELECT pg_advisory_unlock({}, hashtext({}))",
+                crate::locks::ACTIVATING,
+                crate::names::quote_literal(&self.name)
+            )
+        })
+    }
+
+    /// Records that [`release_sql`](Self::release_sql) ran: the connection
+    /// goes back to the pool.
+    pub(super) fn released(mut self) {
+        self.held = false;
+    }
+
     /// The marker's connection, for the activation's steps.
     pub(super) fn client(&mut self) -> &mut tokio_postgres::Client {
         self.client

@@ -94,12 +94,23 @@ pub(crate) async fn activate_version_fenced(
         old: old.as_ref(),
     };
     // On the marker's connection: an activation needs one connection only.
-    let result =
-        critical_section_on(marker.client(), &change, event_store, policy, actor, lock).await;
+    // The marker is released in the flip's own message, right after its
+    // COMMIT: refused publishers wake without waiting for a round trip.
+    let release = marker.release_sql();
+    let result = critical_section_on(
+        marker.client(),
+        &change,
+        event_store,
+        policy,
+        actor,
+        lock,
+        release.as_deref(),
+    )
+    .await;
     match result {
         Ok((final_events, critical_ms)) => {
             let held_back_ms = held_since.elapsed().as_secs_f64() * 1e3;
-            marker.release().await;
+            marker.released();
             let report = SwitchReport {
                 projector: name.to_owned(),
                 from,

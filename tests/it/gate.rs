@@ -1235,3 +1235,167 @@ async fn an_activation_holds_its_marker_until_it_ends() {
         .get(0);
     assert_eq!(held, 0, "the pooled connection came back holding a lock");
 }
+
+/// `Publisher::wait_out_activation` tells a refused publisher the outcome in
+/// the statement that wakes it (decision 0085): a stale configuration gets
+/// `NewerProjectorIsActive` from the wait itself, with no publishing attempt
+/// after it; an interrupted activation (marker gone, version still
+/// activating) means pause and retry; a free marker returns at once.
+#[tokio::test]
+async fn a_refused_publisher_learns_the_outcome_in_the_statement_that_wakes_it() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    build_version(&client, "1.0.0").await;
+    build_version(&client, "2.0.0").await;
+    set_state(&client, "balances", Some("1.0.0"), Some("2.0.0"), None).await;
+    let marker = db.client().await;
+    let hold = "SELECT pg_advisory_lock($1, hashtext('balances'))";
+    let release = "SELECT pg_advisory_unlock($1, hashtext('balances'))";
+    let key = [&coord::locks::ACTIVATING as &(dyn tokio_postgres::types::ToSql + Sync)];
+
+    // Woken by an activation that flipped to 2.0.0: refused as stale by the wait.
+    marker.query_one(hold, &key).await.unwrap();
+    let mut waiting = db.client().await;
+    let pid = backend_pid(&waiting).await;
+    let task = tokio::spawn(async move {
+        let outcome = publisher("1.0.0")
+            .wait_out_activation(
+                &mut waiting,
+                "balances",
+                &["MoneyDeposited"],
+                Duration::from_secs(60),
+            )
+            .await;
+        (outcome, waiting)
+    });
+    eventually(
+        Duration::from_secs(30),
+        "the publisher to wait on the activation marker",
+        || waiting_on_lock(&client, pid),
+    )
+    .await;
+    set_state(&client, "balances", Some("2.0.0"), None, None).await;
+    marker.query_one(release, &key).await.unwrap();
+    let (outcome, mut waiting) = tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("the wait ends with the activation")
+        .unwrap();
+    match outcome {
+        Err(Error::NewerProjectorIsActive {
+            running, active, ..
+        }) => {
+            assert_eq!((running.as_str(), active.as_str()), ("1.0.0", "2.0.0"));
+        }
+        other => panic!("expected NewerProjectorIsActive from the wait, got {other:?}"),
+    }
+    assert_eq!(event_count(&client).await, 0);
+
+    // No activation holds the marker: `false` at once, whatever the state.
+    let free = publisher("1.0.0")
+        .wait_out_activation(
+            &mut waiting,
+            "balances",
+            &["MoneyDeposited"],
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert!(!free, "a free marker means no activation runs");
+
+    // Interrupted: the marker goes while the version is still activating.
+    set_state(&client, "balances", Some("1.0.0"), Some("2.0.0"), None).await;
+    marker.query_one(hold, &key).await.unwrap();
+    let task = tokio::spawn(async move {
+        publisher("1.0.0")
+            .wait_out_activation(
+                &mut waiting,
+                "balances",
+                &["MoneyDeposited"],
+                Duration::from_secs(60),
+            )
+            .await
+    });
+    eventually(
+        Duration::from_secs(30),
+        "the publisher to wait on the activation marker",
+        || waiting_on_lock(&client, pid),
+    )
+    .await;
+    marker.query_one(release, &key).await.unwrap();
+    let interrupted = tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("the wait ends with the marker")
+        .unwrap()
+        .unwrap();
+    assert!(
+        !interrupted,
+        "a version left activating means pause and retry, not an error"
+    );
+}
+
+/// `Publisher::publish_and_commit` commits the events with the inline
+/// projection, leaves the connection's `search_path` as it was (the
+/// handlers' one was local to the transaction), and rolls back a refusal.
+#[tokio::test]
+async fn publish_and_commit_commits_with_the_projection_and_leaves_the_session_as_it_was() {
+    let db = TestDb::migrated().await;
+    let mut client = db.client().await;
+    build_version(&client, "1.0.0").await;
+    build_version(&client, "2.0.0").await;
+    set_state(&client, "balances", Some("1.0.0"), None, None).await;
+    client
+        .batch_execute("SET search_path = public")
+        .await
+        .unwrap();
+
+    let p = publisher("1.0.0");
+    let tx = client.transaction().await.unwrap();
+    p.publish_and_commit(
+        tx,
+        "acc-1",
+        ExpectedVersion::NoStream,
+        &[
+            NewEvent::new("AccountOpened", json!({})),
+            NewEvent::new("MoneyDeposited", json!({"amount": 7})),
+        ],
+    )
+    .await
+    .unwrap();
+    let row = client
+        .query_one(
+            "SELECT (SELECT amount FROM balances_v1_0_0.balances WHERE account = 'acc-1'), \
+                    current_setting('search_path')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 7);
+    assert_eq!(row.get::<_, String>(1), "public");
+    assert_eq!(event_count(&client).await, 2);
+
+    // Refused as stale: nothing written, the connection usable.
+    set_state(&client, "balances", Some("2.0.0"), None, None).await;
+    let tx = client.transaction().await.unwrap();
+    let refused = p
+        .publish_and_commit(
+            tx,
+            "acc-1",
+            ExpectedVersion::Any,
+            &[NewEvent::new("MoneyDeposited", json!({"amount": 1}))],
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(Error::NewerProjectorIsActive { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(event_count(&client).await, 2);
+    let amount: i64 = client
+        .query_one(
+            "SELECT amount FROM balances_v1_0_0.balances WHERE account = 'acc-1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(amount, 7);
+}

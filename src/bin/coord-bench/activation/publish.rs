@@ -80,8 +80,8 @@ pub(super) struct Attempt {
 }
 
 /// Publishes like [`Publisher::publish_with_retry`] (after a
-/// `ProjectorIsActivating` refusal, waiting out the critical section or
-/// pausing briefly), timing each attempt:
+/// `ProjectorIsActivating` refusal, waiting out the activation, which also
+/// tells a stale publisher the outcome, or pausing briefly), timing each attempt:
 /// returns the result and the longest attempt.
 async fn publish_timed(
     publisher: &Publisher,
@@ -98,14 +98,13 @@ async fn publish_timed(
         let outcome = async {
             let tx = client.transaction().await?;
             publisher
-                .publish(
-                    &tx,
+                .publish_and_commit(
+                    tx,
                     account,
                     ExpectedVersion::Any,
                     std::slice::from_ref(&event),
                 )
                 .await?;
-            tx.commit().await?;
             Ok::<(), Error>(())
         }
         .await;
@@ -115,7 +114,11 @@ async fn publish_timed(
                 if started.elapsed() + pause <= policy.deadline =>
             {
                 // Outside the gate, holding nothing: not part of an attempt.
-                match coord::wait_out_activation(client, projector, Duration::from_millis(100))
+                // The wait also runs the gate as the activation left it: a
+                // stale configuration is refused by the wait itself.
+                let types = [event.event_type.as_str()];
+                match publisher
+                    .wait_out_activation(client, projector, &types, Duration::from_millis(100))
                     .await
                 {
                     Ok(true) => {}
