@@ -1,8 +1,10 @@
 //! The read side of a pass: a reader task fetches batches of events on a
 //! connection of its own (binary `COPY`, [`PassQuery::read_copy`]) and a
 //! decoder thread turns them into [`EventBatch`]es, while the pass applies
-//! the previous batch. Reads only; the pass decides what is applied.
+//! the previous batch, and frees each batch once the pass gives it back.
+//! Reads only; the pass decides what is applied.
 
+use std::sync::mpsc as std_mpsc;
 use std::time::Instant;
 
 use deadpool_postgres::Object;
@@ -25,7 +27,9 @@ use crate::{Error, Result};
 /// turns batch n+1 into events (client CPU), and the caller applies batch n
 /// (server). The decoder starts on batch n+1 only once the caller has
 /// taken batch n, so at most two decoded batches are alive, and the `COPY`
-/// buffers go back to the reader (decision 0075).
+/// buffers go back to the reader (decision 0075). The caller gives each
+/// applied batch back ([`Batches::done`]): the decoder thread, which
+/// allocated its events, frees them (decision 0079).
 ///
 /// # Errors
 /// [`Error::Failed`] when the decoder thread cannot start.
@@ -36,9 +40,10 @@ pub(super) fn read_batches(
     max_limit: i64,
     payload: bool,
     cancel: CancellationToken,
-) -> Result<mpsc::Receiver<Result<EventBatch, StepError>>> {
+) -> Result<Batches> {
     let (row_sender, row_receiver) = mpsc::channel::<Read>(1);
     let (sender, receiver) = mpsc::channel::<Result<EventBatch, StepError>>(1);
+    let (spent_sender, spent_receiver) = std_mpsc::channel::<EventBatch>();
     // The decoder gives each buffer back to the reader once decoded: a pass
     // allocates its few `COPY` buffers once, at their largest, instead of
     // growing a new one for every batch (decision 0075).
@@ -58,9 +63,44 @@ pub(super) fn read_batches(
     let runtime = tokio::runtime::Handle::current();
     std::thread::Builder::new()
         .name("coord-decode".into())
-        .spawn(move || decode(&runtime, row_receiver, sender, payload, free_sender))
+        .spawn(move || {
+            decode(
+                &runtime,
+                row_receiver,
+                sender,
+                payload,
+                free_sender,
+                &spent_receiver,
+            );
+        })
         .map_err(|e| Error::Failed(format!("cannot start the event decoder: {e}")))?;
-    Ok(receiver)
+    Ok(Batches {
+        receiver,
+        spent: spent_sender,
+    })
+}
+
+/// The decoded batches of a pass, in order ([`read_batches`]).
+pub(super) struct Batches {
+    receiver: mpsc::Receiver<Result<EventBatch, StepError>>,
+    spent: std_mpsc::Sender<EventBatch>,
+}
+
+impl Batches {
+    /// The next batch; `None` once the read side has stopped.
+    pub(super) async fn recv(&mut self) -> Option<Result<EventBatch, StepError>> {
+        self.receiver.recv().await
+    }
+
+    /// Gives an applied batch back to the decoder thread, which frees it
+    /// before decoding the next one: freeing 50,000 events (a few
+    /// allocations each) takes the applying task tens of milliseconds,
+    /// more across threads (the allocator's arena of the decoder thread),
+    /// and the freed memory is reused by the next decoding.
+    pub(super) fn done(&self, batch: EventBatch) {
+        // The decoder may be gone (the pass ended): the batch is freed here.
+        let _ = self.spent.send(batch);
+    }
 }
 
 /// The `COPY` data of a batch and its row count.
@@ -112,19 +152,28 @@ async fn read(
     }
 }
 
-/// The decoder thread; gives each buffer back to the reader once decoded.
-/// It decodes a batch only once the pass has taken the one before, so at
-/// most two decoded batches are alive: the one applied and the next (with
-/// a batch waiting in the channel too, peak memory held three).
+/// The decoder thread; gives each buffer back to the reader once decoded,
+/// and frees the batches the pass gives back. It decodes a batch only once
+/// the pass has taken the one before, so at most two decoded batches are
+/// alive: the one applied and the next (with a batch waiting in the
+/// channel too, peak memory held three); the batch applied before them is
+/// freed before the decoding starts.
 fn decode(
     runtime: &tokio::runtime::Handle,
     mut receiver: mpsc::Receiver<Read>,
     sender: mpsc::Sender<Result<EventBatch, StepError>>,
     payload: bool,
     free: mpsc::UnboundedSender<Vec<u8>>,
+    spent: &std_mpsc::Receiver<EventBatch>,
 ) {
     // Room for the next batch first: the pass has taken the one before.
     while let Ok(room) = runtime.block_on(sender.reserve()) {
+        // The batches applied so far (the pass gives a batch back before
+        // it takes the next, so the one before the batch it applies now),
+        // freed while the reader may still be fetching the next.
+        while let Ok(batch) = spent.try_recv() {
+            drop(batch);
+        }
         let Some(read) = receiver.blocking_recv() else {
             break;
         };

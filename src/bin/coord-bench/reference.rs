@@ -110,6 +110,10 @@ impl Projector for BalancesProjector {
     fn on_error(&self) -> OnError {
         self.on_error
     }
+    /// It reads `data.amount` only: replays need not send the metadata.
+    fn replay_reads_metadata(&self) -> bool {
+        false
+    }
     fn fingerprint(&self) -> String {
         hex::encode(Sha256::digest(format!(
             "rust BalancesProjector 1\0{TABLES}"
