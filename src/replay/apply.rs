@@ -7,7 +7,7 @@ use tokio_postgres::Transaction;
 
 use crate::event_store::{EventBatch, PassQuery};
 use crate::names::RelationName;
-use crate::projector::{ApplyContext, Phase, Projector};
+use crate::projector::{ApplyContext, Event, Phase, Projector};
 use crate::replay::batch::{self, BatchOutcome};
 use crate::store::checkpoint::{self, BatchProgress};
 use crate::Result;
@@ -96,7 +96,9 @@ pub(super) struct Estimate {
 /// decides whether the batch commits), and the new cursor.
 ///
 /// The batch is the caller's to give, not to keep: the events parked under
-/// `park` are taken out of `batch.events` (decision 0080).
+/// `park` are taken out of `batch.events` (decision 0080), and once the
+/// projector is done with them the events go to `applied` (to be freed
+/// while the checkpoint is written, decision 0079), leaving the batch empty.
 ///
 /// # Errors
 /// Database errors.
@@ -107,11 +109,13 @@ pub(super) async fn apply_batch(
     batch: &mut EventBatch,
     cursor: i64,
     estimate: impl FnOnce(&BatchOutcome) -> Estimate,
+    applied: impl FnOnce(Vec<Event>),
 ) -> Result<(BatchOutcome, i64)> {
     // Before applying: parking takes events out of the batch.
     let positions: Vec<i64> = batch.events.iter().map(|e| e.position).collect();
     let outcome = batch::apply(tx, projector, ctx, &mut batch.events).await?;
     let end = batch_end(&positions, &batch.xacts, &outcome, cursor);
+    applied(std::mem::take(&mut batch.events));
     let estimate = estimate(&outcome);
     let message = outcome.failure.as_ref().map(ToString::to_string);
     checkpoint::record_batch(

@@ -127,8 +127,16 @@ async fn drain(
         if batch.events.is_empty() {
             return Ok(applied);
         }
-        let (outcome, end) =
-            apply_batch(tx, projector, ctx, &mut batch, cursor, |_| Estimate::default()).await?;
+        let (outcome, end) = apply_batch(
+            tx,
+            projector,
+            ctx,
+            &mut batch,
+            cursor,
+            |_| Estimate::default(),
+            drop,
+        )
+        .await?;
         if let Some(failure) = outcome.failure {
             return Err(failure);
         }

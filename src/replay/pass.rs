@@ -296,9 +296,10 @@ impl Pass<'_> {
             let batch_started = Instant::now();
             let (first, len) = (batch.events[0].position, batch.events.len());
             let step = || format!("replay batch at position {}", grouped(first));
-            let (outcome, cursor) = self.apply_one(writer, ctx, &mut batch).await.at(step)?;
-            // Freed on the decoder thread (decision 0079).
-            batches.done(batch);
+            let (outcome, cursor) = self
+                .apply_one(writer, ctx, &mut batch, &batches)
+                .await
+                .at(step)?;
             self.batch_done(&outcome, cursor, len, batch_started);
             if let Some(failure) = outcome.failure {
                 return Err(StepError::new(step(), failure));
@@ -315,6 +316,7 @@ impl Pass<'_> {
         writer: &mut Object,
         ctx: &ApplyContext,
         batch: &mut EventBatch,
+        batches: &pipeline::Batches,
     ) -> Result<(BatchOutcome, i64)> {
         let tx = writer.transaction().await?;
         let (ck, ()) = futures_util::future::try_join(
@@ -323,9 +325,17 @@ impl Pass<'_> {
         )
         .await?;
         ensure_owner(&ck, &self.snapshot, self.cursor, &self.label)?;
-        let (outcome, cursor) = apply_batch(&tx, self.projector, ctx, batch, self.cursor, |o| {
-            self.estimate(o)
-        })
+        // The events are freed on the decoder thread, while the checkpoint
+        // is written and committed (decision 0079).
+        let (outcome, cursor) = apply_batch(
+            &tx,
+            self.projector,
+            ctx,
+            batch,
+            self.cursor,
+            |o| self.estimate(o),
+            |events| batches.done(events),
+        )
         .await?;
         tx.commit().await?;
         Ok((outcome, cursor))

@@ -4,7 +4,6 @@
 //! the previous batch, and frees each batch once the pass gives it back.
 //! Reads only; the pass decides what is applied.
 
-use std::sync::mpsc as std_mpsc;
 use std::time::Instant;
 
 use deadpool_postgres::Object;
@@ -12,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::event_store::{EventBatch, PassQuery};
+use crate::event_store::{Event, EventBatch, PassQuery};
 use crate::replay::retry::{grouped, StepError};
 use crate::{Error, Result};
 
@@ -43,7 +42,7 @@ pub(super) fn read_batches(
 ) -> Result<Batches> {
     let (row_sender, row_receiver) = mpsc::channel::<Read>(1);
     let (sender, receiver) = mpsc::channel::<Result<EventBatch, StepError>>(1);
-    let (spent_sender, spent_receiver) = std_mpsc::channel::<EventBatch>();
+    let (spent_sender, spent_receiver) = mpsc::unbounded_channel::<Vec<Event>>();
     // The decoder gives each buffer back to the reader once decoded: a pass
     // allocates its few `COPY` buffers once, at their largest, instead of
     // growing a new one for every batch (decision 0075).
@@ -70,7 +69,7 @@ pub(super) fn read_batches(
                 sender,
                 payload,
                 free_sender,
-                &spent_receiver,
+                spent_receiver,
             );
         })
         .map_err(|e| Error::Failed(format!("cannot start the event decoder: {e}")))?;
@@ -83,7 +82,7 @@ pub(super) fn read_batches(
 /// The decoded batches of a pass, in order ([`read_batches`]).
 pub(super) struct Batches {
     receiver: mpsc::Receiver<Result<EventBatch, StepError>>,
-    spent: std_mpsc::Sender<EventBatch>,
+    spent: mpsc::UnboundedSender<Vec<Event>>,
 }
 
 impl Batches {
@@ -92,14 +91,16 @@ impl Batches {
         self.receiver.recv().await
     }
 
-    /// Gives an applied batch back to the decoder thread, which frees it
-    /// before decoding the next one: freeing 50,000 events (a few
-    /// allocations each) takes the applying task tens of milliseconds,
-    /// more across threads (the allocator's arena of the decoder thread),
-    /// and the freed memory is reused by the next decoding.
-    pub(super) fn done(&self, batch: EventBatch) {
-        // The decoder may be gone (the pass ended): the batch is freed here.
-        let _ = self.spent.send(batch);
+    /// Gives the events of an applied batch back to the decoder thread,
+    /// which frees them before it decodes the next batch: freeing 50,000
+    /// events (a few allocations each) took the applying task tens of
+    /// milliseconds, more across threads (the events come from the
+    /// decoder thread's arena), and the next decoding reuses the memory.
+    /// The pass gives them back before it writes and commits the batch's
+    /// checkpoint, while the decoder waits for room for the next batch.
+    pub(super) fn done(&self, events: Vec<Event>) {
+        // The decoder may be gone (the pass ended): they are freed here.
+        let _ = self.spent.send(events);
     }
 }
 
@@ -153,27 +154,34 @@ async fn read(
 }
 
 /// The decoder thread; gives each buffer back to the reader once decoded,
-/// and frees the batches the pass gives back. It decodes a batch only once
-/// the pass has taken the one before, so at most two decoded batches are
-/// alive: the one applied and the next (with a batch waiting in the
-/// channel too, peak memory held three); the batch applied before them is
-/// freed before the decoding starts.
+/// and frees the events the pass gives back while it waits for room. It
+/// decodes a batch only once the pass has taken the one before, so at most
+/// two decoded batches are alive: the one applied and the next (with a
+/// batch waiting in the channel too, peak memory held three).
 fn decode(
     runtime: &tokio::runtime::Handle,
     mut receiver: mpsc::Receiver<Read>,
     sender: mpsc::Sender<Result<EventBatch, StepError>>,
     payload: bool,
     free: mpsc::UnboundedSender<Vec<u8>>,
-    spent: &std_mpsc::Receiver<EventBatch>,
+    mut spent: mpsc::UnboundedReceiver<Vec<Event>>,
 ) {
     // Room for the next batch first: the pass has taken the one before.
-    while let Ok(room) = runtime.block_on(sender.reserve()) {
-        // The batches applied so far (the pass gives a batch back before
-        // it takes the next, so the one before the batch it applies now),
-        // freed while the reader may still be fetching the next.
-        while let Ok(batch) = spent.try_recv() {
-            drop(batch);
-        }
+    // Meanwhile the events the pass gives back are freed: those of the
+    // batch it applies, given back before its checkpoint is committed.
+    loop {
+        let room = runtime.block_on(async {
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(events) = spent.recv() => drop(events),
+                    room = sender.reserve() => break room,
+                }
+            }
+        });
+        let Ok(room) = room else {
+            break;
+        };
         let Some(read) = receiver.blocking_recv() else {
             break;
         };

@@ -46,7 +46,7 @@ impl Projector for Recorder {
         vec!["Noted".into()]
     }
     fn tables(&self) -> &str {
-        ""
+        "CREATE TABLE unused (id int);"
     }
     fn replay_reads_metadata(&self) -> bool {
         self.reads_metadata
