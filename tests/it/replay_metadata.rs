@@ -90,8 +90,7 @@ async fn a_projector_that_reads_no_metadata_gets_the_data_and_null_metadata() {
     let with = with.seen.into_inner().unwrap();
     assert_eq!(without.len(), 30);
     assert_eq!(with.len(), 30);
-    for (i, ((data, metadata), (data_with, metadata_with))) in
-        without.iter().zip(&with).enumerate()
+    for (i, ((data, metadata), (data_with, metadata_with))) in without.iter().zip(&with).enumerate()
     {
         let n = i as i64 + 1;
         assert_eq!(*data, json!({ "n": n }));

@@ -151,8 +151,7 @@ impl Projector for BalancesProjector {
         ctx: &ApplyContext,
     ) -> Result<(), HandlerError> {
         let mut order: Vec<&str> = Vec::new();
-        let mut folds: HashMap<&str, Fold, BuildHasherDefault<FoldHasher>> =
-            HashMap::default();
+        let mut folds: HashMap<&str, Fold, BuildHasherDefault<FoldHasher>> = HashMap::default();
         let mut failures = Vec::new();
         for event in events {
             let account = event.stream_id.as_str();
