@@ -130,6 +130,16 @@ pub trait Projector: Send + Sync {
     fn replay_reads_payload(&self) -> bool {
         true
     }
+    /// Whether `apply` reads the events' `metadata` in replays and
+    /// catch-ups (default true). A projector that reads only their `data`
+    /// returns false and gets `metadata` as `null` there: the server does
+    /// not send it and the client does not parse it, which counts when
+    /// events carry more metadata than data (decision 0081). Inline it
+    /// always gets it; without the payload
+    /// ([`Projector::replay_reads_payload`] false) it gets neither.
+    fn replay_reads_metadata(&self) -> bool {
+        true
+    }
     /// The handler SQL per event type, when the projector is defined by SQL
     /// statements taking `$1..$7` (config projectors). Stored with the
     /// version at registration so that `coord.publish` can run it inline;

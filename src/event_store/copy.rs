@@ -47,6 +47,8 @@ impl EventBatch {
     /// Like [`EventBatch::decode_copy`]; with `payload` false, `data` and
     /// `metadata` are left `null` instead of parsed (for projectors that
     /// do not read them, see [`Projector::replay_reads_payload`](crate::Projector::replay_reads_payload)).
+    /// Either way a SQL `NULL` in their place (what a [`PassQuery`](crate::PassQuery)
+    /// sends instead of what the projector does not read) decodes as `null`.
     ///
     /// # Errors
     /// Malformed data.
@@ -71,12 +73,10 @@ impl EventBatch {
 /// Decodes the tuples of binary `COPY` data from offset `at` (the first
 /// tuple's start) into a batch allocated for `capacity` events.
 fn decode_tuples(data: &[u8], at: usize, capacity: usize, payload: bool) -> Result<EventBatch> {
-    let json = |f: &[Option<&[u8]>], i| {
-        if payload {
-            field(f, i, &Type::JSONB)
-        } else {
-            Ok(serde_json::Value::Null)
-        }
+    let json = |f: &[Option<&[u8]>], i| match f.get(i) {
+        Some(Some(_)) if payload => field(f, i, &Type::JSONB),
+        Some(_) => Ok(serde_json::Value::Null),
+        None => Err(malformed("too few columns")),
     };
     let mut batch = EventBatch {
         events: Vec::with_capacity(capacity),

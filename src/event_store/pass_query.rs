@@ -41,6 +41,10 @@ pub struct PassQuery {
     /// returns nulls instead, so the server does not render them.
     /// [`PassQuery::read`] always returns them.
     pub payload: bool,
+    /// With `payload`, whether [`PassQuery::read_copy`] returns the events'
+    /// `metadata` too (false: null, see
+    /// [`Projector::replay_reads_metadata`](crate::Projector::replay_reads_metadata)).
+    pub metadata: bool,
 }
 
 impl PassQuery {
@@ -137,10 +141,10 @@ impl PassQuery {
     /// [`Error::Failed`] when the snapshot or horizon is not what PostgreSQL
     /// produces for them.
     pub fn copy_sql(&self, cursor: i64, limit: i64) -> Result<String> {
-        let payload = if self.payload {
-            "e.data, e.metadata"
-        } else {
-            "NULL::jsonb, NULL::jsonb"
+        let payload = match (self.payload, self.metadata) {
+            (true, true) => "e.data, e.metadata",
+            (true, false) => "e.data, NULL::jsonb",
+            (false, _) => "NULL::jsonb, NULL::jsonb",
         };
         let sql = self.inline(
             &format!(

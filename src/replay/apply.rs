@@ -7,7 +7,7 @@ use tokio_postgres::Transaction;
 
 use crate::event_store::{EventBatch, PassQuery};
 use crate::names::RelationName;
-use crate::projector::{ApplyContext, Phase, Projector};
+use crate::projector::{ApplyContext, Event, Phase, Projector};
 use crate::replay::batch::{self, BatchOutcome};
 use crate::store::checkpoint::{self, BatchProgress};
 use crate::Result;
@@ -21,25 +21,30 @@ struct BatchEnd {
     ahead_xacts: Vec<String>,
 }
 
-fn batch_end(batch: &EventBatch, outcome: &BatchOutcome, cursor: i64) -> BatchEnd {
+fn batch_end(
+    positions: &[i64],
+    xacts: &[Option<String>],
+    outcome: &BatchOutcome,
+    cursor: i64,
+) -> BatchEnd {
     let handled = outcome.handled;
     let new_cursor = if outcome.failure.is_some() {
         // Just before the failing event: it is read again next time.
-        batch.events[handled].position - 1
+        positions[handled] - 1
     } else {
-        batch.events.last().map_or(cursor, |e| e.position)
+        positions.last().copied().unwrap_or(cursor)
     };
     let mut ahead_positions = Vec::new();
     let mut ahead_xacts = Vec::new();
-    for (event, xact) in batch.events[..handled].iter().zip(&batch.xacts) {
+    for (&position, xact) in positions[..handled].iter().zip(xacts) {
         if let Some(xact) = xact {
-            ahead_positions.push(event.position);
+            ahead_positions.push(position);
             ahead_xacts.push(xact.clone());
         }
     }
     BatchEnd {
         cursor: new_cursor,
-        last_position: handled.checked_sub(1).map(|i| batch.events[i].position),
+        last_position: handled.checked_sub(1).map(|i| positions[i]),
         ahead_positions,
         ahead_xacts,
     }
@@ -70,6 +75,7 @@ pub(super) fn query(
         exclude_ahead,
         max_bytes,
         payload: true,
+        metadata: true,
     }
 }
 
@@ -89,18 +95,27 @@ pub(super) struct Estimate {
 /// as `last_error`. Returns the outcome, failure included (the caller
 /// decides whether the batch commits), and the new cursor.
 ///
+/// The batch is the caller's to give, not to keep: the events parked under
+/// `park` are taken out of `batch.events` (decision 0080), and once the
+/// projector is done with them the events go to `applied` (to be freed
+/// while the checkpoint is written, decision 0079), leaving the batch empty.
+///
 /// # Errors
 /// Database errors.
 pub(super) async fn apply_batch(
     tx: &Transaction<'_>,
     projector: &dyn Projector,
     ctx: &ApplyContext,
-    batch: &EventBatch,
+    batch: &mut EventBatch,
     cursor: i64,
     estimate: impl FnOnce(&BatchOutcome) -> Estimate,
+    applied: impl FnOnce(Vec<Event>),
 ) -> Result<(BatchOutcome, i64)> {
-    let outcome = batch::apply(tx, projector, ctx, &batch.events).await?;
-    let end = batch_end(batch, &outcome, cursor);
+    // Before applying: parking takes events out of the batch.
+    let positions: Vec<i64> = batch.events.iter().map(|e| e.position).collect();
+    let outcome = batch::apply(tx, projector, ctx, &mut batch.events).await?;
+    let end = batch_end(&positions, &batch.xacts, &outcome, cursor);
+    applied(std::mem::take(&mut batch.events));
     let estimate = estimate(&outcome);
     let message = outcome.failure.as_ref().map(ToString::to_string);
     checkpoint::record_batch(

@@ -123,12 +123,20 @@ async fn drain(
     );
     let mut applied = 0;
     loop {
-        let batch = q.read(tx, cursor, IN_TRANSACTION_BATCH).await?;
+        let mut batch = q.read(tx, cursor, IN_TRANSACTION_BATCH).await?;
         if batch.events.is_empty() {
             return Ok(applied);
         }
-        let (outcome, end) =
-            apply_batch(tx, projector, ctx, &batch, cursor, |_| Estimate::default()).await?;
+        let (outcome, end) = apply_batch(
+            tx,
+            projector,
+            ctx,
+            &mut batch,
+            cursor,
+            |_| Estimate::default(),
+            drop,
+        )
+        .await?;
         if let Some(failure) = outcome.failure {
             return Err(failure);
         }

@@ -132,6 +132,7 @@ async fn attempt(
         max_bytes,
     );
     q.payload = projector.replay_reads_payload();
+    q.metadata = projector.replay_reads_metadata();
     let read_step = || format!("replay read after position {}", grouped(cursor));
     let batches = pipeline::read_batches(
         pool.get().await.at(read_step)?,
@@ -277,14 +278,14 @@ impl Pass<'_> {
     async fn apply_all(
         &mut self,
         writer: &mut Object,
-        mut batches: tokio::sync::mpsc::Receiver<Result<EventBatch, StepError>>,
+        mut batches: pipeline::Batches,
         ctx: &ApplyContext,
         cancel: &CancellationToken,
     ) -> Result<bool, StepError> {
         // Only the empty read that ends the pass lets the horizon move: the
         // reader also stops when cancelled, so a closed channel proves nothing.
         while let Some(batch) = batches.recv().await {
-            let batch = batch?;
+            let mut batch = batch?;
             if batch.events.is_empty() {
                 return Ok(true);
             }
@@ -293,10 +294,13 @@ impl Pass<'_> {
                 return Ok(false);
             }
             let batch_started = Instant::now();
-            let first = batch.events[0].position;
+            let (first, len) = (batch.events[0].position, batch.events.len());
             let step = || format!("replay batch at position {}", grouped(first));
-            let (outcome, cursor) = self.apply_one(writer, ctx, &batch).await.at(step)?;
-            self.batch_done(&outcome, cursor, batch.events.len(), batch_started);
+            let (outcome, cursor) = self
+                .apply_one(writer, ctx, &mut batch, &batches)
+                .await
+                .at(step)?;
+            self.batch_done(&outcome, cursor, len, batch_started);
             if let Some(failure) = outcome.failure {
                 return Err(StepError::new(step(), failure));
             }
@@ -311,7 +315,8 @@ impl Pass<'_> {
         &mut self,
         writer: &mut Object,
         ctx: &ApplyContext,
-        batch: &EventBatch,
+        batch: &mut EventBatch,
+        batches: &pipeline::Batches,
     ) -> Result<(BatchOutcome, i64)> {
         let tx = writer.transaction().await?;
         let (ck, ()) = futures_util::future::try_join(
@@ -320,9 +325,17 @@ impl Pass<'_> {
         )
         .await?;
         ensure_owner(&ck, &self.snapshot, self.cursor, &self.label)?;
-        let (outcome, cursor) = apply_batch(&tx, self.projector, ctx, batch, self.cursor, |o| {
-            self.estimate(o)
-        })
+        // The events are freed on the decoder thread, while the checkpoint
+        // is written and committed (decision 0079).
+        let (outcome, cursor) = apply_batch(
+            &tx,
+            self.projector,
+            ctx,
+            batch,
+            self.cursor,
+            |o| self.estimate(o),
+            |events| batches.done(events),
+        )
         .await?;
         tx.commit().await?;
         Ok((outcome, cursor))

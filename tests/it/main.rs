@@ -30,6 +30,7 @@ mod publish_paths;
 #[path = "../../src/bin/coord-bench/reference.rs"]
 mod reference;
 mod replay;
+mod replay_metadata;
 mod run;
 mod schema_drop;
 mod serve;

@@ -205,6 +205,7 @@ async fn catch_up_reads_the_delta_through_the_xact_id_index() {
         exclude_ahead: true,
         max_bytes: i64::MAX,
         payload: true,
+        metadata: true,
     };
     let plan: Vec<String> = client
         .query(
@@ -283,6 +284,7 @@ async fn a_pass_counts_a_small_remainder_and_estimates_a_large_one() {
         exclude_ahead: false,
         max_bytes: i64::MAX,
         payload: true,
+        metadata: true,
     };
     assert_eq!(
         q.count_or_estimate(&client, 0, 100_000).await.unwrap(),
