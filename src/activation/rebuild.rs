@@ -74,6 +74,9 @@ impl Projector for Shadow {
     fn replay_reads_payload(&self) -> bool {
         self.inner.replay_reads_payload()
     }
+    fn replay_reads_metadata(&self) -> bool {
+        self.inner.replay_reads_metadata()
+    }
     fn handler_sql(&self) -> Option<std::collections::BTreeMap<String, String>> {
         self.inner.handler_sql()
     }
