@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::future::join;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 
 use crate::config::Mode;
@@ -311,53 +311,74 @@ impl Publisher {
         Ok(())
     }
 
-    /// [`wait_out_activation`] for this configuration, publishing events of
-    /// `event_types`: when it waited for an activation, the same statement
-    /// then runs the gate as the activation left it, so a refusal that the
-    /// outcome makes final ([`Error::NewerProjectorIsActive`] for an old
-    /// configuration, among others) comes back at once, one round trip after
-    /// the activation ended, instead of after another publishing attempt
+    /// [`wait_out_activation`] for this configuration: when it waited for an
+    /// activation, a read of the projector's state pipelined after the wait
+    /// (a statement of its own, so it sees what the activation committed)
+    /// tells a publisher whose version the activation made stale at once:
+    /// [`Error::NewerProjectorIsActive`], one round trip after the
+    /// activation ended, instead of after another publishing attempt
     /// (docs/decisions/0085-refused-publishers-learn-the-outcome-as-they-wake.md).
-    /// `Ok(true)`: retry the publish now; `Ok(false)`: no activation is
-    /// running, yet a version is activating (one was interrupted): pause,
-    /// then retry. Call it with `client` outside any transaction block.
+    /// `Ok(true)`: retry the publish now (the gate decides); `Ok(false)`: no
+    /// activation is running, yet the version may still be activating (one
+    /// was interrupted): pause, then retry. Call it with `client` outside
+    /// any transaction block. (The gate refuses a configuration with a stale
+    /// version of any active projector whatever it publishes, so the event
+    /// types do not matter here.)
     ///
     /// # Errors
-    /// The gate's refusals other than `ProjectorIsActivating`; database
-    /// errors other than the lock timeout.
+    /// [`Error::NewerProjectorIsActive`]; database errors other than the
+    /// lock timeout.
     pub async fn wait_out_activation(
         &self,
         client: &mut Client,
         projector: &str,
-        event_types: &[&str],
         wait: Duration,
     ) -> Result<bool> {
         let timeout = format!("{}ms", wait.as_millis().max(1));
-        let result = client
-            .query_typed(
-                WAIT_OUT_THEN_GATE,
-                &[
-                    (&timeout, Type::TEXT),
-                    (&projector, Type::TEXT),
-                    (&self.versions, Type::JSONB),
-                    (&event_types, Type::TEXT_ARRAY),
-                ],
-            )
-            .await;
-        match result {
-            Ok(rows) => Ok(rows
+        // Two statements in one round trip; each is its own implicit
+        // transaction, so the state is read after the wait, with a snapshot
+        // taken then, and without raising: a herd of refused publishers
+        // waking at once costs the server no error handling.
+        let wait_params: [(&(dyn ToSql + Sync), Type); 2] =
+            [(&timeout, Type::TEXT), (&projector, Type::TEXT)];
+        let state_params: [(&(dyn ToSql + Sync), Type); 1] = [(&projector, Type::TEXT)];
+        let (waited, state) = futures_util::join!(
+            client.query_typed(WAIT_OUT_MARKER, &wait_params),
+            client.query_typed(STATE_AFTER_WAIT, &state_params),
+        );
+        let waited = match waited {
+            Ok(rows) => rows
                 .first()
-                .map_or(Ok(false), |row| row.try_get::<_, bool>(0))?),
+                .map_or(Ok(false), |row| row.try_get::<_, bool>(0))?,
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
-                Ok(true)
+                return Ok(true)
             }
-            Err(e) => match Error::from(e) {
-                // The marker was released with the version still activating:
-                // the activation was interrupted.
-                Error::ProjectorIsActivating { .. } => Ok(false),
-                other => Err(other),
-            },
+            Err(e) => return Err(e.into()),
+        };
+        let state = state?;
+        if !waited {
+            return Ok(false);
         }
+        let Some(row) = state.first() else {
+            return Ok(true);
+        };
+        let (active, activating): (Option<String>, Option<String>) =
+            (row.try_get(0)?, row.try_get(1)?);
+        if activating.is_some() {
+            // The marker went with a version still activating: interrupted.
+            return Ok(false);
+        }
+        let running = self.projectors.get(projector).map(|p| p.version().clone());
+        if let (Some(active), Some(running)) = (active, running) {
+            if semver::Version::parse(&active).is_ok_and(|a| a > running) {
+                return Err(Error::NewerProjectorIsActive {
+                    projector: projector.to_owned(),
+                    running: running.to_string(),
+                    active,
+                });
+            }
+        }
+        Ok(true)
     }
 
     /// Publishes in a transaction of its own on `client`, retrying
@@ -391,11 +412,7 @@ impl Publisher {
                     tracing::debug!(error = %e, pause_ms = pause.as_millis() as u64, "retrying publish");
                     let wait = WAIT_OUT_MAX.min(policy.deadline.saturating_sub(started.elapsed()));
                     let projector = e.activating_projector().unwrap_or_default();
-                    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
-                    if !self
-                        .wait_out_activation(client, projector, &types, wait)
-                        .await?
-                    {
+                    if !self.wait_out_activation(client, projector, wait).await? {
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(policy.max_pause);
                     }
@@ -469,26 +486,9 @@ const WAIT_OUT_MARKER: &str = concat!(
     ", hashtext($2)) IS NOT NULL END"
 );
 
-/// [`WAIT_OUT_MARKER`], then, when it waited, the gate (`$3`: the
-/// configuration, `$4`: the event types) in the same statement: the
-/// subquery (kept apart by `OFFSET 0`) yields its row before the outer
-/// select list runs the gate. The gate is `coord.gate_inline`, which
-/// `coord.check_publish` wraps and every publish of this connection has
-/// already run (through `coord.gate_run`): its plpgsql is compiled and its
-/// plans cached, whereas a function a connection has not run yet is
-/// compiled by every woken backend at once (sixteen fresh sessions woken
-/// together finished 6-33 ms after the release through
-/// `coord.check_publish`, 1-11 ms with it already compiled).
-const WAIT_OUT_THEN_GATE: &str = concat!(
-    "SELECT w.waited, CASE WHEN w.waited THEN coord.gate_inline($3, $4) END FROM (",
-    "SELECT CASE WHEN set_config('lock_timeout', $1, true) IS NULL THEN NULL ",
-    "WHEN pg_try_advisory_xact_lock_shared(",
-    crate::locks::key!(activating),
-    ", hashtext($2)) THEN false ",
-    "ELSE pg_advisory_xact_lock_shared(",
-    crate::locks::key!(activating),
-    ", hashtext($2)) IS NOT NULL END AS waited OFFSET 0) w"
-);
+/// A projector's active and activating versions.
+const STATE_AFTER_WAIT: &str =
+    "SELECT active_version, activating_version FROM coord.projector_states WHERE name = $1";
 
 /// The `projectors` argument of the gate for `set`: each name mapped to its
 /// version and fingerprint (`{"balances": {"version": "1.0.0", "fingerprint":

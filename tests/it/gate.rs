@@ -1259,12 +1259,7 @@ async fn a_refused_publisher_learns_the_outcome_in_the_statement_that_wakes_it()
     let pid = backend_pid(&waiting).await;
     let task = tokio::spawn(async move {
         let outcome = publisher("1.0.0")
-            .wait_out_activation(
-                &mut waiting,
-                "balances",
-                &["MoneyDeposited"],
-                Duration::from_secs(60),
-            )
+            .wait_out_activation(&mut waiting, "balances", Duration::from_secs(60))
             .await;
         (outcome, waiting)
     });
@@ -1292,12 +1287,7 @@ async fn a_refused_publisher_learns_the_outcome_in_the_statement_that_wakes_it()
 
     // No activation holds the marker: `false` at once, whatever the state.
     let free = publisher("1.0.0")
-        .wait_out_activation(
-            &mut waiting,
-            "balances",
-            &["MoneyDeposited"],
-            Duration::from_secs(60),
-        )
+        .wait_out_activation(&mut waiting, "balances", Duration::from_secs(60))
         .await
         .unwrap();
     assert!(!free, "a free marker means no activation runs");
@@ -1307,12 +1297,7 @@ async fn a_refused_publisher_learns_the_outcome_in_the_statement_that_wakes_it()
     marker.query_one(hold, &key).await.unwrap();
     let task = tokio::spawn(async move {
         publisher("1.0.0")
-            .wait_out_activation(
-                &mut waiting,
-                "balances",
-                &["MoneyDeposited"],
-                Duration::from_secs(60),
-            )
+            .wait_out_activation(&mut waiting, "balances", Duration::from_secs(60))
             .await
     });
     eventually(

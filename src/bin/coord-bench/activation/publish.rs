@@ -114,11 +114,10 @@ async fn publish_timed(
                 if started.elapsed() + pause <= policy.deadline =>
             {
                 // Outside the gate, holding nothing: not part of an attempt.
-                // The wait also runs the gate as the activation left it: a
-                // stale configuration is refused by the wait itself.
-                let types = [event.event_type.as_str()];
+                // The wait also reads the outcome: a configuration the
+                // activation made stale is refused by the wait itself.
                 match publisher
-                    .wait_out_activation(client, projector, &types, Duration::from_millis(100))
+                    .wait_out_activation(client, projector, Duration::from_millis(100))
                     .await
                 {
                     Ok(true) => {}
