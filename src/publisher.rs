@@ -346,17 +346,12 @@ impl Publisher {
             client.query_typed(WAIT_OUT_MARKER, &wait_params),
             client.query_typed(STATE_AFTER_WAIT, &state_params),
         );
-        let waited = match waited {
-            Ok(rows) => rows
-                .first()
-                .map_or(Ok(false), |row| row.try_get::<_, bool>(0))?,
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
-                return Ok(true)
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let waited = marker_wait(waited)?;
+        if waited == MarkerWait::TimedOut {
+            return Ok(true);
+        }
         let state = state?;
-        if !waited {
+        if waited == MarkerWait::Free {
             return Ok(false);
         }
         let Some(row) = state.first() else {
@@ -428,7 +423,8 @@ impl Publisher {
 const WAIT_OUT_MAX: Duration = Duration::from_millis(100);
 
 /// Waits, in one statement of its own (one round trip; its implicit
-/// transaction holds nothing else), for the activation of `projector` to end: an activation holds the session
+/// transaction holds nothing else), for the activation of `projector` to
+/// end: an activation holds the session
 /// lock `(ACTIVATING, hashtext(projector))` exclusive from before it marks
 /// its version activating until the version is active or back to
 /// replaying, so a publisher refused with `ProjectorIsActivating` sleeps
@@ -441,8 +437,10 @@ const WAIT_OUT_MAX: Duration = Duration::from_millis(100);
 /// Call it after a [`Error::ProjectorIsActivating`] refusal, with the
 /// refusal's `projector`, once the publishing transaction has rolled back
 /// (`client` must not be inside a transaction block, or the shared marker
-/// would be held until that transaction ends): what [`Publisher::publish_with_retry`] does between attempts, for
-/// callers with their own retry loop.
+/// would be held until that transaction ends): what
+/// [`Publisher::publish_with_retry`] does between attempts (through
+/// [`Publisher::wait_out_activation`]), for callers with their own retry
+/// loop.
 ///
 /// # Errors
 /// Database errors other than the lock timeout.
@@ -456,18 +454,43 @@ pub async fn wait_out_activation(
     // ends): one round trip, so sixteen refused publishers cost the
     // activation little CPU as it starts and little as it ends.
     let timeout = format!("{}ms", wait.as_millis().max(1));
-    match client
+    let waited = client
         .query_typed(
             WAIT_OUT_MARKER,
             &[(&timeout, Type::TEXT), (&projector, Type::TEXT)],
         )
-        .await
-    {
-        Ok(rows) => Ok(rows
-            .first()
-            .map_or(Ok(false), |row| row.try_get::<_, bool>(0))?),
+        .await;
+    Ok(marker_wait(waited)? != MarkerWait::Free)
+}
+
+/// What a [`WAIT_OUT_MARKER`] statement found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MarkerWait {
+    /// Free at once: no activation is running.
+    Free,
+    /// Granted after waiting: the activation ended.
+    Granted,
+    /// The wait ran out (`lock_timeout`) with the activation still running.
+    TimedOut,
+}
+
+/// Reads the answer to a [`WAIT_OUT_MARKER`] statement.
+fn marker_wait(
+    answer: std::result::Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>,
+) -> Result<MarkerWait> {
+    match answer {
+        Ok(rows) => {
+            let waited = rows
+                .first()
+                .map_or(Ok(false), |row| row.try_get::<_, bool>(0))?;
+            Ok(if waited {
+                MarkerWait::Granted
+            } else {
+                MarkerWait::Free
+            })
+        }
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
-            Ok(true)
+            Ok(MarkerWait::TimedOut)
         }
         Err(e) => Err(e.into()),
     }

@@ -119,6 +119,18 @@ async fn processed(client: &Client, name: &str, version: &str) -> i64 {
         .map_or(0, |v| v.events_processed)
 }
 
+/// How many `MoneyDeposited` events the store holds.
+async fn deposits(client: &Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM coord.events WHERE event_type = 'MoneyDeposited'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 async fn register(db: &TestDb, projector: &dyn Projector) {
     let mut client = db.client().await;
     start_replay(&mut client, projector, &actor())
@@ -247,28 +259,14 @@ async fn a_pass_counts_a_small_remainder_and_estimates_a_large_one() {
         )
         .await
         .unwrap();
-    let handled: i64 = client
-        .query_one(
-            "SELECT count(*) FROM coord.events WHERE event_type = 'MoneyDeposited'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let handled = deposits(&client).await;
     // Half of them go, without a new ANALYZE: a count sees it, the
     // planner's estimate does not.
     client
         .batch_execute("DELETE FROM coord.events WHERE position % 2 = 0")
         .await
         .unwrap();
-    let left: i64 = client
-        .query_one(
-            "SELECT count(*) FROM coord.events WHERE event_type = 'MoneyDeposited'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let left = deposits(&client).await;
     assert!(left < handled * 2 / 3, "{left} of {handled}");
     let q = coord::PassQuery {
         name: "balances".into(),
