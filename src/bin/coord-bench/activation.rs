@@ -136,7 +136,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let origin = Instant::now();
     let attempts: Attempts = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
+    // The publishers' own runtime (see `spawn_publishers`).
+    let publishing = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let tasks = spawn_publishers(
+        publishing.handle(),
         &db,
         &v1,
         args.publishers,
@@ -176,13 +182,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let switch = step.switch.as_ref().expect("an activation");
     let hold_start = flipped.saturating_sub(Duration::from_secs_f64(switch.held_back_ms / 1e3));
     let (mut published_n, mut refused) = (0, 0);
+    let mut connections = Vec::new();
     for task in tasks {
-        let (p, r) = task.await??;
+        let (p, r, client) = task.await??;
         published_n += p;
         refused += r;
+        connections.push(client);
     }
+    drop(connections);
     stop.store(true, Ordering::SeqCst);
 
+    // Its tasks have ended; its threads go without blocking this runtime.
+    publishing.shutdown_background();
     let published_n1 = publish_after_flip(&db, &v2, args.accounts).await?;
     let attempts = attempts.lock().expect("not poisoned").clone();
     let windows = Windows::of(&attempts, hold_start, flipped, activation_started);

@@ -13,13 +13,23 @@ use crate::support::BenchDb;
 /// Every publish of every publisher, as they end.
 pub(super) type Attempts = Arc<Mutex<Vec<Attempt>>>;
 
-/// A publisher task's result: events published, and whether it was refused (0 or 1).
-type Published = JoinHandle<anyhow::Result<(u64, u64)>>;
+/// A publisher task's result: events published, whether it was refused (0
+/// or 1), and its connection, kept open as an application's pool keeps its
+/// connections after a refusal (closing sixteen sessions at once would load
+/// the server while the other refused publishers wake).
+type Published = JoinHandle<anyhow::Result<(u64, u64, tokio_postgres::Client)>>;
 
 /// Starts `publishers` publishers of `set`, each publishing deposits to
 /// accounts in turn until it is refused or `stop` is set, recording every
 /// publish in `attempts` (times since `origin`).
+///
+/// The publishers and their connections run on `runtime`, not on the
+/// activation's: the applications they stand for run in processes of their
+/// own, apart from the `coord` process that activates (in one runtime, the
+/// activation's steps would queue behind the publishers' tasks).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn spawn_publishers(
+    runtime: &tokio::runtime::Handle,
     db: &BenchDb,
     set: &ProjectorSet,
     publishers: usize,
@@ -28,12 +38,19 @@ pub(super) async fn spawn_publishers(
     attempts: &Attempts,
     stop: &Arc<AtomicBool>,
 ) -> anyhow::Result<Vec<Published>> {
+    let mut connected = Vec::new();
+    for _ in 0..publishers {
+        let url = db.url.clone();
+        connected.push(
+            runtime.spawn(async move { coord::connect(&url, Duration::from_secs(10)).await }),
+        );
+    }
     let mut tasks = Vec::new();
-    for i in 0..publishers {
-        let mut client = db.client().await?;
+    for (i, client) in connected.into_iter().enumerate() {
+        let mut client = client.await??;
         let (attempts, stop) = (attempts.clone(), stop.clone());
         let publisher = Publisher::new(set.clone());
-        tasks.push(tokio::spawn(async move {
+        tasks.push(runtime.spawn(async move {
             let (mut published, mut refused) = (0u64, 0u64);
             let mut n = i as i64;
             while !stop.load(Ordering::SeqCst) {
@@ -64,7 +81,7 @@ pub(super) async fn spawn_publishers(
                     Err(e) => return Err(anyhow::Error::from(e)),
                 }
             }
-            anyhow::Ok((published, refused))
+            anyhow::Ok((published, refused, client))
         }));
     }
     Ok(tasks)
