@@ -21,6 +21,9 @@ pub(super) struct Report {
     pub(super) critical_section_ms: f64,
     pub(super) final_catch_up_events: u64,
     pub(super) baseline_publish_ms_p99: f64,
+    /// The longest ordinary publish, for scale beside the longest gate wait
+    /// (which counts whole attempts, gate to commit).
+    pub(super) baseline_publish_ms_max: f64,
     pub(super) blocked_window_ms_max: f64,
     pub(super) blocked_window_ms_p99: f64,
     /// The longest single publish attempt (gate, append, inline handler)
@@ -55,6 +58,8 @@ pub(super) struct Windows {
     /// The 99th percentile of ordinary publishes: more than a second before
     /// the hold-back window, or after the flip.
     pub(super) baseline_p99: f64,
+    /// The longest of those ordinary publishes.
+    pub(super) baseline_max: f64,
 }
 
 impl Windows {
@@ -88,6 +93,7 @@ impl Windows {
             blocked_max: during.iter().copied().fold(0.0, f64::max),
             blocked_p99: percentile(&mut during, 0.99),
             longest_gate_wait,
+            baseline_max: baseline.iter().copied().fold(0.0, f64::max),
             baseline_p99: percentile(&mut baseline, 0.99),
         }
     }
@@ -99,7 +105,7 @@ impl Report {
         format!(
             "activation over {} events with {} publishers of N:\n  replay of N+1: {:.1} s ({:.0} events/s) while N published {} events\n  \
              publishers held back {:.1} ms (critical section {:.1} ms, {} events caught up inside)\n  \
-             blocked window: max {:.1} ms, p99 {:.1} ms (ordinary publish p99 {:.1} ms)\n  \
+             blocked window: max {:.1} ms, p99 {:.1} ms (ordinary publish p99 {:.1} ms, max {:.1} ms)\n  \
              longest wait inside the gate during the activation: {:.1} ms{}\n  \
              refused N publishers: {}; N+1 published {}\n  lost: {}, applied twice: {}",
             self.events_in_store,
@@ -113,6 +119,7 @@ impl Report {
             self.blocked_window_ms_max,
             self.blocked_window_ms_p99,
             self.baseline_publish_ms_p99,
+            self.baseline_publish_ms_max,
             self.longest_gate_wait_ms,
             match self.long_transaction_s {
                 Some(s) => format!(
