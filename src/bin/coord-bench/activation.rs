@@ -218,7 +218,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         critical_section_ms: switch.critical_ms,
         final_catch_up_events: switch.final_events,
         baseline_publish_ms_p99: windows.baseline_p99,
-        baseline_publish_ms_max: windows.baseline_max,
+        publish_before_activation_ms_max: windows.before_activation_max,
         blocked_window_ms_max: windows.blocked_max,
         blocked_window_ms_p99: windows.blocked_p99,
         longest_gate_wait_ms: windows.longest_gate_wait,

@@ -21,9 +21,10 @@ pub(super) struct Report {
     pub(super) critical_section_ms: f64,
     pub(super) final_catch_up_events: u64,
     pub(super) baseline_publish_ms_p99: f64,
-    /// The longest ordinary publish, for scale beside the longest gate wait
-    /// (which counts whole attempts, gate to commit).
-    pub(super) baseline_publish_ms_max: f64,
+    /// The longest publish that ended before the activation started, for
+    /// scale beside the longest gate wait (which counts whole attempts,
+    /// `BEGIN` to `COMMIT`).
+    pub(super) publish_before_activation_ms_max: f64,
     pub(super) blocked_window_ms_max: f64,
     pub(super) blocked_window_ms_p99: f64,
     /// The longest single publish attempt (gate, append, inline handler)
@@ -58,8 +59,8 @@ pub(super) struct Windows {
     /// The 99th percentile of ordinary publishes: more than a second before
     /// the hold-back window, or after the flip.
     pub(super) baseline_p99: f64,
-    /// The longest of those ordinary publishes.
-    pub(super) baseline_max: f64,
+    /// The longest publish that ended before the activation started.
+    pub(super) before_activation_max: f64,
 }
 
 impl Windows {
@@ -93,7 +94,11 @@ impl Windows {
             blocked_max: during.iter().copied().fold(0.0, f64::max),
             blocked_p99: percentile(&mut during, 0.99),
             longest_gate_wait,
-            baseline_max: baseline.iter().copied().fold(0.0, f64::max),
+            before_activation_max: attempts
+                .iter()
+                .filter(|a| a.end < activation_started)
+                .map(ms)
+                .fold(0.0, f64::max),
             baseline_p99: percentile(&mut baseline, 0.99),
         }
     }
@@ -105,8 +110,8 @@ impl Report {
         format!(
             "activation over {} events with {} publishers of N:\n  replay of N+1: {:.1} s ({:.0} events/s) while N published {} events\n  \
              publishers held back {:.1} ms (critical section {:.1} ms, {} events caught up inside)\n  \
-             blocked window: max {:.1} ms, p99 {:.1} ms (ordinary publish p99 {:.1} ms, max {:.1} ms)\n  \
-             longest wait inside the gate during the activation: {:.1} ms{}\n  \
+             blocked window: max {:.1} ms, p99 {:.1} ms (ordinary publish p99 {:.1} ms)\n  \
+             longest wait inside the gate during the activation: {:.1} ms (longest publish before it: {:.1} ms){}\n  \
              refused N publishers: {}; N+1 published {}\n  lost: {}, applied twice: {}",
             self.events_in_store,
             self.publishers,
@@ -119,8 +124,8 @@ impl Report {
             self.blocked_window_ms_max,
             self.blocked_window_ms_p99,
             self.baseline_publish_ms_p99,
-            self.baseline_publish_ms_max,
             self.longest_gate_wait_ms,
+            self.publish_before_activation_ms_max,
             match self.long_transaction_s {
                 Some(s) => format!(
                     " (an unrelated transaction open {s} s; activations given up: {})",
