@@ -8,7 +8,7 @@ use tokio_postgres::Transaction;
 use tracing::debug;
 
 use crate::names::RelationName;
-use crate::projector::{ApplyContext, Phase, Projector};
+use crate::projector::{ApplyContext, Phase, Projector, ProjectorExt};
 use crate::replay::apply::{apply_batch, context, query, Estimate};
 use crate::replay::batch;
 use crate::store::checkpoint;
@@ -37,26 +37,30 @@ pub async fn pass_in_transaction(
 ) -> Result<u64> {
     let name = projector.name().as_str();
     let version = projector.version().to_string();
-    // Round trips count here (publishers wait): independent statements are
-    // pipelined; the server still runs them in order, so the snapshot is
-    // taken with the checkpoint locked.
-    let (ck, snapshot) = futures_util::try_join!(
+    // Round trips count here (publishers wait): the checkpoint's lock, the
+    // snapshot, the version's `search_path` (its schema as registered is
+    // the name's schema, checked below) and whether `applied_ahead` has rows
+    // are pipelined, one round trip; the server still runs them in order, so
+    // the snapshot is taken with the checkpoint locked.
+    let schema = projector.schema();
+    let (ck, snapshot, _, ahead_from_start) = futures_util::try_join!(
         checkpoint::lock(tx, name, &version),
-        checkpoint::current_snapshot(tx)
+        checkpoint::current_snapshot(tx),
+        batch::set_search_path(tx, &schema),
+        checkpoint::has_ahead_after(tx, name, &version, 0)
     )?;
+    if ck.schema_name != schema {
+        batch::set_search_path(tx, &ck.schema_name).await?;
+    }
     let ctx = context(&ck.schema_name, Phase::Replay);
     let mut horizon = ck.horizon.clone();
     let mut applied = 0;
-    let search_path = batch::set_search_path(tx, &ck.schema_name);
     // The final pass's snapshot, and whether `applied_ahead` has rows for it.
     let (snapshot, ahead) = match &ck.pass_snapshot {
         Some(pending) => {
             // Finish the pass in progress first, then take a new snapshot.
             let cursor = ck.pass_cursor.unwrap_or(0);
-            let (_, ahead) = futures_util::try_join!(
-                search_path,
-                checkpoint::has_ahead_after(tx, name, &version, cursor)
-            )?;
+            let ahead = checkpoint::has_ahead_after(tx, name, &version, cursor).await?;
             applied += drain(
                 tx,
                 projector,
@@ -74,13 +78,7 @@ pub async fn pass_in_transaction(
                 checkpoint::has_ahead_after(tx, name, &version, 0)
             )?
         }
-        None => {
-            let (_, ahead) = futures_util::try_join!(
-                search_path,
-                checkpoint::has_ahead_after(tx, name, &version, 0)
-            )?;
-            (snapshot, ahead)
-        }
+        None => (snapshot, ahead_from_start),
     };
     applied += drain(
         tx,
