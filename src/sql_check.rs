@@ -72,6 +72,74 @@ pub(crate) fn check(sql: &str, expect: Expect) -> std::result::Result<(), String
     Ok(())
 }
 
+/// Checks that `sql` (one statement, already through [`check`]) is a query:
+/// a `SELECT`, `VALUES`, `TABLE` or `WITH ... SELECT`, which a set-based
+/// check must be (docs/decisions/0089-set-based-checks-name-failing-events.md).
+/// Text sqlparser does not understand is judged by its first word.
+///
+/// # Errors
+/// A message naming the statement's first word, without the field.
+pub(crate) fn check_query(sql: &str) -> std::result::Result<(), String> {
+    if let Ok(parsed) = Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        return match parsed.as_slice() {
+            [Statement::Query(_)] => Ok(()),
+            _ => Err(format!(
+                "is not a query ({})",
+                first_word(sql).unwrap_or_default()
+            )),
+        };
+    }
+    match first_word(sql).as_deref() {
+        Some("SELECT" | "WITH" | "VALUES" | "TABLE" | "(") => Ok(()),
+        other => Err(format!("is not a query ({})", other.unwrap_or_default())),
+    }
+}
+
+/// `sql` without the `;` that ends it, if any (and what follows it: space
+/// and comments), so that a query can be put inside parentheses.
+pub(crate) fn without_trailing_semicolon(sql: &str) -> &str {
+    let Ok(tokens) = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize_with_location() else {
+        return sql;
+    };
+    let last = tokens
+        .iter()
+        .rev()
+        .find(|t| !matches!(t.token, Token::Whitespace(_) | Token::EOF));
+    match last {
+        Some(t) if t.token == Token::SemiColon => {
+            let start = t.span.start;
+            // Lines and columns count from 1, columns in characters.
+            let line_start: usize = sql
+                .split_inclusive('\n')
+                .take(start.line.saturating_sub(1) as usize)
+                .map(str::len)
+                .sum();
+            let column: usize = sql[line_start..]
+                .chars()
+                .take(start.column.saturating_sub(1) as usize)
+                .map(char::len_utf8)
+                .sum();
+            &sql[..line_start + column]
+        }
+        _ => sql,
+    }
+}
+
+/// The first token of `sql` that is not space or a comment: an unquoted
+/// word in upper case, or the token's text.
+fn first_word(sql: &str) -> Option<String> {
+    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize().ok()?;
+    tokens.into_iter().find_map(|token| match token {
+        Token::Whitespace(_) | Token::EOF => None,
+        Token::Word(Word {
+            value,
+            quote_style: None,
+            ..
+        }) => Some(value.to_ascii_uppercase()),
+        other => Some(other.to_string()),
+    })
+}
+
 /// Checks a projector's definition before it is registered, whatever its
 /// origin (a Rust projector has no configuration load): its `tables` DDL,
 /// its `verify` assertions ([`check`]) and its event types
@@ -199,6 +267,42 @@ mod tests {
 
     fn refused(sql: &str, expect: Expect) -> String {
         check(sql, expect).expect_err(sql)
+    }
+
+    #[test]
+    fn a_trailing_semicolon_is_cut_with_what_follows_it() {
+        assert_eq!(without_trailing_semicolon("SELECT 1"), "SELECT 1");
+        assert_eq!(without_trailing_semicolon("SELECT 1 ;  "), "SELECT 1 ");
+        assert_eq!(
+            without_trailing_semicolon("SELECT 'é;'\n  , 2; -- done\n"),
+            "SELECT 'é;'\n  , 2"
+        );
+        assert_eq!(
+            without_trailing_semicolon("SELECT $q$;$q$ -- ;"),
+            "SELECT $q$;$q$ -- ;"
+        );
+    }
+
+    #[test]
+    fn checks_must_be_queries() {
+        for sql in [
+            "SELECT position, 'bad' FROM batch_events WHERE data->>'amount' IS NULL",
+            "WITH b AS (SELECT * FROM batch_events) SELECT position, 'x' FROM b",
+            "VALUES (1, 'x')",
+            "-- names the failing events\n(SELECT position, 'x' FROM batch_events)",
+        ] {
+            assert_eq!(check_query(sql), Ok(()), "{sql}");
+        }
+        for (sql, word) in [
+            ("DELETE FROM balances", "DELETE"),
+            ("/* a */ insert into t select 1", "INSERT"),
+            ("UPDATE t SET a = 1 RETURNING a", "UPDATE"),
+            // sqlparser cannot read it; the first word decides.
+            ("CALL do_it() WITH NO DATA LIKE", "CALL"),
+        ] {
+            let e = check_query(sql).expect_err(sql);
+            assert_eq!(e, format!("is not a query ({word})"), "{sql}");
+        }
     }
 
     #[test]

@@ -96,11 +96,20 @@ pub struct ProjectorConfig {
     /// batch over the batch's events of its type, in the order the file
     /// lists them (see [`BatchHandler`]).
     pub batch_handlers: Vec<BatchHandler>,
+    /// `[projector.batch_checks]`: per event type with a batch handler, a
+    /// query over `batch_events` returning `(position, message)` for each
+    /// event that must not be applied; run before the batch handlers, it
+    /// names the failing events so that `on_error = "park"` parks them
+    /// without searching the batch (see [`BatchHandler`],
+    /// docs/decisions/0089-set-based-checks-name-failing-events.md). Sorted
+    /// by event type.
+    pub batch_checks: Vec<BatchHandler>,
 }
 
-/// One entry of `[projector.batch_handlers]`: a statement run once per batch
-/// over the relation `batch_events` holding the batch's events of
-/// `event_type` (docs/decisions/0015-set-based-batch-handlers.md).
+/// One entry of `[projector.batch_handlers]` (or `[projector.batch_checks]`):
+/// a statement run once per batch over the relation `batch_events` holding
+/// the batch's events of `event_type`
+/// (docs/decisions/0015-set-based-batch-handlers.md).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BatchHandler {
     /// The event type.

@@ -22,6 +22,7 @@ struct RawProjector {
     verify: Option<Vec<String>>,
     handlers: Option<BTreeMap<String, String>>,
     batch_handlers: Option<BTreeMap<String, String>>,
+    batch_checks: Option<BTreeMap<String, String>>,
 }
 
 /// A second, lenient reading of the file for what `toml::Table` forgets:
@@ -136,6 +137,13 @@ pub(super) fn parse_projector(
         );
     }
     problems.extend(batch_handler_problems(&handlers, &batch_handlers));
+    let batch_checks: Vec<BatchHandler> = raw
+        .batch_checks
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(event_type, sql)| BatchHandler { event_type, sql })
+        .collect();
+    problems.extend(batch_check_problems(&batch_handlers, &batch_checks));
     for (event_type, sql) in &handlers {
         if let Err(e) = crate::names::check_event_type(event_type) {
             problems.push(format!("field `handlers`: {e}"));
@@ -171,6 +179,7 @@ pub(super) fn parse_projector(
             verify,
             handlers,
             batch_handlers,
+            batch_checks,
         }),
         _ => Err(problems),
     }
@@ -248,6 +257,35 @@ fn batch_handler_problems(
                 "{field}: batch statements take no $n parameters; read the events from the \
                  relation `batch_events` (columns stream_id, stream_version, position, \
                  event_type, data, metadata, recorded_at)"
+            ));
+        }
+    }
+    problems
+}
+
+fn batch_check_problems(batch_handlers: &[BatchHandler], checks: &[BatchHandler]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for BatchHandler { event_type, sql } in checks {
+        let field = format!("field `batch_checks.{event_type}`");
+        if !batch_handlers.iter().any(|h| &h.event_type == event_type) {
+            problems.push(format!(
+                "{field}: event type {event_type:?} has no batch handler in `batch_handlers`; \
+                 a check runs before its event type's batch handler"
+            ));
+        }
+        if sql.trim().is_empty() {
+            problems.push(format!("{field}: the query is empty"));
+        } else if has_parameter(sql) {
+            problems.push(format!(
+                "{field}: checks take no $n parameters; read the events from the relation \
+                 `batch_events`"
+            ));
+        } else if let Err(e) =
+            sql_check::check(sql, Expect::One).and_then(|()| sql_check::check_query(sql))
+        {
+            problems.push(format!(
+                "{field}: the check {e}; give a query returning (position, message) for each \
+                 event of `batch_events` that must not be applied"
             ));
         }
     }

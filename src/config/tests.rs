@@ -206,6 +206,62 @@ fn batch_handlers_keep_file_order_and_cannot_share_a_type_with_handlers() {
 }
 
 #[test]
+fn batch_checks_are_queries_of_types_with_a_batch_handler() {
+    let batch = "[projector.batch_handlers]\nDeposited = \"SELECT 1 FROM batch_events\"\n\
+                 [projector.handlers]";
+    let text = with(
+        "[projector.handlers]",
+        &format!(
+        "[projector.batch_checks]\nDeposited = \"SELECT position, 'no amount' FROM batch_events \
+         WHERE data->>'amount' IS NULL;\"\n{batch}"
+    ),
+    );
+    let config = Config::parse(&text, "coord.toml").unwrap();
+    assert_eq!(config.projectors[0].batch_checks.len(), 1);
+    assert_eq!(config.projectors[0].batch_checks[0].event_type, "Deposited");
+
+    for (check, problem) in [
+        (
+            "Withdrawn = \"SELECT position, 'x' FROM batch_events\"",
+            "projector balances: field `batch_checks.Withdrawn`: event type \"Withdrawn\" has no \
+             batch handler in `batch_handlers`; a check runs before its event type's batch handler",
+        ),
+        (
+            "AccountOpened = \"SELECT position, 'x' FROM batch_events\"",
+            "projector balances: field `batch_checks.AccountOpened`: event type \"AccountOpened\" \
+             has no batch handler",
+        ),
+        (
+            "Deposited = \"DELETE FROM balances\"",
+            "projector balances: field `batch_checks.Deposited`: the check is not a query (DELETE); \
+             give a query returning (position, message)",
+        ),
+        (
+            "Deposited = \"SELECT 1; SELECT 2\"",
+            "projector balances: field `batch_checks.Deposited`: the check holds 2 statements",
+        ),
+        (
+            "Deposited = \"COMMIT\"",
+            "projector balances: field `batch_checks.Deposited`: the check is transaction control",
+        ),
+        (
+            "Deposited = \"SELECT position, 'x' FROM batch_events WHERE position > $1\"",
+            "projector balances: field `batch_checks.Deposited`: checks take no $n parameters",
+        ),
+        (
+            "Deposited = \" \"",
+            "projector balances: field `batch_checks.Deposited`: the query is empty",
+        ),
+    ] {
+        let text = with(
+            "[projector.handlers]",
+            &format!("[projector.batch_checks]\n{check}\n{batch}"),
+        );
+        assert_first(&problems(&text), problem);
+    }
+}
+
+#[test]
 fn errors_name_the_file() {
     let err = Config::parse("x = 1", "deploy/coord.toml").unwrap_err();
     assert!(

@@ -8,25 +8,52 @@
 //! by position (they are committed; nothing is sent but positions); inline,
 //! where they may live only in the publisher's transaction, it is an
 //! `unnest` of seven array parameters. Never commits.
+//!
+//! A `[projector.batch_checks]` query runs the same way, before the
+//! handlers, as a statement that raises `CO007` naming the events it
+//! returns ([`PreparedBatchHandler::check`], [`handler_error`]).
 
-use futures_util::future::try_join_all;
+use futures_util::future::{try_join_all, BoxFuture, FutureExt};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Transaction;
 
 use crate::config::BatchHandler;
 use crate::names::RelationName;
-use crate::projector::{Event, Phase};
+use crate::projector::{Event, EventError, EventErrors, HandlerError, Phase};
 
 /// The name under which a batch statement reads its events.
 pub const BATCH_RELATION: &str = "batch_events";
 
-const RELATION: &str = "batch_events AS (SELECT * FROM unnest($1::text[], $2::bigint[], \
-    $3::bigint[], $4::text[], $5::jsonb[], $6::jsonb[], $7::timestamptz[]) \
-    AS e(stream_id, stream_version, position, event_type, data, metadata, recorded_at))";
+/// `batch_events` over the events as seven array parameters, the first
+/// being `$offset + 1` (inline).
+fn relation(offset: usize) -> String {
+    let p = |i: usize| offset + i;
+    format!(
+        "batch_events AS (SELECT * FROM unnest(${}::text[], ${}::bigint[], ${}::bigint[], \
+         ${}::text[], ${}::jsonb[], ${}::jsonb[], ${}::timestamptz[]) \
+         AS e(stream_id, stream_version, position, event_type, data, metadata, recorded_at))",
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        p(7)
+    )
+}
 
-const BY_POSITION: &str = "batch_events AS (SELECT e.stream_id, e.stream_version, e.position, \
-    e.event_type, e.data, e.metadata, e.recorded_at FROM {events} e \
-    WHERE e.position BETWEEN $2::bigint AND $3::bigint AND e.position = ANY($1::bigint[]))";
+/// `batch_events` read back from `events` by position: positions, first
+/// and last as parameters from `$offset + 1` (replay).
+fn by_position(events: &str, offset: usize) -> String {
+    format!(
+        "batch_events AS (SELECT e.stream_id, e.stream_version, e.position, \
+         e.event_type, e.data, e.metadata, e.recorded_at FROM {events} e \
+         WHERE e.position BETWEEN ${}::bigint AND ${}::bigint AND e.position = ANY(${}::bigint[]))",
+        offset + 2,
+        offset + 3,
+        offset + 1
+    )
+}
 
 const PARAM_TYPES: [Type; 7] = [
     Type::TEXT_ARRAY,
@@ -47,16 +74,91 @@ pub(crate) struct PreparedBatchHandler {
     sql: String,
     /// Over the events read back from the event store by position (replay).
     sql_by_position: String,
+    /// For a check, its query (without a trailing `;`) and the quoted
+    /// event store: [`run`] puts every check of a call into one statement.
+    check: Option<(String, String)>,
 }
 
 impl PreparedBatchHandler {
     pub(crate) fn new(handler: &BatchHandler, event_store: &RelationName) -> Self {
-        let by_position = BY_POSITION.replace("{events}", &event_store.quoted());
+        let events = event_store.quoted();
         Self {
             event_type: handler.event_type.clone(),
-            sql: with_relation(RELATION, &handler.sql),
-            sql_by_position: with_relation(&by_position, &handler.sql),
+            sql: with_relation(&relation(0), &handler.sql),
+            sql_by_position: with_relation(&by_position(&events, 0), &handler.sql),
+            check: None,
         }
+    }
+
+    /// A `[projector.batch_checks]` query made a statement: it passes the
+    /// rows `(position, message)` the query returns to `coord.event_errors`
+    /// (migration V9), which raises `CO007` naming them when there are any
+    /// (docs/decisions/0089-set-based-checks-name-failing-events.md). This
+    /// statement is what `coord.publish` runs; [`run`] runs all checks of a
+    /// call as one ([`checks_statement`]).
+    pub(crate) fn check(check: &BatchHandler, event_store: &RelationName) -> Self {
+        let query = crate::sql_check::without_trailing_semicolon(&check.sql).to_owned();
+        let events = event_store.quoted();
+        Self {
+            event_type: check.event_type.clone(),
+            sql: checks_statement(&[with_relation(&relation(0), &query)]),
+            sql_by_position: checks_statement(&[with_relation(&by_position(&events, 0), &query)]),
+            check: Some((query, events)),
+        }
+    }
+}
+
+/// One statement raising `CO007` for the rows of every query of `checks`
+/// (each a whole query, `batch_events` included).
+fn checks_statement(checks: &[String]) -> String {
+    // The newline ends a trailing `--` comment of a query.
+    let rows: Vec<String> = checks
+        .iter()
+        .map(|query| {
+            format!(
+                "SELECT c.position::bigint AS position, c.message::text AS message \
+                 FROM ({query}\n) AS c(position, message)"
+            )
+        })
+        .collect();
+    format!(
+        "SELECT coord.event_errors(array_agg(f.position ORDER BY f.position), \
+         array_agg(f.message ORDER BY f.position)) FROM ({}) AS f HAVING count(*) > 0",
+        rows.join(" UNION ALL ")
+    )
+}
+
+/// SQLSTATE of `coord.event_errors`.
+const EVENT_ERRORS: &str = "CO007";
+
+/// `e` as a handler error: [`EventErrors`] naming the events when a check
+/// raised it through `coord.event_errors`, otherwise `e` itself.
+pub(crate) fn handler_error(e: tokio_postgres::Error) -> HandlerError {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        positions: Vec<i64>,
+        messages: Vec<Option<String>>,
+    }
+    let named = e
+        .as_db_error()
+        .filter(|db| db.code().code() == EVENT_ERRORS)
+        .and_then(|db| db.detail())
+        .and_then(|detail| serde_json::from_str::<Named>(detail).ok());
+    match named {
+        Some(named) => Box::new(EventErrors::new(
+            named
+                .positions
+                .into_iter()
+                .zip(named.messages)
+                .map(|(position, message)| {
+                    EventError::new(
+                        position,
+                        message.unwrap_or_else(|| "rejected by its batch check".into()),
+                    )
+                })
+                .collect(),
+        )),
+        None => Box::new(e),
     }
 }
 
@@ -120,44 +222,118 @@ fn keyword<'a>(sql: &'a str, word: &str) -> Option<&'a str> {
 }
 
 /// Runs `handlers`, in order, each over the events of `events` of its type
-/// (skipping handlers with none). The statements are pipelined; the server
-/// runs them in order.
+/// (skipping handlers with none); the checks among them first, all in one
+/// statement, so that one failing call names the failing events of every
+/// checked type. The statements are pipelined; the server runs them in
+/// order.
 pub(crate) async fn run(
     tx: &Transaction<'_>,
     handlers: &[PreparedBatchHandler],
     events: &[&Event],
     phase: Phase,
 ) -> Result<(), tokio_postgres::Error> {
-    let calls = handlers.iter().filter_map(|handler| {
-        let of_type: Vec<&Event> = events
+    let of_type = |handler: &PreparedBatchHandler| -> Vec<&Event> {
+        events
             .iter()
             .copied()
             .filter(|e| e.event_type == handler.event_type)
-            .collect();
+            .collect()
+    };
+    let checked: Vec<(&(String, String), Vec<&Event>)> = handlers
+        .iter()
+        .filter_map(|h| Some((h.check.as_ref()?, of_type(h))))
+        .filter(|(_, events)| !events.is_empty())
+        .collect();
+    // Owned by this frame while the calls run (declared before them).
+    let columns: Vec<Columns> = match phase {
+        Phase::Inline => checked.iter().map(|(_, e)| Columns::new(e)).collect(),
+        Phase::Replay | Phase::Rebuild => Vec::new(),
+    };
+    let ranges: Vec<Positions> = match phase {
+        Phase::Inline => Vec::new(),
+        Phase::Replay | Phase::Rebuild => checked.iter().map(|(_, e)| Positions::new(e)).collect(),
+    };
+    let mut calls: Vec<BoxFuture<'_, Result<u64, tokio_postgres::Error>>> = Vec::new();
+    if !checked.is_empty() {
+        let (queries, params): (Vec<String>, Vec<Vec<Param<'_>>>) = match phase {
+            Phase::Inline => checked
+                .iter()
+                .zip(&columns)
+                .enumerate()
+                .map(|(i, (((query, _), _), c))| {
+                    (with_relation(&relation(7 * i), query), c.params().to_vec())
+                })
+                .unzip(),
+            Phase::Replay | Phase::Rebuild => checked
+                .iter()
+                .zip(&ranges)
+                .enumerate()
+                .map(|(i, (((query, events), _), r))| {
+                    (
+                        with_relation(&by_position(events, 3 * i), query),
+                        r.params().to_vec(),
+                    )
+                })
+                .unzip(),
+        };
+        let sql = checks_statement(&queries);
+        let params: Vec<Param<'_>> = params.into_iter().flatten().collect();
+        calls.push(async move { tx.execute_typed(&sql, &params).await }.boxed());
+    }
+    for handler in handlers.iter().filter(|h| h.check.is_none()) {
+        let of_type = of_type(handler);
         if of_type.is_empty() {
-            return None;
+            continue;
         }
-        Some(async move {
-            match phase {
-                Phase::Inline => {
-                    let columns = Columns::new(&of_type);
-                    tx.execute_typed(&handler.sql, &columns.params()).await
-                }
-                Phase::Replay | Phase::Rebuild => {
-                    let positions: Vec<i64> = of_type.iter().map(|e| e.position).collect();
-                    let (first, last) = (positions[0], positions[positions.len() - 1]);
-                    let params: [(&(dyn ToSql + Sync), Type); 3] = [
-                        (&positions, Type::INT8_ARRAY),
-                        (&first, Type::INT8),
-                        (&last, Type::INT8),
-                    ];
-                    tx.execute_typed(&handler.sql_by_position, &params).await
+        calls.push(
+            async move {
+                match phase {
+                    Phase::Inline => {
+                        let columns = Columns::new(&of_type);
+                        tx.execute_typed(&handler.sql, &columns.params()).await
+                    }
+                    Phase::Replay | Phase::Rebuild => {
+                        let positions = Positions::new(&of_type);
+                        tx.execute_typed(&handler.sql_by_position, &positions.params())
+                            .await
+                    }
                 }
             }
-        })
-    });
+            .boxed(),
+        );
+    }
     try_join_all(calls).await?;
     Ok(())
+}
+
+/// A typed parameter of a statement.
+type Param<'a> = (&'a (dyn ToSql + Sync), Type);
+
+/// The three parameters `batch_events` is read back by.
+struct Positions {
+    positions: Vec<i64>,
+    first: i64,
+    last: i64,
+}
+
+impl Positions {
+    fn new(events: &[&Event]) -> Self {
+        let positions: Vec<i64> = events.iter().map(|e| e.position).collect();
+        let (first, last) = (positions[0], positions[positions.len() - 1]);
+        Self {
+            positions,
+            first,
+            last,
+        }
+    }
+
+    fn params(&self) -> [Param<'_>; 3] {
+        [
+            (&self.positions, Type::INT8_ARRAY),
+            (&self.first, Type::INT8),
+            (&self.last, Type::INT8),
+        ]
+    }
 }
 
 /// The seven arrays `batch_events` is made of.
@@ -184,7 +360,7 @@ impl<'a> Columns<'a> {
         }
     }
 
-    fn params(&self) -> [(&(dyn ToSql + Sync), Type); 7] {
+    fn params(&self) -> [Param<'_>; 7] {
         let values: [&(dyn ToSql + Sync); 7] = [
             &self.stream_id,
             &self.stream_version,
@@ -210,14 +386,14 @@ mod tests {
     #[test]
     fn the_relation_goes_in_front_or_into_the_statements_own_with() {
         let plain = with_relation(
-            RELATION,
+            &relation(0),
             "  INSERT INTO t SELECT stream_id FROM batch_events",
         );
         assert!(plain.starts_with("WITH batch_events AS (SELECT * FROM unnest("));
         assert!(plain.ends_with(") INSERT INTO t SELECT stream_id FROM batch_events"));
 
         let with = with_relation(
-            RELATION,
+            &relation(0),
             "-- fold\n/* a /* nested */ comment */ with s AS (SELECT 1) SELECT * FROM s",
         );
         assert!(with.starts_with("WITH batch_events AS ("), "{with}");
@@ -227,7 +403,7 @@ mod tests {
         );
 
         let recursive = with_relation(
-            RELATION,
+            &relation(0),
             "WITH Recursive r(n) AS (SELECT 1) SELECT * FROM r",
         );
         assert!(
@@ -240,7 +416,7 @@ mod tests {
         );
 
         // A name that merely starts with "with" is not the keyword.
-        let table = with_relation(RELATION, "withdrawals_insert");
+        let table = with_relation(&relation(0), "withdrawals_insert");
         assert!(table.ends_with(") withdrawals_insert"), "{table}");
     }
 }

@@ -54,10 +54,18 @@ impl SqlProjector {
     /// Wraps a validated configuration entry whose events a replay reads
     /// from `event_store` (batch handlers read a replayed batch back from it).
     pub fn with_event_store(config: ProjectorConfig, event_store: &RelationName) -> Self {
-        let batch_handlers = config
-            .batch_handlers
+        // Checks first: a batch whose check names events runs no handler.
+        let checks = config
+            .batch_checks
             .iter()
-            .map(|h| PreparedBatchHandler::new(h, event_store))
+            .map(|c| PreparedBatchHandler::check(c, event_store));
+        let batch_handlers = checks
+            .chain(
+                config
+                    .batch_handlers
+                    .iter()
+                    .map(|h| PreparedBatchHandler::new(h, event_store)),
+            )
             .collect();
         Self {
             config,
@@ -151,6 +159,16 @@ impl Projector for SqlProjector {
             handlers.join("\0")
         );
         // Only when present, so definitions without them keep their fingerprint.
+        if !self.config.batch_checks.is_empty() {
+            let checks: Vec<String> = self
+                .config
+                .batch_checks
+                .iter()
+                .map(|c| format!("{}\0{}", c.event_type, c.sql))
+                .collect();
+            definition.push_str("\0batch_checks\0");
+            definition.push_str(&checks.join("\0"));
+        }
         if !self.config.batch_handlers.is_empty() {
             let batch: Vec<String> = self
                 .config
@@ -201,7 +219,9 @@ impl SqlProjector {
         if per_event {
             self.apply_per_event(tx, run).await
         } else {
-            Ok(batch_sql::run(tx, &self.batch_handlers, run, ctx.phase).await?)
+            batch_sql::run(tx, &self.batch_handlers, run, ctx.phase)
+                .await
+                .map_err(batch_sql::handler_error)
         }
     }
 

@@ -5,6 +5,7 @@ mod activation;
 mod activation_faults;
 mod bad_input;
 mod batch_bytes;
+mod batch_checks;
 mod batch_handlers;
 mod bulk;
 mod cli;

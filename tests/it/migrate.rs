@@ -13,7 +13,8 @@ async fn migrate_twice_leaves_exactly_the_contract_tables() {
             "V3__pruned_status",
             "V4__exact_inline_checkpoints",
             "V5__sql_publish_batch_handlers",
-            "V8__gate_refuses_during_critical_section"
+            "V8__gate_refuses_during_critical_section",
+            "V9__event_errors"
         ]
     );
     let second = coord::migrate(&mut client).await.unwrap();

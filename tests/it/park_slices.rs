@@ -17,7 +17,7 @@ use crate::batch_handlers::replay_with;
 use crate::parking::Counting;
 use crate::support::TestDb;
 
-const EVENTS: i64 = 20_000;
+pub(crate) const EVENTS: i64 = 20_000;
 
 fn counting(on_error: &str) -> Counting {
     let toml = format!(
@@ -41,7 +41,7 @@ MoneyDeposited = "INSERT INTO deposits SELECT position, (data->>'amount')::bigin
 
 /// `EVENTS` deposits; one in 1,000 (`i % 1000 = 500`) has no integer
 /// amount. Returns the positions of those.
-async fn store(db: &TestDb) -> Vec<i64> {
+pub(crate) async fn store(db: &TestDb) -> Vec<i64> {
     let client = db.client().await;
     client
         .execute(

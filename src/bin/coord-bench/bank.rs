@@ -90,7 +90,14 @@ MoneyDeposited = "UPDATE balances SET amount = amount + ($5->>'amount')::bigint 
 MoneyWithdrawn = "UPDATE balances SET amount = amount - ($5->>'amount')::bigint WHERE account = $1"
 "#;
 
+/// The checks name the events whose amount is not a number (those
+/// `--fail-every` breaks), so a park replay parks them without searching
+/// its batches (decision 0089); they run in the clean replays too.
 const BATCH_HANDLERS: &str = r#"
+[projector.batch_checks]
+MoneyDeposited = "SELECT position, 'amount is not a number' FROM batch_events WHERE jsonb_typeof(data->'amount') <> 'number'"
+MoneyWithdrawn = "SELECT position, 'amount is not a number' FROM batch_events WHERE jsonb_typeof(data->'amount') <> 'number'"
+
 [projector.batch_handlers]
 AccountOpened  = "INSERT INTO balances (account) SELECT stream_id FROM batch_events"
 MoneyDeposited = """
