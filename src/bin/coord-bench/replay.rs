@@ -388,7 +388,7 @@ mod tests {
     #[test]
     fn median_of_odd_even_and_no_values() {
         assert_eq!(median([0.7, 0.52, 0.84].into_iter()), Some(0.7));
-        assert_eq!(median([0.6, 0.5, 0.8, 0.7].into_iter()), Some(0.65));
+        assert_eq!(median([2.0, 0.5, 1.0, 1.5].into_iter()), Some(1.25));
         assert_eq!(median(std::iter::empty()), None);
         assert_eq!(min([0.7, 0.52, 0.84].into_iter()), Some(0.52));
     }
