@@ -90,14 +90,7 @@ MoneyDeposited = "UPDATE balances SET amount = amount + ($5->>'amount')::bigint 
 MoneyWithdrawn = "UPDATE balances SET amount = amount - ($5->>'amount')::bigint WHERE account = $1"
 "#;
 
-/// The checks name the events whose amount is not a number (those
-/// `--fail-every` breaks), so a park replay parks them without searching
-/// its batches (decision 0089); they run in the clean replays too.
 const BATCH_HANDLERS: &str = r#"
-[projector.batch_checks]
-MoneyDeposited = "SELECT position, 'amount is not a number' FROM batch_events WHERE jsonb_typeof(data->'amount') <> 'number'"
-MoneyWithdrawn = "SELECT position, 'amount is not a number' FROM batch_events WHERE jsonb_typeof(data->'amount') <> 'number'"
-
 [projector.batch_handlers]
 AccountOpened  = "INSERT INTO balances (account) SELECT stream_id FROM batch_events"
 MoneyDeposited = """
@@ -112,6 +105,20 @@ WHERE b.account = d.stream_id
 """
 "#;
 
+/// Checks for the set-based kind: they name the events whose amount is not
+/// a number (those `replay --fail-every` breaks), so a park replay parks
+/// them without searching its batches (decision 0089).
+const BATCH_CHECKS: &str = r#"
+[projector.batch_checks]
+MoneyDeposited = "SELECT position, 'amount is not a number' FROM batch_events WHERE jsonb_typeof(data->'amount') <> 'number'"
+MoneyWithdrawn = "SELECT position, 'amount is not a number' FROM batch_events WHERE jsonb_typeof(data->'amount') <> 'number'"
+"#;
+
+/// The set-based reference projector with [`BATCH_CHECKS`].
+pub fn checked_projector(name: &str, on_error: OnError) -> anyhow::Result<Arc<dyn Projector>> {
+    sql_projector(name, on_error, &format!("{BATCH_CHECKS}{BATCH_HANDLERS}"))
+}
+
 /// The reference projector of `kind`, called `name`, with `on_error`.
 pub fn projector(kind: Kind, name: &str, on_error: OnError) -> anyhow::Result<Arc<dyn Projector>> {
     let handlers = match kind {
@@ -124,6 +131,14 @@ pub fn projector(kind: Kind, name: &str, on_error: OnError) -> anyhow::Result<Ar
         Kind::Sql => PER_EVENT_HANDLERS,
         Kind::SqlBatch => BATCH_HANDLERS,
     };
+    sql_projector(name, on_error, handlers)
+}
+
+fn sql_projector(
+    name: &str,
+    on_error: OnError,
+    handlers: &str,
+) -> anyhow::Result<Arc<dyn Projector>> {
     let text = format!(
         r#"
 [[projector]]

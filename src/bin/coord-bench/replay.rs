@@ -172,8 +172,16 @@ struct Figures {
     /// kind.
     park_events_per_s: Option<f64>,
     park_ratio: Option<f64>,
+    /// The set-based projector with checks naming the failing events
+    /// (decision 0089): its clean rate (on the store before it is broken),
+    /// its park rate, and the park rate over that clean rate.
+    sql_batch_checked_events_per_s: Option<f64>,
     sql_batch_park_events_per_s: Option<f64>,
     sql_batch_park_ratio: Option<f64>,
+    /// The set-based projector without checks under park (the failing
+    /// events found by searching the batch), over its median clean rate.
+    sql_batch_unchecked_park_events_per_s: Option<f64>,
+    sql_batch_unchecked_park_ratio: Option<f64>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -243,8 +251,21 @@ fn print_text(f: &Figures) {
         if let (Some(rate), Some(ratio)) = (f.park_events_per_s, f.park_ratio) {
             println!("  Rust:      {rate:.0} events/s, {ratio:.2} of its median clean rate");
         }
-        if let (Some(rate), Some(ratio)) = (f.sql_batch_park_events_per_s, f.sql_batch_park_ratio) {
-            println!("  set-based: {rate:.0} events/s, {ratio:.2} of its median clean rate");
+        if let (Some(clean), Some(rate), Some(ratio)) = (
+            f.sql_batch_checked_events_per_s,
+            f.sql_batch_park_events_per_s,
+            f.sql_batch_park_ratio,
+        ) {
+            println!(
+                "  set-based with checks: {rate:.0} events/s, {ratio:.2} of its clean rate \
+                 ({clean:.0} events/s)"
+            );
+        }
+        if let (Some(rate), Some(ratio)) = (
+            f.sql_batch_unchecked_park_events_per_s,
+            f.sql_batch_unchecked_park_ratio,
+        ) {
+            println!("  set-based without checks: {rate:.0} events/s, {ratio:.2} of its median clean rate");
         }
     }
     println!(
@@ -337,6 +358,15 @@ async fn bench(args: &Args, db: &BenchDb) -> anyhow::Result<Figures> {
     f.sql_batch_ratio_min = min(f.rounds.iter().filter_map(|r| r.sql_batch_ratio));
 
     if let Some(every) = args.fail_every {
+        // The checked set-based projector's clean rate, before the store
+        // is broken.
+        let checked = args.kinds.contains(&Kind::SqlBatch);
+        if checked {
+            let projector = bank::checked_projector("clean_sql_batch_checked", OnError::Fail)?;
+            let secs = bank::replay(&pool, &mut client, projector.as_ref(), &options).await?;
+            f.results_equal &= bank::balances_equal(&client, projector.as_ref()).await?;
+            f.sql_batch_checked_events_per_s = Some(n / secs);
+        }
         let failing = client.execute(BREAK_EVENTS, &[&every]).await?;
         client.batch_execute("VACUUM ANALYZE coord.events").await?;
         f.fail_every = Some(every);
@@ -366,8 +396,21 @@ async fn bench(args: &Args, db: &BenchDb) -> anyhow::Result<Figures> {
             let ratio = clean.map(|c| rate / c);
             match kind {
                 Kind::Rust => (f.park_events_per_s, f.park_ratio) = (Some(rate), ratio),
-                _ => (f.sql_batch_park_events_per_s, f.sql_batch_park_ratio) = (Some(rate), ratio),
+                _ => {
+                    (
+                        f.sql_batch_unchecked_park_events_per_s,
+                        f.sql_batch_unchecked_park_ratio,
+                    ) = (Some(rate), ratio)
+                }
             }
+        }
+        if checked {
+            let projector = bank::checked_projector("park_sql_batch_checked", OnError::Park)?;
+            let secs = bank::replay(&pool, &mut client, projector.as_ref(), &options).await?;
+            f.results_equal &= bank::balances_equal(&client, projector.as_ref()).await?;
+            let rate = n / secs;
+            f.sql_batch_park_events_per_s = Some(rate);
+            f.sql_batch_park_ratio = f.sql_batch_checked_events_per_s.map(|c| rate / c);
         }
     }
     Ok(f)
