@@ -273,9 +273,9 @@ pub(crate) async fn run(
                 .iter()
                 .zip(&ranges)
                 .enumerate()
-                .map(|(i, (((query, events), _), r))| {
+                .map(|(i, (((query, store), _), r))| {
                     (
-                        with_relation(&by_position(events, 3 * i), query),
+                        with_relation(&by_position(store, 3 * i), query),
                         r.params().to_vec(),
                     )
                 })
