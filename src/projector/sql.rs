@@ -159,25 +159,18 @@ impl Projector for SqlProjector {
             handlers.join("\0")
         );
         // Only when present, so definitions without them keep their fingerprint.
-        if !self.config.batch_checks.is_empty() {
-            let checks: Vec<String> = self
-                .config
-                .batch_checks
-                .iter()
-                .map(|c| format!("{}\0{}", c.event_type, c.sql))
-                .collect();
-            definition.push_str("\0batch_checks\0");
-            definition.push_str(&checks.join("\0"));
-        }
-        if !self.config.batch_handlers.is_empty() {
-            let batch: Vec<String> = self
-                .config
-                .batch_handlers
-                .iter()
-                .map(|h| format!("{}\0{}", h.event_type, h.sql))
-                .collect();
-            definition.push_str("\0batch_handlers\0");
-            definition.push_str(&batch.join("\0"));
+        for (label, entries) in [
+            ("batch_checks", &self.config.batch_checks),
+            ("batch_handlers", &self.config.batch_handlers),
+        ] {
+            if !entries.is_empty() {
+                let entries: Vec<String> = entries
+                    .iter()
+                    .map(|h| format!("{}\0{}", h.event_type, h.sql))
+                    .collect();
+                definition.push_str(&format!("\0{label}\0"));
+                definition.push_str(&entries.join("\0"));
+            }
         }
         sha256_hex(&definition)
     }

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::batch_handlers::replay_with;
 use crate::contents::{digest, refused_and_unchanged};
-use crate::park_slices::{store, EVENTS};
+use crate::park_slices::{one_batch, store, EVENTS};
 use crate::parking::Counting;
 use crate::support::{assert_exit, TestDb};
 
@@ -59,11 +59,22 @@ fn counting(on_error: &str) -> Counting {
     )
 }
 
-fn one_batch() -> ReplayOptions {
-    ReplayOptions {
-        batch_size: EVENTS as usize,
-        ..ReplayOptions::default()
-    }
+/// Publishes `events` to stream `acct-1` through the Rust publisher.
+async fn publish(
+    publisher: &Publisher,
+    client: &mut tokio_postgres::Client,
+    events: &[NewEvent],
+) -> coord::Result<()> {
+    publisher
+        .publish_with_retry(
+            client,
+            "acct-1",
+            ExpectedVersion::Any,
+            events,
+            coord::RetryPolicy::default(),
+        )
+        .await
+        .map(drop)
 }
 
 #[tokio::test]
@@ -200,14 +211,7 @@ async fn inline_a_check_refuses_the_publish_and_nothing_is_written() {
         .iter()
         .map(|e| NewEvent::new("MoneyDeposited", e["data"].clone()))
         .collect();
-    let error = publisher
-        .publish_with_retry(
-            &mut client,
-            "acct-1",
-            ExpectedVersion::Any,
-            &events,
-            coord::RetryPolicy::default(),
-        )
+    let error = publish(&publisher, &mut client, &events)
         .await
         .unwrap_err()
         .to_string();
@@ -345,30 +349,14 @@ async fn one_failing_call_names_the_failures_of_every_checked_type() {
         NewEvent::new("MoneyDeposited", json!({"amount": 9})),
         NewEvent::new("MoneyWithdrawn", json!({"amount": 4})),
     ];
-    publisher
-        .publish_with_retry(
-            &mut client,
-            "acct-1",
-            ExpectedVersion::Any,
-            &good,
-            coord::RetryPolicy::default(),
-        )
-        .await
-        .unwrap();
+    publish(&publisher, &mut client, &good).await.unwrap();
     let before = digest(&db).await;
     let bad = [
         NewEvent::new("MoneyWithdrawn", json!({})),
         NewEvent::new("MoneyDeposited", json!({"amount": 1})),
         NewEvent::new("MoneyDeposited", json!({"amount": "x"})),
     ];
-    let error = publisher
-        .publish_with_retry(
-            &mut client,
-            "acct-1",
-            ExpectedVersion::Any,
-            &bad,
-            coord::RetryPolicy::default(),
-        )
+    let error = publish(&publisher, &mut client, &bad)
         .await
         .unwrap_err()
         .to_string();

@@ -8,7 +8,7 @@ async fn migrate_reports_what_it_applied_and_is_idempotent() {
     assert_eq!(
         stdout(&first),
         "applied V1__coord_schema\napplied V2__publisher_gate\napplied V3__pruned_status\napplied V4__exact_inline_checkpoints\n\
-         applied V5__sql_publish_batch_handlers\napplied V8__gate_refuses_during_critical_section\n"
+         applied V5__sql_publish_batch_handlers\napplied V8__gate_refuses_during_critical_section\napplied V9__event_errors\n"
     );
     let second = db.coord(&["migrate"]);
     assert_exit(&second, 0);

@@ -66,7 +66,7 @@ pub(crate) async fn store(db: &TestDb) -> Vec<i64> {
         .collect()
 }
 
-fn one_batch() -> ReplayOptions {
+pub(crate) fn one_batch() -> ReplayOptions {
     ReplayOptions {
         batch_size: EVENTS as usize,
         ..ReplayOptions::default()
