@@ -10,15 +10,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use coord::records::{parked_events, version};
-use coord::replay::{catch_up, start_replay, CancellationToken, ReplayOptions};
-use coord::{Actor, Config, ExpectedVersion, NewEvent, ProjectorSet, Publisher, SqlProjector};
+use coord::replay::ReplayOptions;
+use coord::{Config, ExpectedVersion, NewEvent, ProjectorSet, Publisher, SqlProjector};
 use serde_json::json;
 
 use crate::batch_handlers::replay_with;
 use crate::contents::{digest, refused_and_unchanged};
-use crate::park_slices::{one_batch, store, EVENTS};
+use crate::park_slices::{one_batch, replay_one_batch, store, EVENTS};
 use crate::parking::Counting;
-use crate::support::{assert_exit, TestDb};
+use crate::sql_publish_batch::activated;
+use crate::support::TestDb;
 
 const CHECK_MESSAGE: &str = "amount is not an integer";
 
@@ -121,24 +122,11 @@ async fn under_fail_a_check_stops_the_replay_just_before_the_first_named_event()
     let db = TestDb::migrated().await;
     let bad = store(&db).await;
     let projector = counting("fail");
-    let mut client = db.client().await;
-    start_replay(&mut client, &projector, &Actor::new("test-host", "test"))
+    let error = replay_one_batch(&db, &projector)
         .await
-        .unwrap();
-    let pool = coord::pool(&db.database_url(), 4).unwrap();
-    let error = catch_up(
-        &pool,
-        &projector,
-        &coord::RelationName::default(),
-        &ReplayOptions {
-            lag_threshold: 1,
-            ..one_batch()
-        },
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+        .unwrap_err()
+        .to_string();
+    let client = db.client().await;
     assert!(
         error.contains(&format!("failed at position {}", bad[0])) && error.contains(CHECK_MESSAGE),
         "{error}"
@@ -155,17 +143,8 @@ async fn under_fail_a_check_stops_the_replay_just_before_the_first_named_event()
 
 #[tokio::test]
 async fn inline_a_check_refuses_the_publish_and_nothing_is_written() {
-    let db = TestDb::migrated().await;
     let text = toml("checked", "fail");
-    let path = db.write_config("coord.toml", &text);
-    assert_exit(
-        &db.coord(&[
-            "activate-current-config",
-            "--config",
-            path.to_str().unwrap(),
-        ]),
-        0,
-    );
+    let db = activated(&text).await;
     let mut client = db.client().await;
     let versions = json!({"checked": "1.0.0"});
     let good = json!([{"type": "MoneyDeposited", "data": {"amount": 5}}]);
@@ -331,17 +310,8 @@ async fn one_failing_call_names_the_failures_of_every_checked_type() {
     // Inline through the Rust publisher: both types' checks in one
     // statement, their parameters numbered one after the other (the good
     // publish needs both sets right).
-    let db = TestDb::migrated().await;
     let text = two_types_toml("moves");
-    let path = db.write_config("coord.toml", &text);
-    assert_exit(
-        &db.coord(&[
-            "activate-current-config",
-            "--config",
-            path.to_str().unwrap(),
-        ]),
-        0,
-    );
+    let db = activated(&text).await;
     let config = Config::parse(&text, "coord.toml").unwrap();
     let publisher = Publisher::new(ProjectorSet::from_config(&config));
     let mut client = db.client().await;

@@ -66,6 +66,30 @@ pub(crate) async fn store(db: &TestDb) -> Vec<i64> {
         .collect()
 }
 
+/// Registers `projector` and catches it up in batches of the whole store,
+/// returning what the catch-up returned.
+pub(crate) async fn replay_one_batch(
+    db: &TestDb,
+    projector: &dyn coord::Projector,
+) -> coord::Result<coord::replay::CatchUpReport> {
+    let mut client = db.client().await;
+    start_replay(&mut client, projector, &Actor::new("test-host", "test"))
+        .await
+        .unwrap();
+    let pool = coord::pool(&db.database_url(), 4).unwrap();
+    coord::replay::catch_up(
+        &pool,
+        projector,
+        &coord::RelationName::default(),
+        &ReplayOptions {
+            lag_threshold: 1,
+            ..one_batch()
+        },
+        &coord::replay::CancellationToken::new(),
+    )
+    .await
+}
+
 pub(crate) fn one_batch() -> ReplayOptions {
     ReplayOptions {
         batch_size: EVENTS as usize,
@@ -111,23 +135,11 @@ async fn slices_keep_order_under_fail() {
     let db = TestDb::migrated().await;
     let bad = store(&db).await;
     let projector = counting("fail");
-    let mut client = db.client().await;
-    start_replay(&mut client, &projector, &Actor::new("test-host", "test"))
+    let error = replay_one_batch(&db, &projector)
         .await
-        .unwrap();
-    let pool = coord::pool(&db.database_url(), 4).unwrap();
-    let result = coord::replay::catch_up(
-        &pool,
-        &projector,
-        &coord::RelationName::default(),
-        &ReplayOptions {
-            lag_threshold: 1,
-            ..one_batch()
-        },
-        &coord::replay::CancellationToken::new(),
-    )
-    .await;
-    let error = result.unwrap_err().to_string();
+        .unwrap_err()
+        .to_string();
+    let client = db.client().await;
     assert!(
         error.contains(&format!("failed at position {}", bad[0])),
         "{error}"

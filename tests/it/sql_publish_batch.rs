@@ -55,7 +55,8 @@ fn config_toml() -> String {
     )
 }
 
-async fn activated(toml: &str) -> TestDb {
+/// A fresh database where `toml`'s versions are active.
+pub(crate) async fn activated(toml: &str) -> TestDb {
     let db = TestDb::migrated().await;
     let path = db.write_config("coord.toml", toml);
     assert_exit(
