@@ -10,8 +10,8 @@
 //! `unnest` of seven array parameters. Never commits.
 //!
 //! A `[projector.batch_checks]` query runs the same way, before the
-//! handlers, as a statement that raises `CO007` naming the events it
-//! returns ([`PreparedBatchHandler::check`], [`handler_error`]).
+//! handlers, in a statement that raises `CO007` naming the events it
+//! returns ([`PreparedChecks`], [`handler_error`]).
 
 use futures_util::future::{try_join_all, BoxFuture, FutureExt};
 use tokio_postgres::types::{ToSql, Type};
@@ -79,37 +79,53 @@ pub(crate) struct PreparedBatchHandler {
     sql: String,
     /// Over the events read back from the event store by position (replay).
     sql_by_position: String,
-    /// For a check, its query (without a trailing `;`) and the quoted
-    /// event store: [`run`] puts every check of a call into one statement.
-    check: Option<(String, String)>,
 }
 
 impl PreparedBatchHandler {
     pub(crate) fn new(handler: &BatchHandler, event_store: &RelationName) -> Self {
-        let events = event_store.quoted();
         Self {
             event_type: handler.event_type.clone(),
             sql: with_relation(&relation(0), &handler.sql),
-            sql_by_position: with_relation(&by_position(&events, 0), &handler.sql),
-            check: None,
+            sql_by_position: with_relation(&by_position(&event_store.quoted(), 0), &handler.sql),
+        }
+    }
+}
+
+/// A projector's `[projector.batch_checks]`, ready to run: [`run`] puts the
+/// checks of a call into one statement ([`checks_statement`]) that passes
+/// the rows `(position, message)` they return to `coord.event_errors`
+/// (migration V9), which raises `CO007` naming them when there are any
+/// (docs/decisions/0089-set-based-checks-name-failing-events.md).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PreparedChecks {
+    /// Event type and query (without a trailing `;`), by event type.
+    checks: Vec<(String, String)>,
+    /// The quoted event store a replay reads batches back from.
+    store: String,
+}
+
+impl PreparedChecks {
+    pub(crate) fn new(checks: &[BatchHandler], event_store: &RelationName) -> Self {
+        Self {
+            checks: checks
+                .iter()
+                .map(|c| {
+                    let query = crate::sql_check::without_trailing_semicolon(&c.sql);
+                    (c.event_type.clone(), query.to_owned())
+                })
+                .collect(),
+            store: event_store.quoted(),
         }
     }
 
-    /// A `[projector.batch_checks]` query made a statement: it passes the
-    /// rows `(position, message)` the query returns to `coord.event_errors`
-    /// (migration V9), which raises `CO007` naming them when there are any
-    /// (docs/decisions/0089-set-based-checks-name-failing-events.md). This
-    /// statement is what `coord.publish` runs; [`run`] runs all checks of a
-    /// call as one ([`checks_statement`]).
-    pub(crate) fn check(check: &BatchHandler, event_store: &RelationName) -> Self {
-        let query = crate::sql_check::without_trailing_semicolon(&check.sql).to_owned();
-        let events = event_store.quoted();
-        Self {
-            event_type: check.event_type.clone(),
-            sql: checks_statement(&[with_relation(&relation(0), &query)]),
-            sql_by_position: checks_statement(&[with_relation(&by_position(&events, 0), &query)]),
-            check: Some((query, events)),
-        }
+    /// Each check as a statement of its own over `$1..$7` as arrays, in the
+    /// form of [`PreparedBatchHandler::stored`]: `coord.publish` runs them
+    /// before the handlers, the first that raises refusing the publish.
+    pub(crate) fn stored(&self) -> impl Iterator<Item = serde_json::Value> + '_ {
+        self.checks.iter().map(|(event_type, query)| {
+            let sql = checks_statement(&[with_relation(&relation(0), query)]);
+            serde_json::json!({ "event_type": event_type, "sql": sql })
+        })
     }
 }
 
@@ -226,27 +242,29 @@ fn keyword<'a>(sql: &'a str, word: &str) -> Option<&'a str> {
     (head.eq_ignore_ascii_case(word) && boundary).then(|| &sql[word.len()..])
 }
 
-/// Runs `handlers`, in order, each over the events of `events` of its type
-/// (skipping handlers with none); the checks among them first, all in one
-/// statement, so that one failing call names the failing events of every
-/// checked type. The statements are pipelined; the server runs them in
-/// order.
+/// Runs the `checks` of the types in `events`, all in one statement, so
+/// that one failing call names the failing events of every checked type;
+/// then `handlers`, in order, each over the events of `events` of its type
+/// (skipping handlers with none). The statements are pipelined; the server
+/// runs them in order.
 pub(crate) async fn run(
     tx: &Transaction<'_>,
+    checks: &PreparedChecks,
     handlers: &[PreparedBatchHandler],
     events: &[&Event],
     phase: Phase,
 ) -> Result<(), tokio_postgres::Error> {
-    let of_type = |handler: &PreparedBatchHandler| -> Vec<&Event> {
+    let of_type = |event_type: &str| -> Vec<&Event> {
         events
             .iter()
             .copied()
-            .filter(|e| e.event_type == handler.event_type)
+            .filter(|e| e.event_type == event_type)
             .collect()
     };
-    let checked: Vec<(&(String, String), Vec<&Event>)> = handlers
+    let checked: Vec<(&str, Vec<&Event>)> = checks
+        .checks
         .iter()
-        .filter_map(|h| Some((h.check.as_ref()?, of_type(h))))
+        .map(|(event_type, query)| (query.as_str(), of_type(event_type)))
         .filter(|(_, events)| !events.is_empty())
         .collect();
     // Owned by this frame while the calls run (declared before them).
@@ -265,7 +283,7 @@ pub(crate) async fn run(
                 .iter()
                 .zip(&columns)
                 .enumerate()
-                .map(|(i, (((query, _), _), c))| {
+                .map(|(i, ((query, _), c))| {
                     (with_relation(&relation(7 * i), query), c.params().to_vec())
                 })
                 .unzip(),
@@ -273,9 +291,9 @@ pub(crate) async fn run(
                 .iter()
                 .zip(&ranges)
                 .enumerate()
-                .map(|(i, (((query, store), _), r))| {
+                .map(|(i, ((query, _), r))| {
                     (
-                        with_relation(&by_position(store, 3 * i), query),
+                        with_relation(&by_position(&checks.store, 3 * i), query),
                         r.params().to_vec(),
                     )
                 })
@@ -285,8 +303,8 @@ pub(crate) async fn run(
         let params: Vec<Param<'_>> = params.into_iter().flatten().collect();
         calls.push(async move { tx.execute_typed(&sql, &params).await }.boxed());
     }
-    for handler in handlers.iter().filter(|h| h.check.is_none()) {
-        let of_type = of_type(handler);
+    for handler in handlers {
+        let of_type = of_type(&handler.event_type);
         if of_type.is_empty() {
             continue;
         }

@@ -11,7 +11,7 @@ use tokio_postgres::{Statement, Transaction};
 
 use crate::config::{Mode, OnError, ProjectorConfig};
 use crate::names::{sha256_hex, ProjectorName, RelationName};
-use crate::projector::batch_sql::{self, PreparedBatchHandler};
+use crate::projector::batch_sql::{self, PreparedBatchHandler, PreparedChecks};
 use crate::projector::{ApplyContext, Event, HandlerError, Projector};
 
 /// The parameter types of config handlers, `$1`..`$7`.
@@ -41,6 +41,8 @@ const UNPREPARED_MAX_EVENTS: usize = 4;
 #[derive(Clone, Debug)]
 pub struct SqlProjector {
     config: ProjectorConfig,
+    /// `batch_checks`, run before the batch handlers of a call.
+    checks: PreparedChecks,
     batch_handlers: Vec<PreparedBatchHandler>,
 }
 
@@ -54,21 +56,15 @@ impl SqlProjector {
     /// Wraps a validated configuration entry whose events a replay reads
     /// from `event_store` (batch handlers read a replayed batch back from it).
     pub fn with_event_store(config: ProjectorConfig, event_store: &RelationName) -> Self {
-        // Checks first: a batch whose check names events runs no handler.
-        let checks = config
-            .batch_checks
+        let checks = PreparedChecks::new(&config.batch_checks, event_store);
+        let batch_handlers = config
+            .batch_handlers
             .iter()
-            .map(|c| PreparedBatchHandler::check(c, event_store));
-        let batch_handlers = checks
-            .chain(
-                config
-                    .batch_handlers
-                    .iter()
-                    .map(|h| PreparedBatchHandler::new(h, event_store)),
-            )
+            .map(|h| PreparedBatchHandler::new(h, event_store))
             .collect();
         Self {
             config,
+            checks,
             batch_handlers,
         }
     }
@@ -133,14 +129,19 @@ impl Projector for SqlProjector {
     }
     /// `{"handlers": {...}, "batch_handlers": [{"event_type", "sql"}, ...]}`
     /// when there are batch handlers: each statement with its inline
-    /// `batch_events` CTE over `$1..$7` as arrays, in file order, which
-    /// `coord.publish` (migration V5) runs as [`Projector::apply`] does.
+    /// `batch_events` CTE over `$1..$7` as arrays, the checks first, then
+    /// the handlers in file order, which `coord.publish` (migration V5)
+    /// runs as [`Projector::apply`] does.
     fn stored_definition(&self) -> Option<serde_json::Value> {
         if self.batch_handlers.is_empty() {
             return crate::store::versions::definition_of(Some(&self.config.handlers));
         }
-        let batch: Vec<serde_json::Value> =
-            self.batch_handlers.iter().map(|h| h.stored()).collect();
+        // Checks first: coord.publish runs the list in order.
+        let batch: Vec<serde_json::Value> = self
+            .checks
+            .stored()
+            .chain(self.batch_handlers.iter().map(|h| h.stored()))
+            .collect();
         Some(serde_json::json!({
             "handlers": self.config.handlers,
             "batch_handlers": batch,
@@ -212,7 +213,7 @@ impl SqlProjector {
         if per_event {
             self.apply_per_event(tx, run).await
         } else {
-            batch_sql::run(tx, &self.batch_handlers, run, ctx.phase)
+            batch_sql::run(tx, &self.checks, &self.batch_handlers, run, ctx.phase)
                 .await
                 .map_err(batch_sql::handler_error)
         }

@@ -342,8 +342,8 @@ async fn bench(args: &Args, db: &BenchDb) -> anyhow::Result<Figures> {
         for &kind in &args.kinds {
             let name = format!("bench_{}_r{round}", kind_name(kind));
             let projector = bank::projector(kind, &name, OnError::Fail)?;
-            let secs = bank::replay(&pool, &mut client, projector.as_ref(), &options).await?;
-            f.results_equal &= bank::balances_equal(&client, projector.as_ref()).await?;
+            let secs =
+                checked_replay(&pool, &mut client, projector.as_ref(), &options, &mut f).await?;
             r.record(kind, n, secs);
             // Untimed: drop the version (its schema and tables), so that
             // every replay starts from the same database (the store alone).
@@ -363,8 +363,8 @@ async fn bench(args: &Args, db: &BenchDb) -> anyhow::Result<Figures> {
         let checked = args.kinds.contains(&Kind::SqlBatch);
         if checked {
             let projector = bank::checked_projector("clean_sql_batch_checked", OnError::Fail)?;
-            let secs = bank::replay(&pool, &mut client, projector.as_ref(), &options).await?;
-            f.results_equal &= bank::balances_equal(&client, projector.as_ref()).await?;
+            let secs =
+                checked_replay(&pool, &mut client, projector.as_ref(), &options, &mut f).await?;
             f.sql_batch_checked_events_per_s = Some(n / secs);
         }
         let failing = client.execute(BREAK_EVENTS, &[&every]).await?;
@@ -390,8 +390,8 @@ async fn bench(args: &Args, db: &BenchDb) -> anyhow::Result<Figures> {
                 ),
                 _ => bank::projector(kind, &name, OnError::Park)?,
             };
-            let secs = bank::replay(&pool, &mut client, projector.as_ref(), &options).await?;
-            f.results_equal &= bank::balances_equal(&client, projector.as_ref()).await?;
+            let secs =
+                checked_replay(&pool, &mut client, projector.as_ref(), &options, &mut f).await?;
             let rate = n / secs;
             let ratio = clean.map(|c| rate / c);
             match kind {
@@ -406,14 +406,28 @@ async fn bench(args: &Args, db: &BenchDb) -> anyhow::Result<Figures> {
         }
         if checked {
             let projector = bank::checked_projector("park_sql_batch_checked", OnError::Park)?;
-            let secs = bank::replay(&pool, &mut client, projector.as_ref(), &options).await?;
-            f.results_equal &= bank::balances_equal(&client, projector.as_ref()).await?;
+            let secs =
+                checked_replay(&pool, &mut client, projector.as_ref(), &options, &mut f).await?;
             let rate = n / secs;
             f.sql_batch_park_events_per_s = Some(rate);
             f.sql_batch_park_ratio = f.sql_batch_checked_events_per_s.map(|c| rate / c);
         }
     }
     Ok(f)
+}
+
+/// Replays `projector` and compares its balances with a from-scratch
+/// computation (into `f.results_equal`); returns the replay's seconds.
+async fn checked_replay(
+    pool: &deadpool_postgres::Pool,
+    client: &mut tokio_postgres::Client,
+    projector: &dyn coord::Projector,
+    options: &ReplayOptions,
+    f: &mut Figures,
+) -> anyhow::Result<f64> {
+    let secs = bank::replay(pool, client, projector, options).await?;
+    f.results_equal &= bank::balances_equal(client, projector).await?;
+    Ok(secs)
 }
 
 fn kind_name(kind: Kind) -> &'static str {
