@@ -9,7 +9,7 @@ use tokio_postgres::GenericClient;
 use crate::names::RelationName;
 use crate::projector::{ProjectorExt, ProjectorSet};
 use crate::store::versions::{self, VersionRecord, VersionStatus};
-use crate::store::{self, states};
+use crate::store::{self, history, states};
 use crate::Result;
 
 /// What will happen to one projector.
@@ -134,13 +134,21 @@ pub async fn plan(
             abandons_replay_of: None,
             events_to_process: 0,
         };
+        // A rollback (or re-activation) cut short leaves a retired version
+        // replaying, possibly older than the active one: it is finished,
+        // not refused as a downgrade.
+        let reactivating = replaying.as_deref() == Some(version.as_str())
+            && reactivation_in_progress(client, name, &version).await?;
         step.action = decide(
             p.fingerprint(),
             p.version(),
             record,
-            active.as_deref(),
-            activating.as_deref(),
-            replaying.as_deref(),
+            Current {
+                active: active.as_deref(),
+                activating: activating.as_deref(),
+                replaying: replaying.as_deref(),
+                reactivating,
+            },
             &p.label(),
         );
         if let Some(other) = replaying.as_deref().filter(|r| *r != version) {
@@ -187,15 +195,30 @@ pub async fn plan(
     Ok(Plan { steps })
 }
 
+/// A projector's versions in the database, as `decide` needs them.
+#[derive(Clone, Copy, Default)]
+struct Current<'a> {
+    active: Option<&'a str>,
+    activating: Option<&'a str>,
+    replaying: Option<&'a str>,
+    /// The replaying version is a retired one being re-activated (a
+    /// rollback or re-activation that was interrupted).
+    reactivating: bool,
+}
+
 fn decide(
     fingerprint: String,
     version: &Version,
     record: Option<&VersionRecord>,
-    active: Option<&str>,
-    activating: Option<&str>,
-    replaying: Option<&str>,
+    current: Current<'_>,
     label: &str,
 ) -> Action {
+    let Current {
+        active,
+        activating,
+        replaying,
+        reactivating,
+    } = current;
     let v = version.to_string();
     if let Some(record) = record {
         if record.fingerprint != fingerprint {
@@ -224,7 +247,9 @@ fn decide(
     if active == Some(v.as_str()) {
         return Action::NoChange;
     }
-    if record.is_some_and(|r| r.status == VersionStatus::Retired) {
+    if record.is_some_and(|r| r.status == VersionStatus::Retired)
+        || (reactivating && replaying == Some(v.as_str()))
+    {
         return Action::Reactivate {
             from: active.map(str::to_owned),
         };
@@ -252,6 +277,28 @@ fn decide(
         return Action::ResumeReplay;
     }
     Action::Bootstrap
+}
+
+/// Whether the replaying (or activating) `version` of `name` is a retired
+/// version that a rollback (or re-activation) put back to replaying and
+/// that was interrupted: its latest move to replaying, round trips through
+/// activating aside, came from retired (the transition history says why it
+/// is replaying).
+pub(super) async fn reactivation_in_progress(
+    client: &impl tokio_postgres::GenericClient,
+    name: &str,
+    version: &str,
+) -> Result<bool> {
+    let transitions = history::list(client, Some(name)).await?;
+    let cause = transitions.iter().rev().find(|t| {
+        t.version.as_deref() == Some(version)
+            && t.to_status == VersionStatus::Replaying
+            && !matches!(
+                t.from_status,
+                Some(VersionStatus::Activating | VersionStatus::Replaying)
+            )
+    });
+    Ok(cause.is_some_and(|t| t.from_status == Some(VersionStatus::Retired)))
 }
 
 /// The projector name of a `name@version` label.

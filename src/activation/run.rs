@@ -8,7 +8,7 @@ use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
 
 use super::lock::ActivationLock;
-use super::plan::{plan, Plan};
+use super::plan::{plan, reactivation_in_progress, Plan};
 use super::steps::{
     linked, lock_and_check, mark_replaying, run_step, verify_and_activate, StepContext,
 };
@@ -18,9 +18,9 @@ use crate::gate::LockPolicy;
 use crate::names::RelationName;
 use crate::projector::{Projector, ProjectorExt, ProjectorSet};
 use crate::replay::{self, ReplayOptions};
+use crate::store::states;
 use crate::store::versions::{self, VersionStatus};
 use crate::store::Actor;
-use crate::store::{history, states};
 use crate::{Error, Result, Steps};
 
 /// How `activate-current-config` and `rollback` run.
@@ -230,24 +230,25 @@ pub async fn rollback(
     let cancel = &linked(cancel, lock.lost());
     let (active, target, resuming) = {
         let state = states::get(&**client, name, false).await?;
-        if let Some(activating) = state.as_ref().and_then(|s| s.activating_version.clone()) {
+        let activating = state.as_ref().and_then(|s| s.activating_version.clone());
+        let replaying = state.as_ref().and_then(|s| s.replaying_version.clone());
+        let active = state.and_then(|s| s.active_version);
+        // A retired version an interrupted rollback (or re-activation) put
+        // back to replaying, or left activating when its critical section
+        // was cut short, is the one to finish, not the one retired before.
+        let unfinished = match activating.clone().or(replaying) {
+            Some(v) if reactivation_in_progress(&**client, name, &v).await? => Some(v),
+            _ => None,
+        };
+        if let Some(activating) = activating.filter(|a| unfinished.as_ref() != Some(a)) {
             return Err(Error::Refused(format!(
                 "projector {name} is activating {activating} (an interrupted activation): finish it with \
                  `coord activate-current-config` (configuration of {activating}) or back it out with \
                  `coord abort --projector {name}`, then roll back"
             )));
         }
-        let replaying = state.as_ref().and_then(|s| s.replaying_version.clone());
-        let active = state.and_then(|s| s.active_version);
         let all = versions::list_of(&**client, name).await?;
-        // A retired version an interrupted rollback (or re-activation) put
-        // back to replaying is the one to finish, not the one retired before.
-        let resumed = match replaying {
-            Some(r) if interrupted_rollback(&**client, name, &r).await? => {
-                all.iter().find(|v| v.version == r).cloned()
-            }
-            _ => None,
-        };
+        let resumed = unfinished.and_then(|u| all.iter().find(|v| v.version == u).cloned());
         let resuming = resumed.is_some();
         let target = resumed.or_else(|| {
             all.into_iter()
@@ -282,18 +283,14 @@ pub async fn rollback(
         )));
     }
     let started = Instant::now();
-    if resuming {
+    let why = if resuming {
         tracing::info!(version = %wanted, "resuming an interrupted rollback");
+        "resuming an interrupted rollback".to_owned()
     } else {
-        mark_replaying(
-            pool,
-            projector.as_ref(),
-            actor,
-            &format!("rollback from {}", active.as_deref().unwrap_or("-")),
-            &lock,
-        )
-        .await?;
-    }
+        format!("rollback from {}", active.as_deref().unwrap_or("-"))
+    };
+    // A resumed target still replaying stays so (nothing written).
+    mark_replaying(pool, projector.as_ref(), actor, &why, &lock).await?;
     let caught = replay::catch_up(
         pool,
         projector.as_ref(),
@@ -326,26 +323,4 @@ pub async fn rollback(
         replay_seconds,
         switch: Some(switch),
     })
-}
-
-/// Whether the replaying `version` of `name` is a retired version that a
-/// rollback (or re-activation) put back to replaying and that was
-/// interrupted: its latest move to replaying, round trips through
-/// activating aside, came from retired (the transition history says why it
-/// is replaying).
-async fn interrupted_rollback(
-    client: &impl tokio_postgres::GenericClient,
-    name: &str,
-    version: &str,
-) -> Result<bool> {
-    let transitions = history::list(client, Some(name)).await?;
-    let cause = transitions.iter().rev().find(|t| {
-        t.version.as_deref() == Some(version)
-            && t.to_status == VersionStatus::Replaying
-            && !matches!(
-                t.from_status,
-                Some(VersionStatus::Activating | VersionStatus::Replaying)
-            )
-    });
-    Ok(cause.is_some_and(|t| t.from_status == Some(VersionStatus::Retired)))
 }

@@ -15,7 +15,7 @@ use super::switch::{activate_version_fenced, retire_fenced, SwitchReport};
 use crate::names::RelationName;
 use crate::projector::{Projector, ProjectorExt, ProjectorSet};
 use crate::replay::{self, ReplayOptions};
-use crate::store::versions;
+use crate::store::versions::{self, VersionStatus};
 use crate::store::{states, Actor};
 use crate::{Error, Result};
 
@@ -247,7 +247,8 @@ async fn build(
 }
 
 /// Puts a retired (or interrupted activating) version back to replaying so
-/// it can be caught up and activated.
+/// it can be caught up and activated; a version already replaying is left
+/// as it is.
 pub(super) async fn mark_replaying(
     pool: &Pool,
     projector: &dyn Projector,
@@ -265,6 +266,9 @@ pub(super) async fn mark_replaying(
     let record = versions::get(&tx, name, &version)
         .await?
         .ok_or_else(|| Error::Refused(format!("{} was never built", projector.label())))?;
+    if record.status == VersionStatus::Replaying {
+        return Ok(()); // already (an interrupted rollback's target)
+    }
     back_to_replaying(&tx, name, &version, record.status, actor, why).await?;
     tx.commit().await?;
     Ok(())

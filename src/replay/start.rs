@@ -121,7 +121,9 @@ pub async fn start_replay_in(
              before replaying {version}"
         )));
     }
-    if let Some(active) = active.as_deref() {
+    // A version already replaying is resumed whatever its number: an
+    // older one is a retired version an interrupted rollback put back.
+    if let Some(active) = active.as_deref().filter(|_| replaying.is_none()) {
         if Version::parse(active).is_ok_and(|a| a > *projector.version()) {
             return Err(Error::Refused(format!(
                 "projector {name} {version} is older than the active {active}: a downgrade is \

@@ -417,11 +417,13 @@ async fn fault_suite() {
         let first = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
             .await
             .unwrap();
-        // Re-run to completion (a rollback that already flipped is done). A
-        // rollback interrupted inside its critical section leaves its target
-        // activating; re-running rollback refuses and recommends
-        // activate-current-config with the target's configuration: follow
-        // the recommendation (counted: the recommended command must work).
+        // Re-run to completion (a rollback that already flipped is done).
+        // A rollback interrupted inside its critical section leaves its
+        // target activating; re-running rollback finishes it (it used to
+        // recommend activate-current-config, which refused the target as a
+        // downgrade: seed 9517100792732140966, trial 8; tests/it/interrupted.rs).
+        // Should a re-run recommend that command, follow it (counted: the
+        // recommended command must work).
         let mut done = first.status.success();
         let mut last = stderr(&first);
         let mut rerun: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();

@@ -1,7 +1,9 @@
-//! Issue 12: the two faults the fault suite found, made deterministic. A
-//! `rollback` killed during its catch-up leaves its target replaying, and a
-//! `rebuild` killed between its swap and the drop of `{schema}_old` leaves
-//! that schema: running the same command again completes, exactly.
+//! Issue 12: the faults the fault suite found, made deterministic. A
+//! `rollback` killed during its catch-up leaves its target replaying, one
+//! killed in its critical section leaves it activating, and a `rebuild`
+//! killed between its swap and the drop of `{schema}_old` leaves that
+//! schema: running the same command again (or, for the rollback, the
+//! command its refusal recommended) completes, exactly.
 
 use std::time::Duration;
 
@@ -132,6 +134,135 @@ async fn a_rollback_killed_during_its_catch_up_is_finished_by_running_it_again()
         "{}",
         stderr(&refused)
     );
+}
+
+/// `(active_version, activating_version, replaying_version)` of the ledger.
+async fn ledger_state(client: &Client) -> (Option<String>, Option<String>, Option<String>) {
+    let row = client
+        .query_one(
+            "SELECT active_version, activating_version, replaying_version \
+             FROM coord.projector_states WHERE name = 'ledger'",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// A transaction that passed the gate for an unrelated event type and stays
+/// open: a critical section cannot take the global lock until it ends, so
+/// it retries until its deadline.
+async fn long_unrelated_transaction(client: &mut Client) -> tokio_postgres::Transaction<'_> {
+    let tx = client.transaction().await.unwrap();
+    tx.execute(
+        "SELECT coord.check_publish('{\"ledger\": \"2.0.0\"}'::jsonb, ARRAY['SomethingElse'])",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx
+}
+
+/// `coord rollback ledger` to 1.0.0 (active: 2.0.0), killed with `kill -9`
+/// while its critical section retries behind `long`: leaves 1.0.0 activating.
+async fn rollback_killed_while_activating(db: &TestDb, client: &Client) {
+    let mut child = db.spawn_coord(&[
+        "rollback",
+        "ledger",
+        "--config",
+        "1.0.0.toml",
+        "--lock-deadline",
+        "600",
+    ]);
+    eventually(
+        Duration::from_secs(60),
+        "the rollback's target to be activating",
+        || async { ledger_state(client).await.1.as_deref() == Some("1.0.0") },
+    )
+    .await;
+    kill_9(&mut child);
+    assert_eq!(
+        ledger_state(client).await,
+        (Some("2.0.0".into()), Some("1.0.0".into()), None),
+        "the killed rollback left its target activating"
+    );
+}
+
+/// Seed 9517100792732140966 of the fault suite, trial 8: a rollback cut short
+/// inside its critical section left its target (older than the active
+/// version) activating; `coord rollback` refused, recommending
+/// `activate-current-config`, which returned the target to replaying and
+/// then refused it as a downgrade, as did every re-run. Now `coord rollback`
+/// finishes it, and so does `activate-current-config` with its
+/// configuration, also after a critical section that gave up left it
+/// replaying.
+#[tokio::test]
+async fn a_rollback_killed_in_its_critical_section_is_finished_by_either_command() {
+    let db = TestDb::migrated().await;
+    let mut client = db.client().await;
+    deposits(&client, 400).await;
+    for version in ["1.0.0", "2.0.0"] {
+        let file = format!("{version}.toml");
+        db.write_config(&file, &ledger_toml(version, false));
+        let out = db.coord(&["activate-current-config", "--config", &file]);
+        assert_exit(&out, 0);
+    }
+    let mut long_client = db.client().await;
+
+    // Finished by running the rollback again.
+    deposits_as(&client, "2.0.0", 100).await;
+    let long = long_unrelated_transaction(&mut long_client).await;
+    rollback_killed_while_activating(&db, &client).await;
+    long.commit().await.unwrap();
+    let again = db.coord(&["rollback", "ledger", "--config", "1.0.0.toml"]);
+    assert_exit(&again, 0);
+    assert_eq!(
+        ledger_state(&client).await,
+        (Some("1.0.0".into()), None, None)
+    );
+    let diffs = differences(&mut client, &schema("1.0.0")).await;
+    assert!(diffs.is_empty(), "{diffs:?}");
+
+    // Forward to 2.0.0 again (a re-activation), and the same fault.
+    assert_exit(
+        &db.coord(&["activate-current-config", "--config", "2.0.0.toml"]),
+        0,
+    );
+    deposits_as(&client, "2.0.0", 100).await;
+    let long = long_unrelated_transaction(&mut long_client).await;
+    rollback_killed_while_activating(&db, &client).await;
+    // The recommended activate-current-config with 1.0.0's configuration
+    // cannot flip while the long transaction runs: its critical section
+    // gives up and returns 1.0.0 to replaying (older than the active 2.0.0).
+    let gave_up = db.coord(&[
+        "activate-current-config",
+        "--config",
+        "1.0.0.toml",
+        "--lock-deadline",
+        "0.2",
+    ]);
+    assert_exit(&gave_up, 7);
+    assert_eq!(
+        ledger_state(&client).await,
+        (Some("2.0.0".into()), None, Some("1.0.0".into()))
+    );
+    long.commit().await.unwrap();
+    let plan = db.coord(&["plan", "--config", "1.0.0.toml", "--output", "json"]);
+    assert_exit(&plan, 0);
+    let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert_eq!(plan["steps"][0]["action"], "reactivate", "{plan}");
+    let finished = db.coord(&["activate-current-config", "--config", "1.0.0.toml"]);
+    assert_exit(&finished, 0);
+    assert_eq!(
+        ledger_state(&client).await,
+        (Some("1.0.0".into()), None, None)
+    );
+    assert_eq!(state(&client, "2.0.0").await.0, "retired");
+    let diffs = differences(&mut client, &schema("1.0.0")).await;
+    assert!(diffs.is_empty(), "{diffs:?}");
+    deposits_as(&client, "1.0.0", 50).await;
+    let diffs = differences(&mut client, &schema("1.0.0")).await;
+    assert!(diffs.is_empty(), "{diffs:?}");
 }
 
 /// ledger@1.0.0 active over 400 deposits, and the `{schema}_old` schema a
