@@ -55,6 +55,12 @@ pub struct ApplyContext {
     pub schema: String,
     /// Replay or inline.
     pub phase: Phase,
+    /// This call has the events of an earlier call of the same batch less
+    /// those that call's error named ([`EventError`], [`EventErrors`]),
+    /// which were parked: what that call found of the others still holds
+    /// where it judged each event on its own (a set-based projector's
+    /// checks are not run again then; decision 0091).
+    pub named_failures_removed: bool,
 }
 
 const SET_SEARCH_PATH: &str = "SELECT set_config('search_path', $1, true)";

@@ -298,6 +298,7 @@ impl Publisher {
             let ctx = ApplyContext {
                 schema: projector.schema(),
                 phase: Phase::Inline,
+                named_failures_removed: false,
             };
             // Pipelined: the server runs the handlers after `search_path` is set.
             let set = set_search_path(tx, &ctx.schema);

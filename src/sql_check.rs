@@ -95,6 +95,74 @@ pub(crate) fn check_query(sql: &str) -> std::result::Result<(), String> {
     }
 }
 
+/// Whether a set-based check (a query already through [`check_query`])
+/// judges each event on its own: one `SELECT` whose first column is the
+/// event's `position`, over `batch_events` alone (no other relation, join,
+/// subquery, grouping, `DISTINCT`, window, `LIMIT` or `WITH`), so that the
+/// events it passes in a batch it also passes in any part of that batch,
+/// whatever the tables hold. A batch whose failing events such checks named
+/// is applied without checking the rest again (the replay's park path;
+/// docs/decisions/0091-checks-that-judge-each-event-alone.md). Text
+/// sqlparser does not understand is judged not to.
+pub(crate) fn judges_each_event_alone(sql: &str) -> bool {
+    use sqlparser::ast::{Expr, GroupByExpr, SelectItem, SetExpr, TableFactor};
+    let Ok(parsed) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
+        return false;
+    };
+    let [Statement::Query(query)] = parsed.as_slice() else {
+        return false;
+    };
+    let SetExpr::Select(select) = query.body.as_ref() else {
+        return false;
+    };
+    let plain_query = query.with.is_none()
+        && query.limit_clause.is_none()
+        && query.fetch.is_none()
+        && query.locks.is_empty()
+        && query.pipe_operators.is_empty();
+    let plain_select = select.distinct.is_none()
+        && select.top.is_none()
+        && select.into.is_none()
+        && select.lateral_views.is_empty()
+        && select.connect_by.is_empty()
+        && select.having.is_none()
+        && select.qualify.is_none()
+        && select.named_window.is_empty()
+        && matches!(&select.group_by, GroupByExpr::Expressions(by, modifiers) if by.is_empty() && modifiers.is_empty());
+    let over_batch_events = match select.from.as_slice() {
+        [from] if from.joins.is_empty() => matches!(
+            &from.relation,
+            TableFactor::Table { name, args: None, .. }
+                if name.0.len() == 1 && name.to_string().eq_ignore_ascii_case("batch_events")
+        ),
+        _ => false,
+    };
+    // Without GROUP BY, a bare `position` first rules out aggregates.
+    let position_first = match select.projection.first() {
+        Some(SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. }) => match e {
+            Expr::Identifier(i) => i.value.eq_ignore_ascii_case("position"),
+            Expr::CompoundIdentifier(parts) => parts
+                .last()
+                .is_some_and(|i| i.value.eq_ignore_ascii_case("position")),
+            _ => false,
+        },
+        _ => false,
+    };
+    // One `SELECT` and no `TABLE`: no subquery, so no other relation and
+    // no second reading of the batch; no window.
+    let Ok(tokens) = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize() else {
+        return false;
+    };
+    let count = |keyword: &str| {
+        tokens
+            .iter()
+            .filter(|t| matches!(t, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(keyword)))
+            .count()
+    };
+    let alone = count("SELECT") == 1 && count("TABLE") == 0 && count("OVER") == 0;
+    plain_query && plain_select && over_batch_events && position_first && alone
+}
+
 /// `sql` without the `;` that ends it, if any (and what follows it: space
 /// and comments), so that a query can be put inside parentheses.
 pub(crate) fn without_trailing_semicolon(sql: &str) -> &str {
@@ -416,6 +484,44 @@ mod tests {
                 .map(transaction_control)
                 .collect();
             assert_eq!(by_tokens(sql).unwrap(), parsed, "{sql}");
+        }
+    }
+
+    #[test]
+    fn checks_that_judge_each_event_alone() {
+        for alone in [
+            "SELECT position, 'no amount' FROM batch_events WHERE data->>'amount' IS NULL",
+            "select e.position, format('bad %s', e.data) as message from batch_events e \
+             where jsonb_typeof(e.data->'amount') is distinct from 'number';",
+            "SELECT position AS p, 'x' FROM batch_events",
+            "SELECT position, 'old' FROM batch_events WHERE extract(year FROM recorded_at) < 2000",
+        ] {
+            assert!(judges_each_event_alone(alone), "{alone}");
+        }
+        for not in [
+            // Another relation, the batch read twice, a join.
+            "SELECT position, 'parked stream' FROM batch_events e WHERE EXISTS \
+             (SELECT 1 FROM coord.parked_events p WHERE p.stream_id = e.stream_id)",
+            "SELECT e.position, 'x' FROM batch_events e JOIN balances b ON b.account = e.stream_id",
+            "SELECT e.position, 'x' FROM batch_events e, balances b WHERE b.account = e.stream_id",
+            "SELECT position, 'x' FROM batch_events WHERE stream_id IN (TABLE blocked)",
+            // The set matters: grouping, windows, DISTINCT, LIMIT, WITH, set operations.
+            "SELECT max(position), 'x' FROM batch_events GROUP BY stream_id",
+            "SELECT position, 'x' FROM batch_events GROUP BY position HAVING count(*) > 1",
+            "SELECT position, 'x' FROM (SELECT position, sum((data->>'amount')::int) OVER (PARTITION BY stream_id ORDER BY position) s FROM batch_events) t WHERE s < 0",
+            "SELECT position, sum(1) OVER () FROM batch_events",
+            "SELECT DISTINCT position, 'x' FROM batch_events",
+            "SELECT position, 'x' FROM batch_events LIMIT 1",
+            "WITH b AS (SELECT * FROM batch_events) SELECT position, 'x' FROM b",
+            "SELECT position, 'x' FROM batch_events UNION SELECT position, 'y' FROM batch_events",
+            // Not the position first, another relation, not sqlparser's.
+            "SELECT 1, 'x' FROM batch_events",
+            "SELECT position, 'x' FROM other_events",
+            "SELECT position, 'x' FROM s.batch_events",
+            "VALUES (1, 'x')",
+            "SELECT position, 'x' FROM batch_events WHERE WITH NO DATA LIKE",
+        ] {
+            assert!(!judges_each_event_alone(not), "{not}");
         }
     }
 }

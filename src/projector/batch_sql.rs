@@ -19,7 +19,7 @@ use tokio_postgres::Transaction;
 
 use crate::config::BatchHandler;
 use crate::names::RelationName;
-use crate::projector::{Event, EventError, EventErrors, HandlerError, Phase};
+use crate::projector::{ApplyContext, Event, EventError, EventErrors, HandlerError, Phase};
 
 /// The name under which a batch statement reads its events.
 pub const BATCH_RELATION: &str = "batch_events";
@@ -102,6 +102,9 @@ pub(crate) struct PreparedChecks {
     checks: Vec<(String, String)>,
     /// The quoted event store a replay reads batches back from.
     store: String,
+    /// Whether every check judges each event on its own
+    /// ([`crate::sql_check::judges_each_event_alone`]).
+    each_alone: bool,
 }
 
 impl PreparedChecks {
@@ -115,7 +118,18 @@ impl PreparedChecks {
                 })
                 .collect(),
             store: event_store.quoted(),
+            each_alone: checks
+                .iter()
+                .all(|c| crate::sql_check::judges_each_event_alone(&c.sql)),
         }
+    }
+
+    /// The checks a call with `ctx` runs: none when `ctx` has the rest of
+    /// a batch whose failing events an earlier call named and every check
+    /// judges each event on its own (the rest passed them then), all
+    /// otherwise.
+    pub(crate) fn for_call(&self, ctx: &ApplyContext) -> Option<&Self> {
+        (!(ctx.named_failures_removed && self.each_alone)).then_some(self)
     }
 
     /// Each check as a statement of its own over `$1..$7` as arrays, in the
@@ -249,7 +263,7 @@ fn keyword<'a>(sql: &'a str, word: &str) -> Option<&'a str> {
 /// runs them in order.
 pub(crate) async fn run(
     tx: &Transaction<'_>,
-    checks: &PreparedChecks,
+    checks: Option<&PreparedChecks>,
     handlers: &[PreparedBatchHandler],
     events: &[&Event],
     phase: Phase,
@@ -262,8 +276,8 @@ pub(crate) async fn run(
             .collect()
     };
     let checked: Vec<(&str, Vec<&Event>)> = checks
-        .checks
         .iter()
+        .flat_map(|c| &c.checks)
         .map(|(event_type, query)| (query.as_str(), of_type(event_type)))
         .filter(|(_, events)| !events.is_empty())
         .collect();
@@ -277,6 +291,7 @@ pub(crate) async fn run(
         Phase::Replay | Phase::Rebuild => checked.iter().map(|(_, e)| Positions::new(e)).collect(),
     };
     let mut calls: Vec<BoxFuture<'_, Result<u64, tokio_postgres::Error>>> = Vec::new();
+    let store = checks.map(|c| c.store.as_str()).unwrap_or_default();
     if !checked.is_empty() {
         let (queries, params): (Vec<String>, Vec<Vec<Param<'_>>>) = match phase {
             Phase::Inline => checked
@@ -293,7 +308,7 @@ pub(crate) async fn run(
                 .enumerate()
                 .map(|(i, ((query, _), r))| {
                     (
-                        with_relation(&by_position(&checks.store, 3 * i), query),
+                        with_relation(&by_position(store, 3 * i), query),
                         r.params().to_vec(),
                     )
                 })

@@ -213,9 +213,15 @@ impl SqlProjector {
         if per_event {
             self.apply_per_event(tx, run).await
         } else {
-            batch_sql::run(tx, &self.checks, &self.batch_handlers, run, ctx.phase)
-                .await
-                .map_err(batch_sql::handler_error)
+            batch_sql::run(
+                tx,
+                self.checks.for_call(ctx),
+                &self.batch_handlers,
+                run,
+                ctx.phase,
+            )
+            .await
+            .map_err(batch_sql::handler_error)
         }
     }
 

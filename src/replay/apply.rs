@@ -54,6 +54,7 @@ pub(super) fn context(schema: &str, phase: Phase) -> ApplyContext {
     ApplyContext {
         schema: schema.to_owned(),
         phase,
+        named_failures_removed: false,
     }
 }
 

@@ -55,7 +55,7 @@ pub(crate) async fn apply(
     let mut settle = Settle {
         tx,
         projector,
-        ctx,
+        ctx: ctx.clone(),
         outcome: BatchOutcome::default(),
         open: None,
     };
@@ -149,7 +149,7 @@ enum Known {
 struct Settle<'a, 't> {
     tx: &'a Transaction<'t>,
     projector: &'a dyn Projector,
-    ctx: &'a ApplyContext,
+    ctx: ApplyContext,
     outcome: BatchOutcome,
     /// The savepoint of the last call, still to be ended.
     open: Option<Open>,
@@ -170,7 +170,7 @@ impl Settle<'_, '_> {
         // Pipelined: the server runs the savepoint statements first.
         let (opened, applied) = futures_util::future::join(
             self.tx.batch_execute(&sql),
-            self.projector.apply(self.tx, events, self.ctx),
+            self.projector.apply(self.tx, events, &self.ctx),
         )
         .await;
         opened?;
@@ -229,6 +229,9 @@ impl Settle<'_, '_> {
             if rest.is_empty() {
                 return Ok(());
             }
+            // From here on (bisection included) every call has a part of
+            // what the first call judged, less what it named.
+            self.ctx.named_failures_removed = true;
             match self.attempt(rest).await? {
                 Ok(()) => {
                     self.outcome.applied += rest.len();

@@ -117,6 +117,87 @@ async fn a_check_naming_the_failing_events_parks_them_without_a_search() {
     assert!(calls <= 3, "{calls} calls of the projector");
 }
 
+/// Events a check reads, counted by `public.check_rows` (a sequence: its
+/// calls survive the rollback of a failing call). With `subquery`, the check
+/// also holds a subquery, so it is not one that judges each event alone.
+fn counted_check(subquery: bool) -> String {
+    let extra = if subquery {
+        " AND EXISTS (SELECT 1)"
+    } else {
+        ""
+    };
+    format!(
+        r#"MoneyDeposited = """
+SELECT position, 'amount is not an integer' FROM batch_events
+WHERE (nextval('public.check_rows') < 0 OR jsonb_typeof(data->'amount') IS DISTINCT FROM 'number'){extra}
+""""#
+    )
+}
+
+/// Under `park`, a check that judges each event alone (one `SELECT` over
+/// `batch_events`, nothing else; decision 0091) reads each event once: the
+/// rest of a batch whose failing events it named is applied without it.
+/// The same check with a subquery reads the rest again. Both park the same
+/// events and apply the same rows.
+#[tokio::test]
+async fn a_check_judging_each_event_alone_is_not_run_again_on_the_rest() {
+    let db = TestDb::migrated().await;
+    let bad = store(&db).await;
+    let client = db.client().await;
+    client
+        .batch_execute("CREATE SEQUENCE public.check_rows")
+        .await
+        .unwrap();
+    let mut reads = Vec::new();
+    for (name, subquery) in [("alone", false), ("set", true)] {
+        client
+            .batch_execute("ALTER SEQUENCE public.check_rows RESTART")
+            .await
+            .unwrap();
+        let config =
+            Config::parse(&toml_with(name, "park", &counted_check(subquery)), "test").unwrap();
+        let on_error = config.projectors[0].on_error;
+        let projector = Counting::new(
+            Arc::new(SqlProjector::new(config.projectors[0].clone())),
+            on_error,
+        );
+        let report = replay_with(&db, &projector, one_batch()).await;
+        assert_eq!((report.applied, report.parked), (EVENTS as u64 - 20, 20));
+        let parked = parked_events(&client, name, "1.0.0").await.unwrap();
+        let positions: Vec<i64> = parked.iter().map(|p| p.position).collect();
+        assert_eq!(positions, bad, "{name}");
+        assert_eq!(projector.calls.load(Ordering::SeqCst), 2, "{name}");
+        let (last, called): (i64, bool) = client
+            .query_one("SELECT last_value, is_called FROM public.check_rows", &[])
+            .await
+            .map(|r| (r.get(0), r.get(1)))
+            .unwrap();
+        reads.push(if called { last } else { 0 });
+    }
+    // Each event once; then each at least twice (the plan may evaluate the
+    // failing rows' condition more than once).
+    assert_eq!(
+        reads[0], EVENTS,
+        "events read by the check judging each alone"
+    );
+    assert!(
+        reads[1] >= 2 * EVENTS - 20,
+        "events read by the check with a subquery: {}",
+        reads[1]
+    );
+    let (rows, differing): (i64, i64) = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM alone_v1_0_0.deposits), count(*) FROM \
+             ((TABLE alone_v1_0_0.deposits EXCEPT TABLE set_v1_0_0.deposits) \
+              UNION ALL (TABLE set_v1_0_0.deposits EXCEPT TABLE alone_v1_0_0.deposits)) d",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((rows, differing), (EVENTS - 20, 0));
+}
+
 #[tokio::test]
 async fn under_fail_a_check_stops_the_replay_just_before_the_first_named_event() {
     let db = TestDb::migrated().await;
