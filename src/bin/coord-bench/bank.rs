@@ -164,6 +164,7 @@ pub async fn replay(
     projector: &dyn Projector,
     options: &ReplayOptions,
 ) -> anyhow::Result<f64> {
+    settle(client).await?;
     let started = Instant::now();
     start_replay(client, projector, &Actor::new("bench", "coord-bench")).await?;
     let (_, applied) = catch_up_once(pool, projector, options).await?;
@@ -174,6 +175,16 @@ pub async fn replay(
         projector.version()
     );
     Ok(secs)
+}
+
+/// Writes out what earlier steps left dirty (`CHECKPOINT`), untimed, so
+/// that a timed step does not share the machine with the checkpointer
+/// flushing another step's writes.
+pub async fn settle(client: &Client) -> anyhow::Result<()> {
+    client
+        .batch_execute("CHECKPOINT")
+        .await
+        .context("CHECKPOINT (the benchmark's role needs superuser or pg_checkpoint)")
 }
 
 /// Catches `projector` (registered) up with the store; returns the seconds
