@@ -46,13 +46,19 @@ async fn publish_v1_without_retrying(db: &TestDb) {
         .unwrap();
 }
 
-/// A publisher of an unrelated event type between its gate check and its
-/// commit: the flip must wait for it (invariant 3).
-async fn long_unrelated_transaction(client: &mut Client) -> tokio_postgres::Transaction<'_> {
+/// The versions a balances@1.0.0 publisher runs.
+const BALANCES_V1: &str = r#"{"balances": "1.0.0"}"#;
+
+/// A publisher (running `versions`) of an unrelated event type between its
+/// gate check and its commit: the flip must wait for it (invariant 3).
+pub(crate) async fn long_unrelated_transaction<'a>(
+    client: &'a mut Client,
+    versions: &str,
+) -> tokio_postgres::Transaction<'a> {
     let tx = client.transaction().await.unwrap();
     tx.execute(
-        "SELECT coord.check_publish('{\"balances\": \"1.0.0\"}'::jsonb, ARRAY['SomethingElse'])",
-        &[],
+        "SELECT coord.check_publish($1::text::jsonb, ARRAY['SomethingElse'])",
+        &[&versions],
     )
     .await
     .unwrap();
@@ -147,7 +153,7 @@ async fn terminating_the_critical_section_returns_the_version_to_replaying() {
     import(&client, 20, 5).await;
     assert_exit(&activate_cli(&db, "1.0.0", &[]), 0);
     let mut long_client = db.client().await;
-    let long = long_unrelated_transaction(&mut long_client).await;
+    let long = long_unrelated_transaction(&mut long_client, BALANCES_V1).await;
     db.write_config("v2.toml", &crate::support::balances_toml("2.0.0"));
     let child = db.spawn_coord(&[
         "activate-current-config",
@@ -215,7 +221,7 @@ async fn an_interrupted_activation_is_backed_out_by_abort() {
     import(&client, 20, 5).await;
     assert_exit(&activate_cli(&db, "1.0.0", &[]), 0);
     let mut long_client = db.client().await;
-    let long = long_unrelated_transaction(&mut long_client).await;
+    let long = long_unrelated_transaction(&mut long_client, BALANCES_V1).await;
     db.write_config("v2.toml", &crate::support::balances_toml("2.0.0"));
     db.write_config("v1.toml", &crate::support::balances_toml("1.0.0"));
     let mut child = db.spawn_coord(&[
@@ -281,7 +287,7 @@ async fn publishers_do_not_queue_behind_a_critical_section_waiting_for_a_long_tr
     import(&client, 20, 5).await;
     assert_exit(&activate_cli(&db, "1.0.0", &[]), 0);
     let mut long_client = db.client().await;
-    let long = long_unrelated_transaction(&mut long_client).await;
+    let long = long_unrelated_transaction(&mut long_client, BALANCES_V1).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let probe = {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
+use crate::activation_faults::long_unrelated_transaction;
 use crate::faults::{deposits, differences, kill_9, ledger_toml, schema};
 use crate::support::{assert_exit, eventually, stderr, TestDb};
 
@@ -55,17 +56,23 @@ async fn state(client: &Client, version: &str) -> (String, Option<String>, Optio
     (row.get(0), row.get(1), row.get(2))
 }
 
+/// 400 deposits, then ledger@1.0.0 and ledger@2.0.0 activated in turn,
+/// each from `{version}.toml` written with `toml`.
+async fn v1_then_v2(db: &TestDb, client: &Client, toml: impl Fn(&str) -> String) {
+    deposits(client, 400).await;
+    for version in ["1.0.0", "2.0.0"] {
+        let file = format!("{version}.toml");
+        db.write_config(&file, &toml(version));
+        let out = db.coord(&["activate-current-config", "--config", &file]);
+        assert_exit(&out, 0);
+    }
+}
+
 #[tokio::test]
 async fn a_rollback_killed_during_its_catch_up_is_finished_by_running_it_again() {
     let db = TestDb::migrated().await;
     let mut client = db.client().await;
-    deposits(&client, 400).await;
-    for version in ["1.0.0", "2.0.0"] {
-        let file = format!("{version}.toml");
-        db.write_config(&file, &gated_ledger_toml(version));
-        let out = db.coord(&["activate-current-config", "--config", &file]);
-        assert_exit(&out, 0);
-    }
+    v1_then_v2(&db, &client, gated_ledger_toml).await;
     // Events 1.0.0 (retired) has not seen: its rollback must catch them up.
     deposits_as(&client, "2.0.0", 300).await;
     let gate = db.client().await;
@@ -149,20 +156,6 @@ async fn ledger_state(client: &Client) -> (Option<String>, Option<String>, Optio
     (row.get(0), row.get(1), row.get(2))
 }
 
-/// A transaction that passed the gate for an unrelated event type and stays
-/// open: a critical section cannot take the global lock until it ends, so
-/// it retries until its deadline.
-async fn long_unrelated_transaction(client: &mut Client) -> tokio_postgres::Transaction<'_> {
-    let tx = client.transaction().await.unwrap();
-    tx.execute(
-        "SELECT coord.check_publish('{\"ledger\": \"2.0.0\"}'::jsonb, ARRAY['SomethingElse'])",
-        &[],
-    )
-    .await
-    .unwrap();
-    tx
-}
-
 /// `coord rollback ledger` to 1.0.0 (active: 2.0.0), killed with `kill -9`
 /// while its critical section retries behind `long`: leaves 1.0.0 activating.
 async fn rollback_killed_while_activating(db: &TestDb, client: &Client) {
@@ -200,18 +193,12 @@ async fn rollback_killed_while_activating(db: &TestDb, client: &Client) {
 async fn a_rollback_killed_in_its_critical_section_is_finished_by_either_command() {
     let db = TestDb::migrated().await;
     let mut client = db.client().await;
-    deposits(&client, 400).await;
-    for version in ["1.0.0", "2.0.0"] {
-        let file = format!("{version}.toml");
-        db.write_config(&file, &ledger_toml(version, false));
-        let out = db.coord(&["activate-current-config", "--config", &file]);
-        assert_exit(&out, 0);
-    }
+    v1_then_v2(&db, &client, |v| ledger_toml(v, false)).await;
     let mut long_client = db.client().await;
 
     // Finished by running the rollback again.
     deposits_as(&client, "2.0.0", 100).await;
-    let long = long_unrelated_transaction(&mut long_client).await;
+    let long = long_unrelated_transaction(&mut long_client, r#"{"ledger": "2.0.0"}"#).await;
     rollback_killed_while_activating(&db, &client).await;
     long.commit().await.unwrap();
     let again = db.coord(&["rollback", "ledger", "--config", "1.0.0.toml"]);
@@ -229,7 +216,7 @@ async fn a_rollback_killed_in_its_critical_section_is_finished_by_either_command
         0,
     );
     deposits_as(&client, "2.0.0", 100).await;
-    let long = long_unrelated_transaction(&mut long_client).await;
+    let long = long_unrelated_transaction(&mut long_client, r#"{"ledger": "2.0.0"}"#).await;
     rollback_killed_while_activating(&db, &client).await;
     // The recommended activate-current-config with 1.0.0's configuration
     // cannot flip while the long transaction runs: its critical section
