@@ -68,6 +68,18 @@ async fn v1_then_v2(db: &TestDb, client: &Client, toml: impl Fn(&str) -> String)
     }
 }
 
+/// After a rollback to ledger@1.0.0: 2.0.0 is retired, 1.0.0 equals a
+/// from-scratch computation, and so it does after publishing reaches it.
+async fn rolled_back_exactly(client: &mut Client) {
+    assert_eq!(state(client, "2.0.0").await.0, "retired");
+    let diffs = differences(client, &schema("1.0.0")).await;
+    assert!(diffs.is_empty(), "{diffs:?}");
+    // Publishing after the flip reaches the rolled-back version.
+    deposits_as(client, "1.0.0", 50).await;
+    let diffs = differences(client, &schema("1.0.0")).await;
+    assert!(diffs.is_empty(), "{diffs:?}");
+}
+
 #[tokio::test]
 async fn a_rollback_killed_during_its_catch_up_is_finished_by_running_it_again() {
     let db = TestDb::migrated().await;
@@ -126,13 +138,7 @@ async fn a_rollback_killed_during_its_catch_up_is_finished_by_running_it_again()
         state(&client, "1.0.0").await,
         ("active".into(), Some("1.0.0".into()), None)
     );
-    assert_eq!(state(&client, "2.0.0").await.0, "retired");
-    let diffs = differences(&mut client, &schema("1.0.0")).await;
-    assert!(diffs.is_empty(), "{diffs:?}");
-    // Publishing after the flip reaches the rolled-back version.
-    deposits_as(&client, "1.0.0", 50).await;
-    let diffs = differences(&mut client, &schema("1.0.0")).await;
-    assert!(diffs.is_empty(), "{diffs:?}");
+    rolled_back_exactly(&mut client).await;
     // Nothing left to roll back to but 2.0.0, which this configuration is not.
     let refused = db.coord(&["rollback", "ledger", "--config", "1.0.0.toml"]);
     assert_exit(&refused, 2);
@@ -244,12 +250,7 @@ async fn a_rollback_killed_in_its_critical_section_is_finished_by_either_command
         ledger_state(&client).await,
         (Some("1.0.0".into()), None, None)
     );
-    assert_eq!(state(&client, "2.0.0").await.0, "retired");
-    let diffs = differences(&mut client, &schema("1.0.0")).await;
-    assert!(diffs.is_empty(), "{diffs:?}");
-    deposits_as(&client, "1.0.0", 50).await;
-    let diffs = differences(&mut client, &schema("1.0.0")).await;
-    assert!(diffs.is_empty(), "{diffs:?}");
+    rolled_back_exactly(&mut client).await;
 }
 
 /// ledger@1.0.0 active over 400 deposits, and the `{schema}_old` schema a
