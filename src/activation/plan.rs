@@ -196,13 +196,14 @@ pub async fn plan(
 }
 
 /// A projector's versions in the database, as `decide` needs them.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Current<'a> {
     active: Option<&'a str>,
     activating: Option<&'a str>,
     replaying: Option<&'a str>,
-    /// The replaying version is a retired one being re-activated (a
-    /// rollback or re-activation that was interrupted).
+    /// The replaying version is the configured one, a retired version
+    /// being re-activated (a rollback or re-activation that was
+    /// interrupted).
     reactivating: bool,
 }
 
@@ -247,9 +248,7 @@ fn decide(
     if active == Some(v.as_str()) {
         return Action::NoChange;
     }
-    if record.is_some_and(|r| r.status == VersionStatus::Retired)
-        || (reactivating && replaying == Some(v.as_str()))
-    {
+    if record.is_some_and(|r| r.status == VersionStatus::Retired) || reactivating {
         return Action::Reactivate {
             from: active.map(str::to_owned),
         };

@@ -114,8 +114,7 @@ async fn settle(
     client
         .batch_execute("VACUUM ANALYZE coord.projector_versions")
         .await?;
-    client.batch_execute("CHECKPOINT").await?;
-    Ok(())
+    bank::settle(client).await
 }
 
 async fn bench(args: &Args, db: &BenchDb) -> anyhow::Result<Figures> {
