@@ -1,8 +1,13 @@
 //! `coord-bench catchup`: the time to catch a replayed projector version up
-//! with a fixed delta of new events, on stores of growing size in one run
-//! (by default 1M then 10M events): DESIGN.md promises catch-up in
-//! proportion to the delta, not to the store.
+//! with a fixed delta of new events, on stores of different sizes in one
+//! run (by default 1M and 10M events): DESIGN.md promises catch-up in
+//! proportion to the delta, not to the store. Each size has a database of
+//! its own, built first; then, in each of `--repeat` rounds, every store
+//! gets `--delta` new events and is caught up, the stores back to back
+//! (order alternating), so that a round's ratio compares catch-ups timed
+//! seconds apart rather than minutes (decision 0092).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::bail;
@@ -23,8 +28,9 @@ pub struct Args {
     /// New events per catch-up.
     #[arg(long, default_value_t = 10_000)]
     delta: i64,
-    /// Catch-ups measured per store size (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    /// Rounds: in each, one catch-up per store size and kind, back to
+    /// back (medians and per-round ratios are reported).
+    #[arg(long, default_value_t = 5)]
     repeat: usize,
     /// Projector kinds, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Kind::Rust, Kind::SqlBatch])]
@@ -49,8 +55,13 @@ struct Figures {
     delta: i64,
     repeat: usize,
     points: Vec<Point>,
-    /// Per kind: catch-up time on the largest store / on the smallest.
+    /// Per kind: the median over the rounds of each round's catch-up time
+    /// on the largest store / on the smallest.
     growth: Vec<(Kind, f64)>,
+    /// Per kind: the worst round's ratio.
+    growth_max: Vec<(Kind, f64)>,
+    /// Per kind: every round's ratio.
+    growth_rounds: Vec<(Kind, Vec<f64>)>,
     results_equal: bool,
 }
 
@@ -61,15 +72,30 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.delta < 1 || args.repeat < 1 || args.stores[0] < 1 {
         bail!("--delta, --repeat and the store sizes must be at least 1");
     }
-    let db = BenchDb::create(&args.common.database_url, "catchup").await?;
-    let result = bench(&args, &db).await;
-    db.drop_database().await?;
+    let mut dbs = Vec::new();
+    let mut result = Ok(());
+    for size in &args.stores {
+        match BenchDb::create(&args.common.database_url, &format!("catchup_{size}")).await {
+            Ok(db) => dbs.push(db),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    let result = match result {
+        Ok(()) => bench(&args, &dbs).await,
+        Err(e) => Err(e),
+    };
+    for db in dbs {
+        db.drop_database().await?;
+    }
     let figures = result?;
     match args.common.output {
         OutputFormat::Json => println!("{}", serde_json::to_string(&figures)?),
         OutputFormat::Text => {
             println!(
-                "catch-up of {} new events (median of {}):",
+                "catch-up of {} new events (median of {} rounds):",
                 figures.delta, figures.repeat
             );
             for p in &figures.points {
@@ -78,8 +104,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     p.store_events, p.kind, p.catchup_s, p.catchup_events_per_s, p.grow_catchup_s
                 );
             }
-            for (kind, growth) in &figures.growth {
-                println!("  {kind:?}: largest store / smallest = {growth:.2}");
+            for ((kind, growth), (_, worst)) in figures.growth.iter().zip(&figures.growth_max) {
+                println!(
+                    "  {kind:?}: largest store / smallest = {growth:.2} (median of the rounds' ratios; worst round {worst:.2})"
+                );
             }
             println!(
                 "results equal to a from-scratch SQL computation: {}",
@@ -94,19 +122,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Leaves the database as a long-running one would be after growing the
-/// store: the projections' tables and coord's vacuumed and analysed (the
-/// growing catch-up updated every balance hundreds of times; autovacuum
-/// would otherwise run during the measured catch-ups, at 10M more than at
-/// 1M) and a checkpoint written (the growing catch-up's WAL would
-/// otherwise be flushed during them).
+/// store. The projections' tables are rewritten compact (`VACUUM FULL`):
+/// the catch-up that brought each projector to the store's end updated
+/// every balance hundreds of times in one burst (900 times each at 10M,
+/// 100 at 1M), faster than pruning and autovacuum reclaim, and left the
+/// larger store's table several times the size of the smaller one's,
+/// where a live database's tables stay at the size autovacuum holds them
+/// to whatever the history; measured catch-ups would then compare the
+/// bloat of the projections' tables rather than the stores (decision
+/// 0092). coord's own table is vacuumed and analysed and a checkpoint
+/// written (the burst's WAL would otherwise be flushed during the
+/// measured catch-ups).
 async fn settle(
     client: &tokio_postgres::Client,
-    projectors: &[(Kind, std::sync::Arc<dyn Projector>)],
+    projectors: &[(Kind, Arc<dyn Projector>)],
 ) -> anyhow::Result<()> {
     for (_, projector) in projectors {
         let schema = coord::quote_ident(&coord::schema_name(projector.name(), projector.version()));
         client
-            .batch_execute(&format!("VACUUM ANALYZE {schema}.balances"))
+            .batch_execute(&format!("VACUUM (FULL, ANALYZE) {schema}.balances"))
             .await?;
     }
     // One statement per call: VACUUM cannot run in the implicit
@@ -117,96 +151,142 @@ async fn settle(
     bank::settle(client).await
 }
 
-async fn bench(args: &Args, db: &BenchDb) -> anyhow::Result<Figures> {
-    let mut client = db.client().await?;
-    let pool = coord::pool(&db.url, 4)?;
+/// One store size in a database of its own, its projectors caught up with
+/// it and the database settled.
+struct Store {
+    size: i64,
+    client: tokio_postgres::Client,
+    pool: deadpool_postgres::Pool,
+    projectors: Vec<(Kind, Arc<dyn Projector>)>,
+    /// Events in the store.
+    end: i64,
+    /// Per projector, the seconds its first catch-up (the whole store) took.
+    grow: Vec<f64>,
+}
+
+impl Store {
+    async fn build(
+        db: &BenchDb,
+        size: i64,
+        streams: i64,
+        kinds: &[Kind],
+        options: &ReplayOptions,
+    ) -> anyhow::Result<Self> {
+        let mut client = db.client().await?;
+        let pool = coord::pool(&db.url, 4)?;
+        let mut projectors = Vec::new();
+        for &kind in kinds {
+            let name = format!("catchup_{kind:?}").to_lowercase();
+            let projector = bank::projector(kind, &name, OnError::Fail)?;
+            coord::replay::start_replay(
+                &mut client,
+                projector.as_ref(),
+                &coord::Actor::new("bench", "coord-bench catchup"),
+            )
+            .await?;
+            projectors.push((kind, projector));
+        }
+        let started = Instant::now();
+        bank::generate(&client, 0, size, streams).await?;
+        client.batch_execute("VACUUM ANALYZE coord.events").await?;
+        eprintln!(
+            "store of {size} events generated ({:.1} s)",
+            started.elapsed().as_secs_f64()
+        );
+        let mut grow = Vec::new();
+        for (_, projector) in &projectors {
+            let (secs, _) = bank::catch_up_once(&pool, projector.as_ref(), options).await?;
+            grow.push(secs);
+        }
+        settle(&client, &projectors).await?;
+        Ok(Self {
+            size,
+            client,
+            pool,
+            projectors,
+            end: size,
+            grow,
+        })
+    }
+}
+
+async fn bench(args: &Args, dbs: &[BenchDb]) -> anyhow::Result<Figures> {
     let options = ReplayOptions {
         batch_bytes: DEFAULT_BATCH_BYTES,
         lag_threshold: 1,
         ..ReplayOptions::default()
     };
     let streams = bank::STREAMS.min(args.stores[0]);
-    let mut projectors = Vec::new();
-    for &kind in &args.kinds {
-        let projector = bank::projector(
-            kind,
-            &format!("catchup_{kind:?}").to_lowercase(),
-            OnError::Fail,
-        )?;
-        coord::replay::start_replay(
-            &mut client,
-            projector.as_ref(),
-            &coord::Actor::new("bench", "coord-bench catchup"),
-        )
-        .await?;
-        projectors.push((kind, projector));
+    let mut stores = Vec::new();
+    for (&size, db) in args.stores.iter().zip(dbs) {
+        stores.push(Store::build(db, size, streams, &args.kinds, &options).await?);
     }
-    let mut store = 0;
-    let mut points = Vec::new();
-    for &size in &args.stores {
-        let started = Instant::now();
-        bank::generate(&client, store, size - store, streams).await?;
-        client.batch_execute("VACUUM ANALYZE coord.events").await?;
-        store = size;
-        eprintln!(
-            "store at {store} events ({:.1} s)",
-            started.elapsed().as_secs_f64()
-        );
-        let mut grow = Vec::new();
-        for (_, projector) in &projectors {
-            let (secs, _) = bank::catch_up_once(&pool, projector.as_ref(), &options).await?;
-            grow.push(secs);
+    let kinds = args.kinds.len();
+    // samples[store][kind][round]
+    let mut samples = vec![vec![Vec::new(); kinds]; stores.len()];
+    for round in 0..args.repeat {
+        // Alternate the order, so that neither size always follows the
+        // other's writes.
+        let mut order: Vec<usize> = (0..stores.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
         }
-        settle(&client, &projectors).await?;
-        let mut samples = vec![Vec::new(); projectors.len()];
-        for _ in 0..args.repeat {
-            bank::generate(&client, store, args.delta, streams).await?;
-            store += args.delta;
-            for (i, (_, projector)) in projectors.iter().enumerate() {
+        for s in order {
+            let store = &mut stores[s];
+            bank::generate(&store.client, store.end, args.delta, streams).await?;
+            store.end += args.delta;
+            for (k, (_, projector)) in store.projectors.iter().enumerate() {
                 let (secs, applied) =
-                    bank::catch_up_once(&pool, projector.as_ref(), &options).await?;
+                    bank::catch_up_once(&store.pool, projector.as_ref(), &options).await?;
                 if applied != args.delta as u64 {
                     bail!(
                         "a catch-up applied {applied} events, expected {}",
                         args.delta
                     );
                 }
-                samples[i].push(secs);
+                samples[s][k].push(secs);
             }
         }
-        for (i, (kind, _)) in projectors.iter().enumerate() {
-            let mut s = samples[i].clone();
-            s.sort_by(f64::total_cmp);
-            let median = s[s.len() / 2];
+    }
+    let mut points = Vec::new();
+    for (s, store) in stores.iter().enumerate() {
+        for (k, (kind, _)) in store.projectors.iter().enumerate() {
+            let median = median(samples[s][k].clone());
             points.push(Point {
-                store_events: size,
+                store_events: store.size,
                 kind: *kind,
                 catchup_s: median,
                 catchup_events_per_s: args.delta as f64 / median,
-                grow_catchup_s: grow[i],
+                grow_catchup_s: store.grow[k],
             });
         }
     }
     let mut results_equal = true;
-    for (_, projector) in &projectors {
-        results_equal &= bank::balances_equal(&client, projector.as_ref()).await?;
+    for store in &stores {
+        for (_, projector) in &store.projectors {
+            results_equal &= bank::balances_equal(&store.client, projector.as_ref()).await?;
+        }
     }
-    let growth = args
-        .kinds
-        .iter()
-        .map(|&kind| {
-            let of_kind: Vec<&Point> = points.iter().filter(|p| p.kind == kind).collect();
-            (
-                kind,
-                of_kind[of_kind.len() - 1].catchup_s / of_kind[0].catchup_s,
-            )
-        })
-        .collect();
+    let (first, last) = (&samples[0], &samples[samples.len() - 1]);
+    let (mut growth, mut growth_max, mut growth_rounds) = (Vec::new(), Vec::new(), Vec::new());
+    for (k, &kind) in args.kinds.iter().enumerate() {
+        let per_round: Vec<f64> = last[k].iter().zip(&first[k]).map(|(l, f)| l / f).collect();
+        growth.push((kind, median(per_round.clone())));
+        growth_max.push((kind, per_round.iter().copied().fold(f64::MIN, f64::max)));
+        growth_rounds.push((kind, per_round));
+    }
     Ok(Figures {
         delta: args.delta,
         repeat: args.repeat,
         points,
         growth,
+        growth_max,
+        growth_rounds,
         results_equal,
     })
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
