@@ -146,6 +146,19 @@ pub trait Projector: Send + Sync {
     fn replay_reads_metadata(&self) -> bool {
         true
     }
+    /// The top-level keys of the events' `data` that `apply` reads in
+    /// replays and catch-ups (default `None`: all of it). A projector that
+    /// reads a few keys of larger payloads names them and may get each
+    /// `data` object with only those keys there: the client skips the rest
+    /// of the JSON without building it, which counts when decoding is the
+    /// replay's bottleneck (decision 0093). A `data` that is not an object
+    /// comes whole. `apply` must read no other key and must give the same
+    /// result on the whole `data`, which it gets inline and in passes that
+    /// run inside a caller's transaction. Applies only with
+    /// [`Projector::replay_reads_payload`].
+    fn replay_reads_data_keys(&self) -> Option<Vec<String>> {
+        None
+    }
     /// The handler SQL per event type, when the projector is defined by SQL
     /// statements taking `$1..$7` (config projectors). Stored with the
     /// version at registration so that `coord.publish` can run it inline;

@@ -77,6 +77,9 @@ impl Projector for Shadow {
     fn replay_reads_metadata(&self) -> bool {
         self.inner.replay_reads_metadata()
     }
+    fn replay_reads_data_keys(&self) -> Option<Vec<String>> {
+        self.inner.replay_reads_data_keys()
+    }
     fn handler_sql(&self) -> Option<std::collections::BTreeMap<String, String>> {
         self.inner.handler_sql()
     }

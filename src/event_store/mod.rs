@@ -18,7 +18,7 @@ mod mark;
 mod pass_query;
 
 pub(crate) use append::{append, stream_version, Append};
-pub use copy::EventBatch;
+pub use copy::{EventBatch, Payload};
 pub use event::Event;
 pub use lag::{count_handled, head_position, pending, progress, VersionProgress};
 pub(crate) use mark::mark_visible;

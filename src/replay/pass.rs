@@ -16,7 +16,7 @@ use deadpool_postgres::{Object, Pool};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument};
 
-use crate::event_store::EventBatch;
+use crate::event_store::{EventBatch, Payload};
 use crate::names::RelationName;
 use crate::projector::{ApplyContext, Phase, Projector, ProjectorExt};
 use crate::replay::apply::{apply_batch, context, query, Estimate};
@@ -139,7 +139,11 @@ async fn attempt(
         q.clone(),
         cursor,
         i64::try_from(options.batch_size.max(1)).unwrap_or(i64::MAX),
-        q.payload,
+        match (q.payload, projector.replay_reads_data_keys()) {
+            (false, _) => Payload::Nothing,
+            (true, None) => Payload::Whole,
+            (true, Some(keys)) => Payload::DataKeys(keys),
+        },
         cancel.clone(),
     )
     .at(read_step)?;

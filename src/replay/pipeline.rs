@@ -11,13 +11,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::event_store::{Event, EventBatch, PassQuery};
+use crate::event_store::{Event, EventBatch, PassQuery, Payload};
 use crate::replay::retry::{grouped, StepError};
 use crate::{Error, Result};
 
 /// Starts reading the events of `query` after `cursor` on `reader`, in
-/// batches of at most `max_limit` events, decoding them (their payload only
-/// when `payload`) on a thread of their own. The receiver yields the
+/// batches of at most `max_limit` events, decoding them (of their payload
+/// what `payload` says) on a thread of their own. The receiver yields the
 /// batches in order and then an empty batch, which ends the pass; it ends
 /// early (without the empty batch) after an error, which names the read
 /// (`replay read after position 81,220`), or when `cancel` fires.
@@ -37,7 +37,7 @@ pub(super) fn read_batches(
     query: PassQuery,
     cursor: i64,
     max_limit: i64,
-    payload: bool,
+    payload: Payload,
     cancel: CancellationToken,
 ) -> Result<Batches> {
     let (row_sender, row_receiver) = mpsc::channel::<Read>(1);
@@ -162,7 +162,7 @@ fn decode(
     runtime: &tokio::runtime::Handle,
     mut receiver: mpsc::Receiver<Read>,
     sender: mpsc::Sender<Result<EventBatch, StepError>>,
-    payload: bool,
+    payload: Payload,
     free: mpsc::UnboundedSender<Vec<u8>>,
     mut spent: mpsc::UnboundedReceiver<Vec<Event>>,
 ) {
@@ -187,7 +187,7 @@ fn decode(
         };
         let decoded = read.and_then(|(data, rows)| {
             let started = Instant::now();
-            let batch = EventBatch::decode_copy_rows(&data, rows, payload)
+            let batch = EventBatch::decode_copy_payload(&data, rows, &payload)
                 .map_err(|e| StepError::new("replay decode of a batch", e));
             debug!(
                 decode_ms = started.elapsed().as_millis() as u64,

@@ -138,6 +138,10 @@ impl Projector for BalancesProjector {
     fn replay_reads_metadata(&self) -> bool {
         false
     }
+    /// Of `data`, it reads `amount` only: the decoder skips the rest.
+    fn replay_reads_data_keys(&self) -> Option<Vec<String>> {
+        Some(vec!["amount".into()])
+    }
     fn fingerprint(&self) -> String {
         hex::encode(Sha256::digest(format!(
             "rust BalancesProjector 1\0{TABLES}"
