@@ -91,10 +91,9 @@ impl EventBatch {
 /// projector declares it ([`Projector::replay_reads_payload`](crate::Projector::replay_reads_payload),
 /// [`Projector::replay_reads_data_keys`](crate::Projector::replay_reads_data_keys)).
 /// A SQL `NULL` in their place decodes as `null` whatever this says.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Payload {
     /// Both, whole.
-    #[default]
     Whole,
     /// Neither: both `null`.
     Nothing,
@@ -176,13 +175,20 @@ impl<'de> Visitor<'de> for KeyIndex<'_> {
 /// Decodes the tuples of binary `COPY` data from offset `at` (the first
 /// tuple's start) into a batch allocated for `capacity` events.
 fn decode_tuples(data: &[u8], at: usize, capacity: usize, payload: &Payload) -> Result<EventBatch> {
-    let json = |f: &[Option<&[u8]>], i: usize| match (f.get(i), payload) {
-        (Some(Some(raw)), Payload::DataKeys(keys)) if i == 4 => {
-            with_keys(jsonb_text(raw)?, keys).map_err(|e| malformed(&format!("column {i}: {e}")))
-        }
-        (Some(Some(_)), Payload::Whole | Payload::DataKeys(_)) => field(f, i, &Type::JSONB),
-        (Some(_), _) => Ok(serde_json::Value::Null),
-        (None, _) => Err(malformed("too few columns")),
+    let decoded = !matches!(payload, Payload::Nothing);
+    let data_keys = match payload {
+        Payload::DataKeys(keys) => Some(keys.as_slice()),
+        Payload::Whole | Payload::Nothing => None,
+    };
+    // Column `i`, `null` when not decoded; of an object only `keys`.
+    let json = |f: &[Option<&[u8]>], i: usize, keys: Option<&[String]>| match f.get(i) {
+        Some(Some(raw)) if decoded => match keys {
+            Some(keys) => with_keys(jsonb_text(raw)?, keys)
+                .map_err(|e| malformed(&format!("column {i}: {e}"))),
+            None => field(f, i, &Type::JSONB),
+        },
+        Some(_) => Ok(serde_json::Value::Null),
+        None => Err(malformed("too few columns")),
     };
     let mut batch = EventBatch {
         events: Vec::with_capacity(capacity),
@@ -194,8 +200,8 @@ fn decode_tuples(data: &[u8], at: usize, capacity: usize, payload: &Payload) -> 
             stream_id: field(f, 1, &Type::TEXT)?,
             stream_version: field(f, 2, &Type::INT8)?,
             event_type: field(f, 3, &Type::TEXT)?,
-            data: json(f, 4)?,
-            metadata: json(f, 5)?,
+            data: json(f, 4, data_keys)?,
+            metadata: json(f, 5, None)?,
             recorded_at: field(f, 6, &Type::TIMESTAMPTZ)?,
         });
         batch.xacts.push(field(f, 7, &Type::TEXT)?);

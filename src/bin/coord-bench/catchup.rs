@@ -15,7 +15,7 @@ use coord::replay::{ReplayOptions, DEFAULT_BATCH_BYTES};
 use coord::{OnError, Projector};
 
 use crate::bank::{self, Kind};
-use crate::support::{BenchDb, Common};
+use crate::support::{median, BenchDb, Common};
 use crate::OutputFormat;
 
 /// Arguments of `coord-bench catchup`.
@@ -72,21 +72,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.delta < 1 || args.repeat < 1 || args.stores[0] < 1 {
         bail!("--delta, --repeat and the store sizes must be at least 1");
     }
+    // Every database created is dropped, whatever fails after it.
     let mut dbs = Vec::new();
-    let mut result = Ok(());
-    for size in &args.stores {
-        match BenchDb::create(&args.common.database_url, &format!("catchup_{size}")).await {
-            Ok(db) => dbs.push(db),
-            Err(e) => {
-                result = Err(e);
-                break;
-            }
+    let result = async {
+        for size in &args.stores {
+            dbs.push(BenchDb::create(&args.common.database_url, &format!("catchup_{size}")).await?);
         }
+        bench(&args, &dbs).await
     }
-    let result = match result {
-        Ok(()) => bench(&args, &dbs).await,
-        Err(e) => Err(e),
-    };
+    .await;
     for db in dbs {
         db.drop_database().await?;
     }
@@ -251,7 +245,7 @@ async fn bench(args: &Args, dbs: &[BenchDb]) -> anyhow::Result<Figures> {
     let mut points = Vec::new();
     for (s, store) in stores.iter().enumerate() {
         for (k, (kind, _)) in store.projectors.iter().enumerate() {
-            let median = median(samples[s][k].clone());
+            let median = median(samples[s][k].iter().copied()).expect("--repeat is at least 1");
             points.push(Point {
                 store_events: store.size,
                 kind: *kind,
@@ -271,7 +265,10 @@ async fn bench(args: &Args, dbs: &[BenchDb]) -> anyhow::Result<Figures> {
     let (mut growth, mut growth_max, mut growth_rounds) = (Vec::new(), Vec::new(), Vec::new());
     for (k, &kind) in args.kinds.iter().enumerate() {
         let per_round: Vec<f64> = last[k].iter().zip(&first[k]).map(|(l, f)| l / f).collect();
-        growth.push((kind, median(per_round.clone())));
+        growth.push((
+            kind,
+            median(per_round.iter().copied()).expect("--repeat is at least 1"),
+        ));
         growth_max.push((kind, per_round.iter().copied().fold(f64::MIN, f64::max)));
         growth_rounds.push((kind, per_round));
     }
@@ -284,9 +281,4 @@ async fn bench(args: &Args, dbs: &[BenchDb]) -> anyhow::Result<Figures> {
         growth_rounds,
         results_equal,
     })
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }

@@ -19,7 +19,7 @@ use futures_util::{pin_mut, StreamExt};
 
 use crate::bank::{self, Kind};
 use crate::reference::BalancesProjector;
-use crate::support::{peak_rss_mb, reset_peak_rss, BenchDb, Common};
+use crate::support::{median, peak_rss_mb, reset_peak_rss, BenchDb, Common};
 use crate::OutputFormat;
 
 /// Arguments of `coord-bench replay`.
@@ -133,22 +133,6 @@ impl Round {
             sql_batch_ratio: m(|r| r.sql_batch_ratio),
         }
     }
-}
-
-/// The median of `values` (the mean of the middle two for an even count);
-/// `None` when there are none.
-fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
-    let mut v: Vec<f64> = values.collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    Some(if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    })
 }
 
 /// The smallest of `values`; `None` when there are none.
